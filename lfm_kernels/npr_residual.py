@@ -1,0 +1,146 @@
+"""Neighbor-pixel residual (NPR): x minus the top-left pixel of its factor x factor cell.
+
+out[b, c, i, j] = x[b, c, i, j] - x[b, c, f*(i//f), f*(j//f)], optionally abs().
+For even sizes and f=2 this is exactly the authors' frozen down/up-sampling convolutions;
+odd sizes work too (the last row/column forms a partial cell anchored at its own top-left).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .backend import check_float_tensor, check_kernel_dtype, resolve_backend
+
+
+def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = True) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    anchor = x[..., ::factor, ::factor]
+    anchor = anchor.repeat_interleave(factor, dim=-2)[..., :h, :]
+    anchor = anchor.repeat_interleave(factor, dim=-1)[..., :w]
+    res = x - anchor
+    return res.abs() if absolute else res
+
+
+@triton.jit
+def _npr_residual_fwd_kernel(
+    x_ptr, out_ptr, numel, C, H, W, sb, sc, sh, sw, factor,
+    ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Forward. Grid: (cdiv(B*C*H*W, BLOCK),); one program per BLOCK output elements.
+
+    Reads each pixel and its anchor through x's strides (any layout), writes the contiguous
+    (B, C, H, W) residual in x's dtype; arithmetic in float32.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < numel
+    j = offs % W
+    i = (offs // W) % H
+    plane = (offs // (W * H)) % C * sc + (offs // (W * H * C)) * sb
+    x = tl.load(x_ptr + plane + i * sh + j * sw, mask=live, other=0.0).to(tl.float32)
+    anchor = tl.load(x_ptr + plane + (i // factor * factor) * sh + (j // factor * factor) * sw,
+                     mask=live, other=0.0).to(tl.float32)
+    res = x - anchor
+    if ABSOLUTE:
+        res = tl.abs(res)
+    tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _npr_residual_bwd_kernel(
+    grad_ptr, x_ptr, dx_ptr, numel, C, H, W, sb, sc, sh, sw, factor,
+    ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Backward. Grid: (cdiv(B*C*H*W, BLOCK),); one program per BLOCK input elements.
+
+    d x[p] = g[p] * s[p] - [p is an anchor] * sum over its cell q of g[q] * s[q], where s is the
+    sign of the residual (0 at 0, as torch.abs) or 1 without abs. Each element gathers from its
+    own cell, so there are no atomics. Reads grad (contiguous) and x (strided), recomputes the
+    residual, writes the contiguous dx.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < numel
+    j = offs % W
+    i = (offs // W) % H
+    img = offs - i * W - j  # contiguous offset of the (b, c) plane in grad
+    plane = (offs // (W * H)) % C * sc + (offs // (W * H * C)) * sb
+    x = tl.load(x_ptr + plane + i * sh + j * sw, mask=live, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    anchor = tl.load(x_ptr + plane + (i // factor * factor) * sh + (j // factor * factor) * sw,
+                     mask=live, other=0.0).to(tl.float32)
+    if ABSOLUTE:
+        g_self = tl.where(x > anchor, g, tl.where(x < anchor, -g, 0.0))
+    else:
+        g_self = g
+    is_anchor = live & (i % factor == 0) & (j % factor == 0)
+    cell_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for di in range(0, factor):
+        for dj in range(0, factor):
+            qi = i + di
+            qj = j + dj
+            m = is_anchor & (qi < H) & (qj < W)
+            gq = tl.load(grad_ptr + img + qi * W + qj, mask=m, other=0.0).to(tl.float32)
+            if ABSOLUTE:
+                xq = tl.load(x_ptr + plane + qi * sh + qj * sw, mask=m, other=0.0).to(tl.float32)
+                gq = tl.where(xq > x, gq, tl.where(xq < x, -gq, 0.0))
+            cell_sum += gq
+    tl.store(dx_ptr + offs, (g_self - cell_sum).to(dx_ptr.dtype.element_ty), mask=live)
+
+
+_BLOCK = 1024
+
+
+def _launch(kernel, x, *tensors_and_out, factor, absolute):
+    B, C, H, W = x.shape
+    numel = x.numel()
+    if numel:
+        grid = (triton.cdiv(numel, _BLOCK),)
+        kernel[grid](*tensors_and_out, numel, C, H, W, *x.stride(), factor,
+                     ABSOLUTE=absolute, BLOCK=_BLOCK)
+
+
+@torch.library.custom_op("lfm::npr_residual", mutates_args=())
+def _npr_residual_op(x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(_npr_residual_fwd_kernel, x, x, out, factor=factor, absolute=absolute)
+    return out
+
+
+@_npr_residual_op.register_fake
+def _(x, factor, absolute):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("lfm::npr_residual_backward", mutates_args=())
+def _npr_residual_backward_op(grad: torch.Tensor, x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(_npr_residual_bwd_kernel, x, grad.contiguous(), x, dx, factor=factor, absolute=absolute)
+    return dx
+
+
+@_npr_residual_backward_op.register_fake
+def _(grad, x, factor, absolute):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, factor, absolute = inputs
+    ctx.save_for_backward(x)
+    ctx.factor, ctx.absolute = factor, absolute
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.lfm.npr_residual_backward(grad, x, ctx.factor, ctx.absolute), None, None
+
+
+_npr_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, backend=None) -> torch.Tensor:
+    """Neighbor-pixel residual of a (B, C, H, W) batch; see the module docstring."""
+    check_float_tensor("x", x, 4)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    if resolve_backend(backend, x) == "torch":
+        return npr_residual_reference(x, factor, absolute)
+    check_kernel_dtype("x", x)
+    return torch.ops.lfm.npr_residual(x, factor, bool(absolute))

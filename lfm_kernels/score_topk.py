@@ -1,0 +1,216 @@
+"""1x1 scoring convolution fused with per-channel Top-K pooling and rank-based dropout.
+
+score_topk(feat, weight, k) == topk_pool(conv2d(feat, weight), k) for a bias-free 1x1 weight
+(Cout, Cin, 1, 1), without the (B, Cout, H, W) score map ever reaching memory: each program
+computes a [Cout block, position chunk] tile of scores with tl.dot (float32 accumulation) and
+keeps only that tile's k best per channel as candidates for topk_pool's merge kernel.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
+                      dot_dtype, draw_seed, dropout_scale, resolve_backend)
+from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
+                        topk_pool_reference)
+
+
+def score_topk_reference(feat, weight, k, *, drop=None, training=False, return_indices=False):
+    return topk_pool_reference(F.conv2d(feat, weight), k, drop=drop, training=training,
+                               return_indices=return_indices)
+
+
+@triton.jit
+def _score_topk_chunk_kernel(
+    feat_ptr, w_ptr, cand_key_ptr, cand_pos_ptr,
+    Cout, Cin, N, W, sfb, sfc, sfh, sfw, swo, swi, k, M,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Stage 1. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cout, BLOCK_CO)).
+
+    Reads feat[b, :, chunk] (strided) and weight[co block, :], computes the score tile
+    [BLOCK_CO, BLOCK_N] in registers and writes each channel's k best (key, position) to
+    candidate slots [chunk*k, chunk*k + k) of the (B*Cout, M) buffers.
+    """
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_live = co < Cout
+    col_live = cols < N
+    feat_base = feat_ptr + b.to(tl.int64) * sfb + ((cols // W) * sfh + (cols % W) * sfw)[None, :]
+    acc = tl.zeros([BLOCK_CO, BLOCK_N], dtype=tl.float32)
+    for ci0 in range(0, Cin, BLOCK_CI):
+        ci = ci0 + tl.arange(0, BLOCK_CI)
+        ci_live = ci < Cin
+        f = tl.load(feat_base + ci[:, None] * sfc, mask=ci_live[:, None] & col_live[None, :], other=0.0)
+        w = tl.load(w_ptr + co[:, None] * swo + ci[None, :] * swi,
+                    mask=co_live[:, None] & ci_live[None, :], other=0.0)
+        acc = tl.dot(w.to(DOT_DTYPE), f.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    live = co_live[:, None] & col_live[None, :]
+    keys = tl.where(live, _sortable_key(acc), _EMPTY)
+    pos = tl.where(live, cols[None, :] + tl.zeros([BLOCK_CO, BLOCK_N], tl.int32), _INT_MAX)
+    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * Cout + co, co_live, chunk * k, M, k)
+
+
+@triton.jit
+def _score_topk_dfeat_kernel(
+    ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, swo, swi,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward to feat. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cin, BLOCK_CI)).
+
+    dfeat[b, ci, p] = sum_co weight[co, ci] * dscore[b, co, p]: reads the sparse-in-content
+    dscore (B, Cout, H*W) that scatter_rows built and weight, writes contiguous dfeat.
+    """
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    col_live = cols < N
+    ci_live = ci < Cin
+    acc = tl.zeros([BLOCK_CI, BLOCK_N], dtype=tl.float32)
+    for co0 in range(0, Cout, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_live = co < Cout
+        ds = tl.load(ds_ptr + (b.to(tl.int64) * Cout + co[:, None]) * N + cols[None, :],
+                     mask=co_live[:, None] & col_live[None, :], other=0.0)
+        wt = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi,
+                     mask=ci_live[:, None] & co_live[None, :], other=0.0)
+        acc = tl.dot(wt.to(DOT_DTYPE), ds.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    tl.store(dfeat_ptr + (b.to(tl.int64) * Cin + ci[:, None]) * N + cols[None, :],
+             acc.to(dfeat_ptr.dtype.element_ty), mask=ci_live[:, None] & col_live[None, :])
+
+
+@triton.jit
+def _score_topk_dweight_kernel(
+    grad_ptr, idx_ptr, keep_ptr, feat_ptr, dw_ptr,
+    B, Cout, Cin, W, sfb, sfc, sfh, sfw, k, scale,
+    BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward to weight. Grid: (Cout, cdiv(Cin, BLOCK_CI)).
+
+    dweight[co, ci] = sum over b and rank r of grad[b, co, r] * keep * scale *
+    feat[b, ci, idx[b, co, r]]: gathers feat only at the selected positions, sums in a fixed
+    order (deterministic, no atomics) and writes the (Cout, Cin) weight gradient.
+    """
+    co = tl.program_id(0)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ranks = tl.arange(0, BLOCK_K)
+    ci_live = ci < Cin
+    rank_live = ranks < k
+    acc = tl.zeros([BLOCK_CI], dtype=tl.float32)
+    for b in range(0, B):
+        b = tl.cast(b, tl.int64)
+        at = (b * Cout + co) * k + ranks
+        g = tl.load(grad_ptr + at, mask=rank_live, other=0.0).to(tl.float32)
+        g = tl.where(tl.load(keep_ptr + at, mask=rank_live, other=0) != 0, g * scale, 0.0)
+        pos = tl.load(idx_ptr + at, mask=rank_live, other=0)
+        f = tl.load(feat_ptr + b * sfb + ci[:, None] * sfc + ((pos // W) * sfh + (pos % W) * sfw)[None, :],
+                    mask=ci_live[:, None] & rank_live[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(f * g[None, :], axis=1)
+    tl.store(dw_ptr + co * Cin + ci, acc.to(dw_ptr.dtype.element_ty), mask=ci_live)
+
+
+def _dot_args(t: torch.Tensor) -> dict:
+    """tl.dot operand dtype and precision for inputs of t's dtype: full fp32 products for float32
+    (the scores decide a selection, and this GEMM is small), tensor cores for 16-bit inputs."""
+    return dict(DOT_DTYPE=dot_dtype(t.dtype), PRECISION="ieee" if t.dtype == torch.float32 else "tf32")
+
+
+def _tile(n: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+@torch.library.custom_op("lfm::score_topk", mutates_args=())
+def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch.Tensor, pmin: float,
+                   pmax: float, apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Cin, H, W = feat.shape
+    Cout, N = weight.shape[0], H * W
+    block_n, block_co = _tile(N, 128), _tile(Cout, 64)
+    n_chunks = triton.cdiv(N, block_n)
+    M = n_chunks * k
+    cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
+    cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
+    _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
+        feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
+        k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **_dot_args(feat),
+    )
+    out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
+    idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
+                                 drop=(pmin, pmax) if apply_drop else None)
+    return out, idx.view(B, Cout, k), keep.view(B, Cout, k)
+
+
+@_score_topk_op.register_fake
+def _(feat, weight, k, seed, pmin, pmax, apply_drop):
+    B, Cout = feat.shape[0], weight.shape[0]
+    return (feat.new_empty((B, Cout, k)), feat.new_empty((B, Cout, k), dtype=torch.int64),
+            feat.new_empty((B, Cout, k), dtype=torch.uint8))
+
+
+@torch.library.custom_op("lfm::score_topk_backward", mutates_args=())
+def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                            keep: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Cin, H, W = feat.shape
+    Cout, N = weight.shape[0], H * W
+    grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
+    dscore = torch.ops.lfm.scatter_rows(grad.float(), idx, keep, scale, [B, Cout, H, W])
+    dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
+    block_n, block_ci = _tile(N, 64), _tile(Cin, 64)
+    _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
+        dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
+        BLOCK_CI=block_ci, BLOCK_CO=_tile(Cout, 64), BLOCK_N=block_n, **_dot_args(feat),
+    )
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    block_ci = _tile(Cin, 128)
+    _score_topk_dweight_kernel[(Cout, triton.cdiv(Cin, block_ci))](
+        grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
+        BLOCK_CI=block_ci, BLOCK_K=triton.next_power_of_2(idx.shape[-1]),
+    )
+    return dfeat, dweight
+
+
+@_score_topk_backward_op.register_fake
+def _(grad, feat, weight, idx, keep, scale):
+    return torch.empty_like(feat, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    feat, weight, k, seed, pmin, pmax, apply_drop = inputs
+    _, idx, keep = output
+    ctx.save_for_backward(feat, weight, idx, keep)
+    ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
+    ctx.mark_non_differentiable(idx, keep)
+
+
+def _backward(ctx, grad, _grad_idx, _grad_keep):
+    feat, weight, idx, keep = ctx.saved_tensors
+    dfeat, dweight = torch.ops.lfm.score_topk_backward(grad, feat, weight, idx, keep, ctx.scale)
+    return dfeat, dweight, None, None, None, None, None
+
+
+_score_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=False, backend=None):
+    """topk_pool(conv2d(feat, weight), k, ...) for a bias-free 1x1 weight; see the module docstring."""
+    check_float_tensor("feat", feat, 4)
+    check_float_tensor("weight", weight, 4)
+    check_same_device(feat=feat, weight=weight)
+    if weight.shape[1] != feat.shape[1] or weight.shape[2:] != (1, 1):
+        raise ValueError(f"weight must have shape (Cout, {feat.shape[1]}, 1, 1) for feat with "
+                         f"{feat.shape[1]} channels, got {tuple(weight.shape)}")
+    check_k(k, feat.shape[2] * feat.shape[3])
+    drop = check_drop(drop)
+    if resolve_backend(backend, feat) == "torch":
+        return score_topk_reference(feat, weight, k, drop=drop, training=training, return_indices=return_indices)
+    check_kernel_dtype("feat", feat)
+    check_kernel_dtype("weight", weight)
+    apply_drop = drop is not None and bool(training)
+    seed = draw_seed(feat.device) if apply_drop else feat.new_zeros(2, dtype=torch.int64)
+    pmin, pmax = drop if apply_drop else (0.0, 0.0)
+    values, idx, _ = torch.ops.lfm.score_topk(feat, weight, k, seed, pmin, pmax, apply_drop)
+    return (values, idx) if return_indices else values

@@ -1,0 +1,308 @@
+"""Top-K pooling with rank-based linear dropout (the "TKP" + "RBLD" of LFM).
+
+For each (b, c) of a (B, C, H, W) map: the k largest of the H*W values, sorted descending,
+shape (B, C, k). Ties go to the lower flat position; NaN ranks as the largest value (as in
+torch.topk). With drop=(pmin, pmax) in training, the value at rank r (0 = largest) is zeroed
+with probability pmax - (pmax - pmin) * r / (k - 1) and survivors are scaled by 1 / (1 - mean p).
+
+Kernels (also used by random_k_pool and score_topk):
+  _topk_chunk_kernel  stage 1: per (row, chunk of positions) the chunk's k best as candidates
+  _topk_merge_kernel  stage 2: per row the k best candidates, dropout, final write
+  _scatter_rows_kernel backward: the gradient of a row gather, written at the selected positions
+Selection is k rounds of "max, lowest position among ties, remove" on order-preserving int32
+keys of the float32 values, so ties and NaN are exact and no sort is needed (k is small).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, draw_seed,
+                      dropout_scale, interpreter_enabled, rank_drop_probs, resolve_backend)
+
+_EMPTY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
+_INT_MAX = tl.constexpr(2147483647)  # key of NaN; position of "nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def topk_select_reference(flat: torch.Tensor, k: int):
+    """The k largest along the last dim, descending; ties to the lower position, NaN largest."""
+    values, idx = torch.sort(flat, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
+def rank_dropout_reference(values: torch.Tensor, pmin: float, pmax: float, keep=None):
+    """Rank-based linear dropout of (B, C, k) values sorted descending; returns (out, keep)."""
+    if keep is None:
+        probs = rank_drop_probs(values.shape[-1], pmin, pmax, values.device)
+        keep = torch.rand(values.shape, device=values.device) >= probs
+    return values * keep * dropout_scale(pmin, pmax), keep
+
+
+def topk_pool_reference(x, k, *, drop=None, training=False, return_indices=False):
+    values, idx = topk_select_reference(x.flatten(2), k)
+    if drop is not None and training:
+        values, _ = rank_dropout_reference(values, *drop)
+    return (values, idx) if return_indices else values
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared Triton helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sortable_key(v):
+    """float32 -> int32 with the same order; -0.0 == 0.0 and NaN above +inf."""
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(v == 0.0, 0, key)
+    return tl.where(v != v, _INT_MAX, key)
+
+
+@triton.jit
+def _key_to_value(key):
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pop_max(keys, pos):
+    """One selection round on a [R, N] tile: per row the largest key (lowest position among
+    equal keys), which is then removed. Returns (key [R], position [R], keys, pos)."""
+    best = tl.max(keys, axis=1)
+    where = tl.min(tl.where(keys == best[:, None], pos, _INT_MAX), axis=1)
+    hit = pos == where[:, None]
+    return best, where, tl.where(hit, _EMPTY, keys), tl.where(hit, _INT_MAX, pos)
+
+
+@triton.jit
+def _philox_uint(seed_ptr, b, c, n):
+    """Philox keyed on (seed, offset) from torch's generator and the logical index (b, c, n):
+    independent of block sizes and grid shape."""
+    seed = tl.load(seed_ptr)
+    offset = tl.load(seed_ptr + 1).to(tl.uint32)
+    zero = tl.zeros(n.shape, dtype=tl.uint32)
+    r, _, _, _ = tl.philox(seed, n.to(tl.uint32) + zero, c.to(tl.uint32) + zero,
+                           b.to(tl.uint32) + zero, offset + zero)
+    return r
+
+
+@triton.jit
+def _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, k):
+    """k selection rounds on a [R, N] tile; round r goes to candidate slot slot0 + r of each row."""
+    for r in range(0, k):
+        best, where, keys, pos = _pop_max(keys, pos)
+        tl.store(cand_key_ptr + rows * M + slot0 + r, best, mask=row_live)
+        tl.store(cand_pos_ptr + rows * M + slot0 + r, where, mask=row_live)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _topk_chunk_kernel(
+    x_ptr, cand_key_ptr, cand_pos_ptr, seed_ptr,
+    n_rows, C, N, W, sb, sc, sh, sw, k, M,
+    RANDOM_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Stage 1. Grid: (cdiv(B*C, BLOCK_R), cdiv(N, BLOCK_N)).
+
+    Reads a [BLOCK_R rows, BLOCK_N positions] tile of x through its strides (any layout) and
+    writes each row's k best (key, position) to candidate slots [chunk*k, chunk*k + k) of the
+    int32 (B*C, M) buffers. With RANDOM_KEYS the keys are Philox integers of (b, c, position)
+    instead of x, so the k best are k distinct uniform random positions (random_k_pool).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_live = rows < n_rows
+    live = row_live[:, None] & (cols < N)[None, :]
+    b = rows // C
+    c = rows % C
+    if RANDOM_KEYS:
+        rnd = _philox_uint(seed_ptr, b[:, None], c[:, None], cols[None, :])
+        keys = (rnd >> 1).to(tl.int32)
+    else:
+        addr = (b.to(tl.int64) * sb + c * sc)[:, None] + ((cols // W) * sh + (cols % W) * sw)[None, :]
+        keys = _sortable_key(tl.load(x_ptr + addr, mask=live, other=0.0).to(tl.float32))
+    keys = tl.where(live, keys, _EMPTY)
+    pos = tl.where(live, cols[None, :], _INT_MAX)
+    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, chunk * k, M, k)
+
+
+@triton.jit
+def _topk_merge_kernel(
+    cand_key_ptr, cand_pos_ptr, out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr,
+    n_rows, C, M, k, scale,
+    APPLY_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Stage 2. Grid: (cdiv(B*C, BLOCK_R),).
+
+    Reads each row's M candidates, selects the k best in descending order and writes the
+    values (out's dtype), their int64 positions and a uint8 keep mask, all (B*C, k). With
+    APPLY_DROP, rank r is dropped when a Philox uniform of (b, c, r) falls below probs[r];
+    survivors are multiplied by `scale`.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_live = rows < n_rows
+    slots = tl.arange(0, BLOCK_M)
+    live = row_live[:, None] & (slots < M)[None, :]
+    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_EMPTY)
+    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_INT_MAX)
+    for r in range(0, k):
+        best, where, keys, pos = _pop_max(keys, pos)
+        value = _key_to_value(best)
+        keep = tl.full([BLOCK_R], 1, tl.int1)
+        if APPLY_DROP:
+            u = tl.random.uint_to_uniform_float(_philox_uint(seed_ptr, rows // C, rows % C, rows * 0 + r))
+            keep = u >= tl.load(probs_ptr + r)
+            value = tl.where(keep, value * scale, 0.0)
+        tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
+        tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
+        tl.store(keep_ptr + rows * k + r, keep.to(tl.uint8), mask=row_live)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    grad_ptr, idx_ptr, keep_ptr, dx_ptr, n_rows, N, k, scale,
+    HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward of a row gather. Grid: (cdiv(rows, BLOCK_R),).
+
+    dx[row, idx[row, r]] = grad[row, r] * keep[row, r] * scale into a zero-filled (rows, N)
+    buffer. Positions within a row are distinct, so plain stores suffice (no atomics).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ranks = tl.arange(0, BLOCK_K)
+    live = (rows < n_rows)[:, None] & (ranks < k)[None, :]
+    at = rows[:, None].to(tl.int64) * k + ranks[None, :]
+    g = tl.load(grad_ptr + at, mask=live, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        g = tl.where(tl.load(keep_ptr + at, mask=live, other=0) != 0, g * scale, 0.0)
+    pos = tl.load(idx_ptr + at, mask=live, other=0)
+    tl.store(dx_ptr + rows[:, None].to(tl.int64) * N + pos, g.to(dx_ptr.dtype.element_ty), mask=live)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+# Elements per [rows, positions] tile. The interpreter pays per operation, not per element, so
+# it gets larger tiles; results never depend on tiling (Philox keys on logical indices).
+_TILE = 16384 if interpreter_enabled() else 1024
+
+
+def rows_per_program(width: int) -> int:
+    """Rows per program so that a tile holds about _TILE elements."""
+    return max(1, min(_TILE // 64, _TILE // width))
+
+
+def chunk_size(n: int) -> int:
+    """Positions per stage-1 program: the whole row up to 4096, else chunks of 1024."""
+    return triton.next_power_of_2(n) if n <= 4096 else 1024
+
+
+def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
+    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k)."""
+    n_rows, M = cand_key.shape
+    idx = torch.empty((n_rows, k), dtype=torch.int64, device=out.device)
+    keep = torch.empty((n_rows, k), dtype=torch.uint8, device=out.device)
+    apply_drop = drop is not None
+    probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
+    block_m = triton.next_power_of_2(M)
+    block_r = rows_per_program(block_m)
+    _topk_merge_kernel[(triton.cdiv(n_rows, block_r),)](
+        cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
+        n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
+        APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m,
+    )
+    return idx, keep
+
+
+def select_chunks(x, k, *, seed=None):
+    """Stage 1 over a (B, C, H, W) tensor; returns the int32 candidate buffers (B*C, M)."""
+    B, C, H, W = x.shape
+    N = H * W
+    block_n = chunk_size(N)
+    n_chunks = triton.cdiv(N, block_n)
+    M = n_chunks * k
+    cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
+    cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
+    block_r = rows_per_program(block_n)
+    _topk_chunk_kernel[(triton.cdiv(B * C, block_r), n_chunks)](
+        x, cand_key, cand_pos, seed if seed is not None else cand_key,
+        B * C, C, N, W, *x.stride(), k, M,
+        RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n,
+    )
+    return cand_key, cand_pos
+
+
+@torch.library.custom_op("lfm::topk_pool", mutates_args=())
+def _topk_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor, pmin: float, pmax: float,
+                  apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, C = x.shape[:2]
+    out = torch.empty((B, C, k), dtype=x.dtype, device=x.device)
+    cand_key, cand_pos = select_chunks(x, k)
+    idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
+                                 drop=(pmin, pmax) if apply_drop else None)
+    return out, idx.view(B, C, k), keep.view(B, C, k)
+
+
+@_topk_pool_op.register_fake
+def _(x, k, seed, pmin, pmax, apply_drop):
+    B, C = x.shape[:2]
+    return (x.new_empty((B, C, k)), x.new_empty((B, C, k), dtype=torch.int64),
+            x.new_empty((B, C, k), dtype=torch.uint8))
+
+
+@torch.library.custom_op("lfm::scatter_rows", mutates_args=())
+def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, scale: float,
+                     shape: list[int]) -> torch.Tensor:
+    """Gradient of a per-row gather: grad (B, C, k) placed at idx in a zero (B, C, *rest) tensor."""
+    dx = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
+    n_rows, k = shape[0] * shape[1], idx.shape[-1]
+    N = dx.numel() // max(n_rows, 1)
+    block_k = triton.next_power_of_2(k)
+    block_r = rows_per_program(block_k)
+    if n_rows:
+        _scatter_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+            grad.contiguous(), idx.contiguous(), keep.contiguous() if keep is not None else idx, dx, n_rows, N, k, scale,
+            HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        )
+    return dx
+
+
+@_scatter_rows_op.register_fake
+def _(grad, idx, keep, scale, shape):
+    return grad.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, k, seed, pmin, pmax, apply_drop = inputs
+    _, idx, keep = output
+    ctx.save_for_backward(idx, keep)
+    ctx.shape = list(x.shape)
+    ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
+    ctx.mark_non_differentiable(idx, keep)
+
+
+def _backward(ctx, grad, _grad_idx, _grad_keep):
+    idx, keep = ctx.saved_tensors
+    return torch.ops.lfm.scatter_rows(grad, idx, keep, ctx.scale, ctx.shape), None, None, None, None, None
+
+
+_topk_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=None):
+    """Per-channel Top-K of a (B, C, H, W) map; see the module docstring."""
+    check_float_tensor("x", x, 4)
+    check_k(k, x.shape[2] * x.shape[3])
+    drop = check_drop(drop)
+    if resolve_backend(backend, x) == "torch":
+        return topk_pool_reference(x, k, drop=drop, training=training, return_indices=return_indices)
+    check_kernel_dtype("x", x)
+    apply_drop = drop is not None and bool(training)
+    seed = draw_seed(x.device) if apply_drop else x.new_zeros(2, dtype=torch.int64)
+    pmin, pmax = drop if apply_drop else (0.0, 0.0)
+    values, idx, _ = torch.ops.lfm.topk_pool(x, k, seed, pmin, pmax, apply_drop)
+    return (values, idx) if return_indices else values

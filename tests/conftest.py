@@ -1,0 +1,33 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(os.environ.get("LFM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "lfm_official"
+
+
+@pytest.fixture(scope="session")
+def official():
+    """The authors' checkpoint and reference outputs from ../shared (skipped when absent)."""
+    if not (SHARED / "bs_model.pth").exists():
+        pytest.skip(f"authors' reference files not found under {SHARED} (set LFM_SHARED to the shared folder)")
+    load = dict(weights_only=True, map_location="cpu")
+    return {
+        "dir": SHARED,
+        "state_dict": torch.load(SHARED / "bs_model.pth", **load),
+        "outputs": torch.load(SHARED / "reference_outputs.pt", **load),
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

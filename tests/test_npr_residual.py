@@ -1,0 +1,94 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from utils import DTYPE_TOL, layouts
+
+from lfm_kernels import npr_residual, npr_residual_reference
+from lfm_kernels.nn import NPRResidual
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 3, 7, 9), (2, 2, 11, 5), (1, 1, 1, 1)])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+@pytest.mark.parametrize("absolute", [True, False])
+def test_forward_backward_match_float64_reference(shape, factor, absolute):
+    x64 = torch.randn(*shape, dtype=torch.float64)
+    x = x64.float().requires_grad_()
+    ref_in = x64.clone().requires_grad_()
+    out = npr_residual(x, factor, absolute, backend="triton")
+    ref = npr_residual_reference(ref_in, factor, absolute)
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_even_sizes_equal_the_authors_convolutions():
+    x = torch.randn(2, 3, 10, 12)
+    down = torch.zeros(3, 3, 2, 2)
+    up = torch.zeros(3, 3, 2, 2)
+    for c in range(3):
+        down[c, c, 0, 0] = 1
+        up[c, c] = 1
+    authors = x - torch.conv_transpose2d(torch.conv2d(x, down, stride=2), up, stride=2)
+    torch.testing.assert_close(npr_residual(x, backend="triton"), authors.abs())
+    torch.testing.assert_close(npr_residual(x, backend="torch"), authors.abs())
+
+
+def test_odd_size_anchor_is_floor_cell_corner():
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    out = npr_residual(x, absolute=False, backend="triton")
+    assert out[0, 0, 4, 4] == x[0, 0, 4, 4] - x[0, 0, 4, 4]
+    assert out[0, 0, 3, 4] == x[0, 0, 3, 4] - x[0, 0, 2, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    x = torch.randn(2, 3, 9, 6).to(dtype)
+    out = npr_residual(x, backend="triton")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), npr_residual_reference(x.float()).to(dtype).float(),
+                               atol=DTYPE_TOL[dtype] * 4, rtol=DTYPE_TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_layouts(layout):
+    x = layouts(torch.randn(2, 3, 7, 6))[layout]
+    torch.testing.assert_close(npr_residual(x, backend="triton"), npr_residual_reference(x))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(3, 8, 8)), "4 dimensions"),
+    (dict(x=torch.ones(1, 3, 4, 4, dtype=torch.int64)), "floating-point"),
+    (dict(x=torch.randn(1, 3, 4, 4), factor=0), "factor"),
+    (dict(x=torch.randn(1, 3, 4, 4), factor=1.5), "factor"),
+])
+def test_bad_input(bad, match):
+    args = dict(factor=2) | bad
+    with pytest.raises(ValueError, match=match):
+        npr_residual(args.pop("x"), **args, backend="triton")
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.lfm.npr_residual.default, (x, 2, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_break(backend):
+    module = NPRResidual(backend=backend)
+    x = torch.randn(1, 3, 6, 5, requires_grad=True)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, npr_residual_reference(x))
+
+
+@settings(max_examples=15, deadline=None)
+@given(b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 13), w=st.integers(1, 13),
+       factor=st.integers(1, 4), absolute=st.booleans())
+def test_random_shapes(b, c, h, w, factor, absolute):
+    x = torch.randn(b, c, h, w)
+    torch.testing.assert_close(npr_residual(x, factor, absolute, backend="triton"),
+                               npr_residual_reference(x, factor, absolute))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from utils import DTYPE_TOL, layouts
+
+from lfm_kernels import score_topk, score_topk_reference, topk_pool
+from lfm_kernels.nn import ScoreTopK
+
+
+def _inputs(B, Cin, H, W, Cout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64),
+            torch.randn(Cout, Cin, 1, 1, generator=g, dtype=torch.float64) / Cin**0.5)
+
+
+@pytest.mark.parametrize("B,Cin,H,W,Cout,k", [(2, 40, 9, 11, 24, 7), (1, 512, 6, 5, 64, 16), (2, 3, 1, 17, 5, 17),
+                                              (1, 20, 30, 30, 8, 16)])
+def test_matches_conv_then_topk_in_float64(B, Cin, H, W, Cout, k):
+    feat64, w64 = _inputs(B, Cin, H, W, Cout)
+    feat, w = feat64.float().requires_grad_(), w64.float().requires_grad_()
+    ref_feat, ref_w = feat64.clone().requires_grad_(), w64.clone().requires_grad_()
+    values, idx = score_topk(feat, w, k, return_indices=True, backend="triton")
+    ref_values, ref_idx = score_topk_reference(ref_feat, ref_w, k, return_indices=True)
+    torch.testing.assert_close(values.double(), ref_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)  # Gaussian scores: no near-ties at this size
+    grad = torch.randn_like(ref_values)
+    values.backward(grad.float())
+    ref_values.backward(grad)
+    torch.testing.assert_close(feat.grad.double(), ref_feat.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), ref_w.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_equals_topk_pool_of_the_score_map_with_dropout():
+    feat, w = (t.float() for t in _inputs(3, 16, 5, 6, 8))
+    torch.manual_seed(11)
+    fused = score_topk(feat, w, 6, drop=(0.1, 0.3), training=True, backend="triton")
+    torch.manual_seed(11)
+    unfused = topk_pool(F.conv2d(feat, w), 6, drop=(0.1, 0.3), training=True, backend="triton")
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused == 0, unfused == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    feat, w = (t.to(dtype) for t in _inputs(2, 32, 6, 7, 16))
+    values = score_topk(feat, w, 4, backend="triton")
+    assert values.dtype == dtype
+    ref = score_topk_reference(feat.double(), w.double(), 4)
+    tol = DTYPE_TOL[dtype] * 4
+    torch.testing.assert_close(values.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(layout):
+    feat, w = (t.float() for t in _inputs(2, 24, 5, 6, 8))
+    feat = layouts(feat)[layout]
+    torch.testing.assert_close(score_topk(feat, w, 5, backend="triton"), score_topk_reference(feat, w, 5),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight,match", [
+    (torch.randn(8, 7, 1, 1), r"\(Cout, 6, 1, 1\)"), (torch.randn(8, 6, 3, 3), r"\(Cout, 6, 1, 1\)"),
+    (torch.randn(8, 6), "4 dimensions"), (torch.ones(8, 6, 1, 1, dtype=torch.int64), "floating-point"),
+])
+def test_bad_weight(weight, match):
+    with pytest.raises(ValueError, match=match):
+        score_topk(torch.randn(1, 6, 4, 4), weight, 3, backend="triton")
+
+
+def test_devices_must_match():
+    with pytest.raises(ValueError, match="one device"):
+        score_topk(torch.randn(1, 6, 4, 4), torch.randn(8, 6, 1, 1, device="meta"), 3, backend="torch")
+
+
+def test_opcheck():
+    feat, w = (t.float().requires_grad_() for t in _inputs(2, 16, 4, 5, 8))
+    torch.library.opcheck(torch.ops.lfm.score_topk.default, (feat, w, 4, torch.tensor([3, 4]), 0.1, 0.3, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_break(backend):
+    module = ScoreTopK(16, 8, 4, drop=(0.1, 0.3), backend=backend).train()
+    feat = torch.randn(2, 16, 4, 5, requires_grad=True)
+    out = torch.compile(module, backend="aot_eager", fullgraph=True)(feat)
+    out.sum().backward()
+    assert out.shape == (2, 8, 4) and module.weight.grad is not None and feat.grad is not None
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 2), cin=st.integers(1, 40), cout=st.integers(1, 20), h=st.integers(1, 8),
+       w=st.integers(1, 8), data=st.data())
+def test_random_shapes(b, cin, cout, h, w, data):
+    k = data.draw(st.integers(1, min(h * w, 10)))
+    feat, weight = (t.float() for t in _inputs(b, cin, h, w, cout, seed=cin * cout))
+    torch.testing.assert_close(score_topk(feat, weight, k, backend="triton"),
+                               score_topk_reference(feat, weight, k), atol=1e-5, rtol=1e-5)

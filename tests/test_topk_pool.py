@@ -1,0 +1,156 @@
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from utils import DTYPE_TOL, binomial_sigmas, distinct_map, layouts
+
+from lfm_kernels import topk_pool, topk_pool_reference
+from lfm_kernels.backend import rank_drop_probs
+from lfm_kernels.nn import TopKPool
+
+
+@pytest.mark.parametrize("shape,k", [((2, 3, 7, 9), 5), ((1, 2, 30, 30), 16), ((2, 1, 3, 3), 9),
+                                     ((1, 2, 70, 71), 16), ((3, 2, 1, 1), 1)])
+def test_values_and_indices_match_reference(shape, k):
+    x = distinct_map(*shape).requires_grad_()
+    values, idx = topk_pool(x, k, return_indices=True, backend="triton")
+    ref_values, ref_idx = topk_pool_reference(x.double(), k, return_indices=True)
+    assert values.shape == (shape[0], shape[1], k) and idx.dtype == torch.int64
+    torch.testing.assert_close(values.double(), ref_values)
+    assert torch.equal(idx, ref_idx)
+    grad = torch.randn_like(ref_values)
+    (dx,) = torch.autograd.grad(values, x, grad.float())
+    (ref_dx,) = torch.autograd.grad(ref_values, x, grad)
+    torch.testing.assert_close(dx.double(), ref_dx.double())
+
+
+def test_ties_go_to_lower_position_and_nan_ranks_largest():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([1.0, nan, 1.0, 3.0, -inf, 0.0, nan, inf, 1.0]).view(1, 1, 3, 3)
+    values, idx = topk_pool(x, 9, return_indices=True, backend="triton")
+    assert idx.flatten().tolist() == [1, 6, 7, 3, 0, 2, 8, 5, 4]
+    assert torch.isnan(values[0, 0, :2]).all()
+    assert values[0, 0, 2:].tolist() == [inf, 3.0, 1.0, 1.0, 1.0, 0.0, -inf]
+    ref_values, ref_idx = topk_pool_reference(x, 9, return_indices=True)
+    assert torch.equal(idx, ref_idx)
+    # torch.topk agrees on values (its tie order is unspecified).
+    torch.testing.assert_close(values, torch.topk(x.flatten(2), 9).values, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    x = distinct_map(2, 3, 5, 6, dtype=torch.float64) / 7
+    x = x.to(dtype)
+    values = topk_pool(x, 4, backend="triton")
+    assert values.dtype == dtype
+    torch.testing.assert_close(values.double(), topk_pool_reference(x.double(), 4),
+                               atol=DTYPE_TOL[dtype], rtol=DTYPE_TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_layouts(layout):
+    x = layouts(distinct_map(2, 3, 6, 5))[layout]
+    values, idx = topk_pool(x, 6, return_indices=True, backend="triton")
+    ref_values, ref_idx = topk_pool_reference(x, 6, return_indices=True)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("drop", [(0.1, 0.3), (0.2, 0.2)])
+def test_dropout_rate_per_rank(backend, drop):
+    k, rows = 8, 96 * 64
+    x = distinct_map(96, 64, 4, 4) + 1.0  # all values > 0, so a zero means dropped
+    torch.manual_seed(0)
+    out = topk_pool(x, k, drop=drop, training=True, backend=backend)
+    clean = topk_pool_reference(x, k)
+    dropped = (out == 0).flatten(0, 1).sum(0)
+    for rank, p in enumerate(rank_drop_probs(k, *drop).tolist()):
+        assert binomial_sigmas(dropped[rank].item(), rows, p) < 5, (rank, dropped[rank].item() / rows, p)
+    scale = 1 / (1 - sum(drop) / 2)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], clean[kept] * scale)
+
+
+def test_dropout_reproducible_and_backward_uses_the_forward_mask():
+    x = distinct_map(4, 8, 5, 5).requires_grad_()
+    torch.manual_seed(123)
+    a = topk_pool(x, 6, drop=(0.1, 0.3), training=True, backend="triton")
+    torch.manual_seed(123)
+    b = topk_pool(x, 6, drop=(0.1, 0.3), training=True, backend="triton")
+    assert torch.equal(a, b)
+    c = topk_pool(x, 6, drop=(0.1, 0.3), training=True, backend="triton")
+    assert not torch.equal(a, c)
+    (dx,) = torch.autograd.grad(a, x, torch.ones_like(a))
+    clean, idx = topk_pool_reference(x.detach(), 6, return_indices=True)
+    expected = torch.zeros(4, 8, 25).scatter(-1, idx, (a.detach() != 0) / 0.8).view_as(x)
+    torch.testing.assert_close(dx, expected)
+
+
+def test_mask_does_not_depend_on_tiling(monkeypatch):
+    tp = importlib.import_module("lfm_kernels.topk_pool")  # the module, not the function of that name
+    x = distinct_map(3, 5, 6, 7)
+    torch.manual_seed(7)
+    a = topk_pool(x, 5, drop=(0.1, 0.3), training=True, backend="triton")
+    monkeypatch.setattr(tp, "_TILE", 64)
+    monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
+    torch.manual_seed(7)
+    b = topk_pool(x, 5, drop=(0.1, 0.3), training=True, backend="triton")
+    assert torch.equal(a, b)
+
+
+def test_eval_mode_ignores_drop():
+    x = distinct_map(2, 3, 4, 4)
+    torch.testing.assert_close(topk_pool(x, 4, drop=(0.1, 0.3), training=False, backend="triton"),
+                               topk_pool_reference(x, 4))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=0), "k must be"), (dict(k=26), "k must be"), (dict(k=2.0), "k must be"),
+    (dict(k=3, drop=(0.1, 1.0)), "drop"), (dict(k=3, drop=(0.3, 0.1)), "pmin"), (dict(k=3, drop=(-0.1, 0.1)), "drop"),
+    (dict(k=3, drop=0.1), "drop"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        topk_pool(torch.randn(1, 2, 5, 5), training=True, backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("x,match", [(torch.randn(2, 25), "4 dimensions"),
+                                     (torch.ones(1, 1, 5, 5, dtype=torch.int32), "floating-point")])
+def test_bad_tensors(x, match):
+    with pytest.raises(ValueError, match=match):
+        topk_pool(x, 3, backend="triton")
+
+
+@pytest.mark.parametrize("apply_drop", [False, True])
+def test_opcheck(apply_drop):
+    x = distinct_map(2, 3, 4, 5).requires_grad_()
+    seed = torch.tensor([5, 9])
+    torch.library.opcheck(torch.ops.lfm.topk_pool.default, (x, 4, seed, 0.1, 0.3, apply_drop))
+    idx = topk_pool_reference(x.detach(), 4, return_indices=True)[1]
+    keep = torch.ones(2, 3, 4, dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.lfm.scatter_rows.default, (torch.randn(2, 3, 4), idx, keep, 1.25, [2, 3, 4, 5]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_break(backend):
+    module = TopKPool(4, drop=(0.1, 0.3), backend=backend).train()
+    x = distinct_map(2, 3, 4, 5).requires_grad_()
+    out = torch.compile(module, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    assert out.shape == (2, 3, 4) and x.grad is not None
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), data=st.data())
+def test_random_shapes(b, c, h, w, data):
+    k = data.draw(st.integers(1, min(h * w, 12)))
+    x = distinct_map(b, c, h, w, seed=h * w)
+    values, idx = topk_pool(x, k, return_indices=True, backend="triton")
+    ref_values, ref_idx = topk_pool_reference(x, k, return_indices=True)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(idx, ref_idx)
+    assert math.prod(values.shape) == b * c * k
