@@ -85,7 +85,7 @@ def _npr_residual_bwd_kernel(
     tl.store(dx_ptr + offs, (g_self - cell_sum).to(dx_ptr.dtype.element_ty), mask=live)
 
 
-_BLOCK = 1024
+_BLOCK = 512
 
 
 def _launch(kernel, x, *tensors_and_out, factor, absolute):

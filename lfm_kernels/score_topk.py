@@ -136,7 +136,7 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
     cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
         feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
-        k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **_dot_args(feat),
+        k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
     )
     out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
     idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
@@ -159,10 +159,12 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
     dscore = torch.ops.lfm.scatter_rows(grad.float(), idx, keep, scale, [B, Cout, H, W])
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
-    block_n, block_ci = _tile(N, 64), _tile(Cin, 64)
+    # Full-fp32 (ieee) dots run on FMA units: smaller tiles keep them out of local memory.
+    block = 32 if feat.dtype == torch.float32 else 64
+    block_n, block_ci = _tile(N, 64), _tile(Cin, block)
     _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
         dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
-        BLOCK_CI=block_ci, BLOCK_CO=_tile(Cout, 64), BLOCK_N=block_n, **_dot_args(feat),
+        BLOCK_CI=block_ci, BLOCK_CO=_tile(Cout, block), BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
     )
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     block_ci = _tile(Cin, 128)
