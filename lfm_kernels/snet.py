@@ -1,0 +1,777 @@
+"""SNet blocks fused: [abs-NPR residual ->] 2x2 conv -> BatchNorm -> ReLU [-> 2x2 max-pool] in one pass.
+
+snet_block(x, ...) == maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))) with
+nn.BatchNorm2d semantics. snet_head(x, ...) == score_topk(snet_block(x, ..., pool=False), score_weight, k):
+LFM's block 4 and its 1x1 scoring conv, the 512-channel map never written.
+
+The conv is an implicit GEMM on tensor cores (tl.dot, fp32 accumulation). Programs own "groups":
+2x2 cells of conv outputs, i.e. one max-pool window, so the pool happens in registers and only
+conv outputs that a window uses are computed. Inference folds BatchNorm into the conv weights and
+bias. Training runs a statistics pass (per-program partial count/mean/M2, merged in a fixed order:
+deterministic, no atomics), then a pass that normalizes, activates, pools and records the window
+argmax. The forward saves only the block input, the batch statistics and the argmax; the backward
+recomputes the conv. Kernels:
+  _snet_block_fwd_kernel    forward, MODE 0 folded eval / 1 batch statistics / 2 normalize with given stats
+  _snet_block_bwd_kernel    backward through pool, ReLU and BN: STAGE 0 partial sums, STAGE 1 writes d(conv out)
+  _conv2x2_dx_kernel        d(conv input) from d(conv out): implicit GEMM over the 4 taps
+  _conv2x2_dw_kernel        d(conv weight): split-K GEMM, partials summed in a fixed order
+  _snet_head_kernel         block 4 (folded) + ReLU + 1x1 scoring + per-chunk Top-K candidates
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device, dot_dtype,
+                      interpreter_enabled, resolve_backend)
+from .npr_residual import npr_residual_reference
+from .score_topk import score_topk
+from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
+
+PRECISIONS = ("tf32", "ieee")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5,
+                         momentum=0.1, training=False, pool=True, npr=False):
+    if npr:
+        x = npr_residual_reference(x, 2, True)
+    y = F.conv2d(x, conv_weight, conv_bias)
+    y = F.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    return F.max_pool2d(y, 2) if pool else y
+
+
+def snet_head_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, score_weight, k, *,
+                        eps=1e-5, drop=None, training=False, return_indices=False):
+    feat = snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
+                                training=training, pool=False)
+    return topk_pool_reference(F.conv2d(feat, score_weight), k, drop=drop, training=training,
+                               return_indices=return_indices)
+
+
+def fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    """Conv weight and bias with eval-mode BatchNorm folded in (float32)."""
+    scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
+    bias = conv_bias.float() if conv_bias is not None else torch.zeros_like(scale)
+    return conv_weight.float() * scale[:, None, None, None], (bias - running_mean.float()) * scale + bn_bias.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
+    """[rows, BLOCK_CI] of the block input at pixels (rr, cc); with NPR, |x - x[2*(rr//2), 2*(cc//2)]|."""
+    ok = (live & (rr < H) & (cc < W))[:, None] & ci_live[None, :]
+    at = x_ptr + base[:, None] + ci[None, :] * sxc
+    v = tl.load(at + (rr * sxh + cc * sxw)[:, None], mask=ok, other=0.0)
+    if NPR:
+        anchor = tl.load(at + ((rr // 2 * 2) * sxh + (cc // 2 * 2) * sxw)[:, None], mask=ok, other=0.0)
+        v = tl.abs(v.to(tl.float32) - anchor.to(tl.float32)).to(v.dtype)
+    return v
+
+
+@triton.jit
+def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset):
+    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap."""
+    return tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
+                   mask=ci_live[:, None] & co_live[None, :], other=0.0)
+
+
+@triton.jit
+def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                    NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Conv outputs of BLOCK_G 2x2 groups with top-left conv pixel (r0, c0): four [BLOCK_G, BLOCK_CO]
+    fp32 accumulators, one per position in the group. The 9 input pixels a group touches are loaded
+    once per input-channel block and shared by the 16 (position, tap) products."""
+    a00 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
+    a01 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
+    a10 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
+    a11 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
+    for ci0 in range(0, Cin, BLOCK_CI):
+        ci = ci0 + tl.arange(0, BLOCK_CI)
+        ci_live = ci < Cin
+        x00 = _input_tile(x_ptr, base, r0, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x01 = _input_tile(x_ptr, base, r0, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x02 = _input_tile(x_ptr, base, r0, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x10 = _input_tile(x_ptr, base, r0 + 1, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x11 = _input_tile(x_ptr, base, r0 + 1, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x12 = _input_tile(x_ptr, base, r0 + 1, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x20 = _input_tile(x_ptr, base, r0 + 2, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x21 = _input_tile(x_ptr, base, r0 + 2, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        x22 = _input_tile(x_ptr, base, r0 + 2, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+        w00 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, 0).to(DOT_DTYPE)
+        w01 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, sww).to(DOT_DTYPE)
+        w10 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, swh).to(DOT_DTYPE)
+        w11 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, swh + sww).to(DOT_DTYPE)
+        a00 = tl.dot(x00, w00, a00, input_precision=PRECISION)
+        a00 = tl.dot(x01, w01, a00, input_precision=PRECISION)
+        a00 = tl.dot(x10, w10, a00, input_precision=PRECISION)
+        a00 = tl.dot(x11, w11, a00, input_precision=PRECISION)
+        a01 = tl.dot(x01, w00, a01, input_precision=PRECISION)
+        a01 = tl.dot(x02, w01, a01, input_precision=PRECISION)
+        a01 = tl.dot(x11, w10, a01, input_precision=PRECISION)
+        a01 = tl.dot(x12, w11, a01, input_precision=PRECISION)
+        a10 = tl.dot(x10, w00, a10, input_precision=PRECISION)
+        a10 = tl.dot(x11, w01, a10, input_precision=PRECISION)
+        a10 = tl.dot(x20, w10, a10, input_precision=PRECISION)
+        a10 = tl.dot(x21, w11, a10, input_precision=PRECISION)
+        a11 = tl.dot(x11, w00, a11, input_precision=PRECISION)
+        a11 = tl.dot(x12, w01, a11, input_precision=PRECISION)
+        a11 = tl.dot(x21, w10, a11, input_precision=PRECISION)
+        a11 = tl.dot(x22, w11, a11, input_precision=PRECISION)
+    return a00, a01, a10, a11
+
+
+@triton.jit
+def _group_coords(pid, GH, GW, BLOCK_G: tl.constexpr, n_groups):
+    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    gw = g % GW
+    gh = (g // GW) % GH
+    b = g // (GW * GH)
+    return g < n_groups, b, gh, gw
+
+
+@triton.jit
+def _masked_stats(z, valid):
+    """Per-channel sum of z over the valid rows of a [BLOCK_G, BLOCK_CO] tile."""
+    return tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
+
+
+@triton.jit
+def _zhat_dy(a, bias, mean, rstd, gamma, beta, da, valid):
+    """Recomputed normalized conv output and the gradient at the BatchNorm output (through ReLU)."""
+    zhat = (a + bias - mean) * rstd
+    dy = tl.where(valid[:, None] & (zhat * gamma + beta > 0), da, 0.0)
+    return zhat, dy
+
+
+@triton.jit
+def _store_dz(dz_ptr, dy, zhat, g, c1, c2, b, r, c, Hc, Wc, Cout, co, co_live, valid, BATCH_STATS: tl.constexpr):
+    """d(conv out) = gamma*rstd*(dy - mean(dy) - zhat*mean(dy*zhat)) with batch statistics, gamma*rstd*dy without."""
+    if BATCH_STATS:
+        dz = g * (dy - c1 - zhat * c2)
+    else:
+        dz = g * dy
+    at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
+    tl.store(dz_ptr + at[:, None] + co[None, :], dz, mask=valid[:, None] & co_live[None, :])
+
+
+@triton.jit
+def _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live, Hc, Wc, Cout, swo, swi, swh, sww,
+            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += dz[b, i-ky, j-kx, co] @ weight[co, ci, ky, kx] for one tap (zero outside the conv output)."""
+    r = i - ky
+    c = j - kx
+    ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
+    at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
+    d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
+    wt = tl.load(w_ptr + ky * swh + kx * sww + co[:, None] * swo + ci[None, :] * swi,
+                 mask=co_live[:, None] & ci_live[None, :], other=0.0)
+    return tl.dot(d.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _snet_block_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, argmax_ptr, count_ptr, mean_ptr, m2_ptr,
+    n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc,
+    sxb, sxc, sxh, sxw, swo, swi, swh, sww, sob, soc, soh, sow,
+    MODE: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Forward of one SNet block. Grid: (cdiv(n_groups, BLOCK_G), cdiv(Cout, BLOCK_CO)).
+
+    Groups are 2x2 cells of conv outputs (B*GH*GW of them). Reads the block input x (any strides;
+    the image with NPR) and the weight; then by MODE:
+      0: y = conv + bias (BatchNorm already folded into w and bias); ReLU; pool or not; writes out.
+      1: writes this program's valid-position count and per-channel mean and M2 of conv + bias
+         to count[pid], mean[pid, :], m2[pid, :] (merged later in a fixed order).
+      2: y = conv * scale + shift (BatchNorm with given statistics, conv bias inside shift); ReLU;
+         pool; writes out and the uint8 window argmax (0..3, first max wins as in max_pool2d).
+    """
+    pid = tl.program_id(0)
+    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    r0 = gh * 2
+    c0 = gw * 2
+    a00, a01, a10, a11 = _conv2x2_groups(
+        x_ptr, w_ptr, b.to(tl.int64) * sxb, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    v00 = live & (r0 < Hc) & (c0 < Wc)
+    v01 = live & (r0 < Hc) & (c0 + 1 < Wc)
+    v10 = live & (r0 + 1 < Hc) & (c0 < Wc)
+    v11 = live & (r0 + 1 < Hc) & (c0 + 1 < Wc)
+    if MODE == 1:
+        a00 += bias
+        a01 += bias
+        a10 += bias
+        a11 += bias
+        n = (tl.sum(v00.to(tl.float32), axis=0) + tl.sum(v01.to(tl.float32), axis=0)
+             + tl.sum(v10.to(tl.float32), axis=0) + tl.sum(v11.to(tl.float32), axis=0))
+        mean = (_masked_stats(a00, v00) + _masked_stats(a01, v01) + _masked_stats(a10, v10)
+                + _masked_stats(a11, v11)) / tl.maximum(n, 1.0)
+        d00 = a00 - mean[None, :]
+        d01 = a01 - mean[None, :]
+        d10 = a10 - mean[None, :]
+        d11 = a11 - mean[None, :]
+        m2 = (_masked_stats(d00 * d00, v00) + _masked_stats(d01 * d01, v01) + _masked_stats(d10 * d10, v10)
+              + _masked_stats(d11 * d11, v11))
+        tl.store(count_ptr + pid, n)
+        tl.store(mean_ptr + pid * Cout + co, mean, mask=co_live)
+        tl.store(m2_ptr + pid * Cout + co, m2, mask=co_live)
+    else:
+        if MODE == 0:
+            a00 = tl.maximum(a00 + bias, 0.0)
+            a01 = tl.maximum(a01 + bias, 0.0)
+            a10 = tl.maximum(a10 + bias, 0.0)
+            a11 = tl.maximum(a11 + bias, 0.0)
+        else:
+            scale = tl.load(scale_ptr + co, mask=co_live, other=0.0)[None, :]
+            shift = tl.load(shift_ptr + co, mask=co_live, other=0.0)[None, :]
+            a00 = tl.maximum(a00 * scale + shift, 0.0)
+            a01 = tl.maximum(a01 * scale + shift, 0.0)
+            a10 = tl.maximum(a10 * scale + shift, 0.0)
+            a11 = tl.maximum(a11 * scale + shift, 0.0)
+        at = b.to(tl.int64)[:, None] * sob + co[None, :] * soc
+        if POOL:
+            best = a00
+            arg = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.int32)
+            arg = tl.where(a01 > best, 1, arg)
+            best = tl.maximum(best, a01)
+            arg = tl.where(a10 > best, 2, arg)
+            best = tl.maximum(best, a10)
+            arg = tl.where(a11 > best, 3, arg)
+            best = tl.maximum(best, a11)
+            ok = live[:, None] & co_live[None, :]
+            pix = (gh * soh + gw * sow)[:, None]
+            tl.store(out_ptr + at + pix, best.to(out_ptr.dtype.element_ty), mask=ok)
+            if MODE == 2:  # argmax has out's strides
+                tl.store(argmax_ptr + at + pix, arg.to(tl.uint8), mask=ok)
+        else:
+            ok = co_live[None, :]
+            at = out_ptr + at
+            tl.store(at + (r0 * soh + c0 * sow)[:, None], a00.to(out_ptr.dtype.element_ty), mask=v00[:, None] & ok)
+            tl.store(at + (r0 * soh + (c0 + 1) * sow)[:, None], a01.to(out_ptr.dtype.element_ty), mask=v01[:, None] & ok)
+            tl.store(at + ((r0 + 1) * soh + c0 * sow)[:, None], a10.to(out_ptr.dtype.element_ty), mask=v10[:, None] & ok)
+            tl.store(at + ((r0 + 1) * soh + (c0 + 1) * sow)[:, None], a11.to(out_ptr.dtype.element_ty),
+                     mask=v11[:, None] & ok)
+
+
+@triton.jit
+def _snet_block_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grad_ptr, argmax_ptr, c1_ptr, c2_ptr,
+    sdy_ptr, sdyz_ptr, dz_ptr,
+    n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, Hp, Wp,
+    sxb, sxc, sxh, sxw, swo, swi, swh, sww, sgb, sgc, sgh, sgw, sab, sac, sah, saw,
+    STAGE: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward through pool, ReLU and BatchNorm. Grid: (cdiv(n_groups, BLOCK_G), cdiv(Cout, BLOCK_CO)).
+
+    Recomputes the conv of x for B*GH*GW groups (every conv output), routes the output gradient
+    through the saved window argmax (or directly without pool) and the ReLU. STAGE 0 writes this
+    program's per-channel sums of dy and dy*zhat to sdy[pid, :], sdyz[pid, :]. STAGE 1 reads their
+    means c1, c2 and writes d(conv out) as float32 (B, Hc, Wc, Cout) to dz.
+    """
+    pid = tl.program_id(0)
+    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    r0 = gh * 2
+    c0 = gw * 2
+    a00, a01, a10, a11 = _conv2x2_groups(
+        x_ptr, w_ptr, b.to(tl.int64) * sxb, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    mean = tl.load(mean_ptr + co, mask=co_live, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + co, mask=co_live, other=0.0)[None, :]
+    gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    v00 = live & (r0 < Hc) & (c0 < Wc)
+    v01 = live & (r0 < Hc) & (c0 + 1 < Wc)
+    v10 = live & (r0 + 1 < Hc) & (c0 < Wc)
+    v11 = live & (r0 + 1 < Hc) & (c0 + 1 < Wc)
+    gb = b.to(tl.int64)[:, None] * sgb + co[None, :] * sgc
+    if POOL:
+        pooled = (live & (gh < Hp) & (gw < Wp))[:, None] & co_live[None, :]
+        dp = tl.load(grad_ptr + gb + (gh * sgh + gw * sgw)[:, None], mask=pooled, other=0.0).to(tl.float32)
+        arg = tl.load(argmax_ptr + b.to(tl.int64)[:, None] * sab + co[None, :] * sac + (gh * sah + gw * saw)[:, None],
+                      mask=pooled, other=4).to(tl.int32)
+        da00 = tl.where(arg == 0, dp, 0.0)
+        da01 = tl.where(arg == 1, dp, 0.0)
+        da10 = tl.where(arg == 2, dp, 0.0)
+        da11 = tl.where(arg == 3, dp, 0.0)
+    else:
+        ok = co_live[None, :]
+        da00 = tl.load(grad_ptr + gb + (r0 * sgh + c0 * sgw)[:, None], mask=v00[:, None] & ok, other=0.0).to(tl.float32)
+        da01 = tl.load(grad_ptr + gb + (r0 * sgh + (c0 + 1) * sgw)[:, None], mask=v01[:, None] & ok,
+                       other=0.0).to(tl.float32)
+        da10 = tl.load(grad_ptr + gb + ((r0 + 1) * sgh + c0 * sgw)[:, None], mask=v10[:, None] & ok,
+                       other=0.0).to(tl.float32)
+        da11 = tl.load(grad_ptr + gb + ((r0 + 1) * sgh + (c0 + 1) * sgw)[:, None], mask=v11[:, None] & ok,
+                       other=0.0).to(tl.float32)
+    z00, dy00 = _zhat_dy(a00, bias, mean, rstd, gamma, beta, da00, v00)
+    z01, dy01 = _zhat_dy(a01, bias, mean, rstd, gamma, beta, da01, v01)
+    z10, dy10 = _zhat_dy(a10, bias, mean, rstd, gamma, beta, da10, v10)
+    z11, dy11 = _zhat_dy(a11, bias, mean, rstd, gamma, beta, da11, v11)
+    if STAGE == 0:
+        sdy = tl.sum(dy00 + dy01 + dy10 + dy11, axis=0)
+        sdyz = tl.sum(dy00 * z00 + dy01 * z01 + dy10 * z10 + dy11 * z11, axis=0)
+        tl.store(sdy_ptr + pid * Cout + co, sdy, mask=co_live)
+        tl.store(sdyz_ptr + pid * Cout + co, sdyz, mask=co_live)
+    else:
+        g = gamma * rstd
+        c1 = tl.load(c1_ptr + co, mask=co_live, other=0.0)[None, :]
+        c2 = tl.load(c2_ptr + co, mask=co_live, other=0.0)[None, :]
+        _store_dz(dz_ptr, dy00, z00, g, c1, c2, b, r0, c0, Hc, Wc, Cout, co, co_live, v00, BATCH_STATS)
+        _store_dz(dz_ptr, dy01, z01, g, c1, c2, b, r0, c0 + 1, Hc, Wc, Cout, co, co_live, v01, BATCH_STATS)
+        _store_dz(dz_ptr, dy10, z10, g, c1, c2, b, r0 + 1, c0, Hc, Wc, Cout, co, co_live, v10, BATCH_STATS)
+        _store_dz(dz_ptr, dy11, z11, g, c1, c2, b, r0 + 1, c0 + 1, Hc, Wc, Cout, co, co_live, v11, BATCH_STATS)
+
+
+@triton.jit
+def _conv2x2_dx_kernel(
+    dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, Hc, Wc, swo, swi, swh, sww, sdb, sdc, sdh, sdw,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(conv input). Grid: (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
+
+    dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
+    reads the float32 dz (B, Hc, Wc, Cout) and the weight, writes dx through its strides. Each
+    input pixel gathers its own sum: no atomics.
+    """
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = p < n_pix
+    j = p % W
+    i = (p // W) % H
+    b = p // (W * H)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_live = ci < Cin
+    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    for co0 in range(0, Cout, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_live = co < Cout
+        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+    at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
+    tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
+
+
+@triton.jit
+def _conv2x2_dw_kernel(
+    dz_ptr, x_ptr, part_ptr, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, sxb, sxc, sxh, sxw,
+    NPR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(conv weight), split-K over conv positions. Grid: (cdiv(Cout, BLOCK_CO), cdiv(Cin, BLOCK_CI), 4 * splits).
+
+    part[split, tap, co, ci] = sum over conv positions q of this split of dz[q, co] * x[q + tap, ci]
+    (x through abs-NPR for the stem). The launcher sums the partials over splits in a fixed order.
+    """
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    tap = tl.program_id(2) % 4
+    split = tl.program_id(2) // 4
+    co_live = co < Cout
+    ci_live = ci < Cin
+    ky = tap // 2
+    kx = tap % 2
+    start = split * per_split
+    stop = tl.minimum(start + per_split, n_pos)
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    for q0 in range(start, stop, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        live = q < stop
+        c = q % Wc
+        r = (q // Wc) % Hc
+        b = q // (Wc * Hc)
+        d = tl.load(dz_ptr + q.to(tl.int64)[:, None] * Cout + co[None, :], mask=live[:, None] & co_live[None, :],
+                    other=0.0)
+        xt = _input_tile(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+        acc = tl.dot(tl.trans(d.to(DOT_DTYPE)), xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    at = ((split * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
+    tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
+
+
+@triton.jit
+def _snet_head_kernel(
+    x_ptr, w_ptr, bias_ptr, ws_ptr, cand_key_ptr, cand_pos_ptr,
+    Cin, C4, CS, H, W, Hc, Wc, sxb, sxc, sxh, sxw, swo, swi, swh, sww, sso, ssi, k, M,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C4: tl.constexpr, BLOCK_CS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Block 4 + 1x1 scoring + Top-K candidates. Grid: (B, cdiv(Hc*Wc, BLOCK_P)).
+
+    For BLOCK_P conv positions of image b: the block-4 conv with BatchNorm folded into w and bias,
+    ReLU, then score[p, cs] += feat[p, c4 block] @ score_weight[cs, c4 block]^T, C4 block by C4
+    block, so the C4-channel feature map stays in registers. Writes each score channel's k best
+    (key, position) to candidate slots [chunk*k, chunk*k + k) of the (B*CS, M) buffers, merged by
+    topk_pool's merge kernel.
+    """
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = p < Hc * Wc
+    r = p // Wc
+    c = p % Wc
+    base = b.to(tl.int64) * sxb + tl.zeros([BLOCK_P], dtype=tl.int64)
+    cs = tl.arange(0, BLOCK_CS)
+    cs_live = cs < CS
+    score = tl.zeros([BLOCK_P, BLOCK_CS], dtype=tl.float32)
+    for c40 in range(0, C4, BLOCK_C4):
+        c4 = c40 + tl.arange(0, BLOCK_C4)
+        c4_live = c4 < C4
+        acc = tl.zeros([BLOCK_P, BLOCK_C4], dtype=tl.float32)
+        for ci0 in range(0, Cin, BLOCK_CI):
+            ci = ci0 + tl.arange(0, BLOCK_CI)
+            ci_live = ci < Cin
+            x00 = _input_tile(x_ptr, base, r, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x01 = _input_tile(x_ptr, base, r, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x10 = _input_tile(x_ptr, base, r + 1, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x11 = _input_tile(x_ptr, base, r + 1, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            acc = tl.dot(x00.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, 0).to(DOT_DTYPE),
+                         acc, input_precision=PRECISION)
+            acc = tl.dot(x01.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, sww).to(DOT_DTYPE),
+                         acc, input_precision=PRECISION)
+            acc = tl.dot(x10.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, swh).to(DOT_DTYPE),
+                         acc, input_precision=PRECISION)
+            acc = tl.dot(x11.to(DOT_DTYPE),
+                         _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, swh + sww).to(DOT_DTYPE),
+                         acc, input_precision=PRECISION)
+        bias = tl.load(bias_ptr + c4, mask=c4_live, other=0.0)
+        feat = tl.maximum(acc + bias[None, :], 0.0)
+        ws = tl.load(ws_ptr + c4[:, None] * ssi + cs[None, :] * sso, mask=c4_live[:, None] & cs_live[None, :], other=0.0)
+        score = tl.dot(feat.to(DOT_DTYPE), ws.to(DOT_DTYPE), score, input_precision=PRECISION)
+    ok = live[:, None] & cs_live[None, :]
+    keys = tl.trans(tl.where(ok, _sortable_key(score), _EMPTY))
+    pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), _INT_MAX))
+    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * CS + cs, cs_live, chunk * k, M, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+_BLOCK_G = 64 if interpreter_enabled() else 32  # groups per program; the interpreter favours big tiles
+
+
+def _tile(n: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def _dot_args(dtype: torch.dtype, precision: str) -> dict:
+    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=precision if dtype == torch.float32 else "tf32")
+
+
+def _conv_tiles(Cin: int, Cout: int, dtype: torch.dtype) -> dict:
+    # Full-fp32 dots run on FMA units with fp32 operands: narrower channel blocks keep them in registers.
+    wide = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=_tile(Cin, 32), BLOCK_CO=_tile(Cout, wide))
+
+
+def _launch_block_fwd(x, w, bias, *, mode, pool, npr, precision, scale=None, shift=None):
+    """MODE 0/2: returns (out, argmax or None); MODE 1: returns (count, mean, m2) per program."""
+    B, Cin, H, W = x.shape
+    Cout, Hc, Wc = w.shape[0], H - 1, W - 1
+    whole = mode == 1 or not pool  # every conv output, or only those inside a pool window
+    GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
+    n_groups = B * GH * GW
+    tiles = _conv_tiles(Cin, Cout, x.dtype)
+    grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
+    dev = x.device
+    if mode == 1:
+        count = torch.empty(grid[0], dtype=torch.float32, device=dev)
+        mean = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
+        m2 = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
+        out = argmax = count
+        out_strides = (0, 0, 0, 0)
+    else:
+        shape = (B, Cout, GH, GW) if pool else (B, Cout, Hc, Wc)
+        out = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
+        argmax = torch.empty(shape, dtype=torch.uint8, device=dev, memory_format=torch.channels_last) \
+            if mode == 2 and pool else None
+        count = mean = m2 = out
+        out_strides = out.stride()
+    if n_groups:
+        _snet_block_fwd_kernel[grid](
+            x, w, bias, scale if scale is not None else bias, shift if shift is not None else bias, out,
+            argmax if argmax is not None else out, count, mean, m2,
+            n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
+            MODE=mode, POOL=pool, NPR=npr, **tiles, **_dot_args(x.dtype, precision),
+        )
+    return (count, mean, m2) if mode == 1 else (out, argmax)
+
+
+def _batch_stats(x, w, bias, npr, precision):
+    """Per-channel mean and biased variance of conv(x) + bias, merged from per-program (count, mean, M2)."""
+    count, mean, m2 = _launch_block_fwd(x, w, bias, mode=1, pool=False, npr=npr, precision=precision)
+    n = count.sum()
+    mu = (count[:, None] * mean).sum(0) / n
+    var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
+    return mu, var
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+def _out_shape(x, w, pool):
+    B, _, H, W = x.shape
+    Hc, Wc = H - 1, W - 1
+    return (B, w.shape[0], Hc // 2, Wc // 2) if pool else (B, w.shape[0], Hc, Wc)
+
+
+def _fake_out(x, w, pool, dtype=None):
+    return torch.empty(_out_shape(x, w, pool), dtype=dtype or x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("lfm::snet_block_eval", mutates_args=())
+def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: bool, npr: bool,
+                        precision: str) -> torch.Tensor:
+    """Inference: weight and bias carry the folded BatchNorm (float32)."""
+    return _launch_block_fwd(x, weight, bias, mode=0, pool=pool, npr=npr, precision=precision)[0]
+
+
+@_snet_block_eval_op.register_fake
+def _(x, weight, bias, pool, npr, precision):
+    return _fake_out(x, weight, pool)
+
+
+@torch.library.custom_op("lfm::snet_block_train", mutates_args=())
+def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                         beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
+                         pool: bool, npr: bool, precision: str
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
+    (out, window argmax or an empty tensor, mean used, biased variance used)."""
+    if batch_stats:
+        mean_used, var_used = _batch_stats(x, weight, bias, npr, precision)
+    else:
+        mean_used, var_used = mean.float().clone(), var.float().clone()
+    scale = gamma.float() * torch.rsqrt(var_used + eps)
+    shift = (bias.float() - mean_used) * scale + beta.float()
+    out, argmax = _launch_block_fwd(x, weight, bias, mode=2, pool=pool, npr=npr, precision=precision,
+                                    scale=scale, shift=shift)
+    if argmax is None:
+        argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
+    return out, argmax, mean_used, var_used
+
+
+@_snet_block_train_op.register_fake
+def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision):
+    argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
+    stats = x.new_empty(weight.shape[0], dtype=torch.float32)
+    return _fake_out(x, weight, pool), argmax, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("lfm::snet_block_backward", mutates_args=())
+def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
+                            precision: str, need_dx: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta)."""
+    B, Cin, H, W = x.shape
+    Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
+    dev = x.device
+    GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
+    n_groups, n_pos = B * GH * GW, B * Hc * Wc
+    tiles = _conv_tiles(Cin, Cout, x.dtype)
+    dots = _dot_args(x.dtype, precision)
+    grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
+    rstd = torch.rsqrt(var + eps)
+    sdy = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
+    sdyz = torch.empty_like(sdy)
+    dz = torch.empty((n_pos, Cout), dtype=torch.float32, device=dev)
+    a_strides = argmax.stride() if pool else (0, 0, 0, 0)
+    args = (x, weight, bias, mean, rstd, gamma, beta, grad, argmax if pool else grad)
+    common = (n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, Hc // 2, Wc // 2, *x.stride(), *weight.stride(),
+              *grad.stride(), *a_strides)
+    flags = dict(POOL=pool, NPR=npr, BATCH_STATS=batch_stats, **tiles, **dots)
+    _snet_block_bwd_kernel[grid](*args, sdy, sdy, sdy, sdyz, dz, *common, STAGE=0, **flags)
+    dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
+    _snet_block_bwd_kernel[grid](*args, dbeta / n_pos, dgamma / n_pos, sdy, sdyz, dz, *common, STAGE=1, **flags)
+
+    block_p, block_ci, block_co = 64, _tile(Cin, 32), _tile(Cout, 32)
+    splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
+    per_split = triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p
+    splits = triton.cdiv(n_pos, per_split)
+    part = torch.empty((splits, 4, Cout, Cin), dtype=torch.float32, device=dev)
+    _conv2x2_dw_kernel[(triton.cdiv(Cout, block_co), triton.cdiv(Cin, block_ci), 4 * splits)](
+        dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
+        NPR=npr, BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots,
+    )
+    dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2).to(weight.dtype)
+    dbias = dz.sum(0).to(bias.dtype)
+
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
+        _conv2x2_dx_kernel[(triton.cdiv(B * H * W, block_p), triton.cdiv(Cin, block_ci))](
+            dz, weight, dx, B * H * W, Cin, Cout, H, W, Hc, Wc, *weight.stride(), *dx.stride(),
+            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots,
+        )
+        if npr:  # dx so far is the gradient at the residual
+            dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
+    return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+
+
+@_snet_block_backward_op.register_fake
+def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, need_dx):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision = inputs
+    _, argmax, mean_used, var_used = output
+    ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
+    ctx.options = (eps, batch_stats, pool, npr, precision)
+    ctx.mark_non_differentiable(argmax, mean_used, var_used)
+
+
+def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
+    need_dx = ctx.needs_input_grad[0]
+    dx, dweight, dbias, dgamma, dbeta = torch.ops.lfm.snet_block_backward(
+        grad.contiguous(memory_format=torch.channels_last), *ctx.saved_tensors, *ctx.options, need_dx)
+    return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None
+
+
+_snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lfm::snet_head_eval", mutates_args=())
+def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score_weight: torch.Tensor, k: int,
+                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference of block 4 (folded BatchNorm) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
+    B, Cin, H, W = x.shape
+    C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
+    block_p = 64
+    n_chunks = triton.cdiv(Hc * Wc, block_p)
+    M = n_chunks * k
+    cand_key = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
+    cand_pos = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
+    _snet_head_kernel[(B, n_chunks)](
+        x, weight, bias, score_weight, cand_key, cand_pos, Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(),
+        score_weight.stride(0), score_weight.stride(1), k, M,
+        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=_tile(C4, 32 if x.dtype == torch.float32 else 64),
+        BLOCK_CS=_tile(CS, 64), **_dot_args(x.dtype, precision), num_warps=8,
+    )
+    out = torch.empty((B, CS, k), dtype=x.dtype, device=x.device)
+    idx, _ = merge_candidates(cand_key, cand_pos, out, k)
+    return out, idx.view(B, CS, k)
+
+
+@_snet_head_eval_op.register_fake
+def _(x, weight, bias, score_weight, k, precision):
+    B, CS = x.shape[0], score_weight.shape[0]
+    return x.new_empty((B, CS, k)), x.new_empty((B, CS, k), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                 input_precision):
+    check_float_tensor("x", x, 4)
+    check_float_tensor("conv_weight", conv_weight, 4)
+    Cout, Cin = conv_weight.shape[:2]
+    if conv_weight.shape[2:] != (2, 2) or Cin != x.shape[1]:
+        raise ValueError(f"conv_weight must have shape (Cout, {x.shape[1]}, 2, 2) for x with {x.shape[1]} channels, "
+                         f"got {tuple(conv_weight.shape)}")
+    named = dict(conv_bias=conv_bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                 running_var=running_var)
+    for name, t in named.items():
+        if t is not None and tuple(t.shape) != (Cout,):
+            raise ValueError(f"{name} must have shape ({Cout},), got {tuple(t.shape)}")
+    if bn_weight is None or bn_bias is None:
+        raise ValueError("bn_weight and bn_bias are required")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("eval mode needs running_mean and running_var")
+    check_same_device(x=x, conv_weight=conv_weight, **{n: t for n, t in named.items() if t is not None})
+    min_size = 3 if pool else 2
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f"x must be at least {min_size}x{min_size} for a 2x2 conv{' and pool' if pool else ''}, "
+                         f"got {x.shape[2]}x{x.shape[3]}")
+    if input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5, momentum=0.1,
+               training=False, pool=True, npr=False, input_precision="tf32", backend=None, folded=None):
+    """maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))), fused; see the module docstring.
+
+    nn.BatchNorm2d semantics: in training, batch statistics, and running statistics (when given)
+    updated in place with `momentum` and the unbiased variance. Float32 inputs use TF32 tensor
+    cores unless input_precision="ieee". `folded` may carry a cached fold_batchnorm(...) result.
+    """
+    _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                 input_precision)
+    if resolve_backend(backend, x) == "torch":
+        return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
+                                    momentum=momentum, training=training, pool=pool, npr=npr)
+    check_kernel_dtype("x", x)
+    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+    if not training and not _needs_grad(x, conv_weight, bias, bn_weight, bn_bias):
+        weight, fbias = folded if folded is not None else fold_batchnorm(
+            conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+        return torch.ops.lfm.snet_block_eval(x, weight, fbias, pool, npr, input_precision)
+    stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
+    out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
+                                                       bool(training), pool, npr, input_precision)
+    if training and running_mean is not None:
+        n = x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * n / max(n - 1, 1)).to(running_var.dtype), alpha=momentum)
+    return out
+
+
+def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, score_weight, k, *, eps=1e-5,
+              momentum=0.1, drop=None, training=False, return_indices=False, input_precision="tf32", backend=None,
+              folded=None):
+    """score_topk(snet_block(x, ..., pool=False), score_weight, k, ...): LFM's block 4, 1x1 scoring and
+    Top-K. In inference on the triton backend one kernel computes block 4 and the scores tile by
+    tile, so the block-4 map never reaches memory; otherwise it is the composition of the two ops."""
+    _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
+                 input_precision)
+    check_float_tensor("score_weight", score_weight, 4)
+    if score_weight.shape[1:] != (conv_weight.shape[0], 1, 1):
+        raise ValueError(f"score_weight must have shape (Cs, {conv_weight.shape[0]}, 1, 1), got "
+                         f"{tuple(score_weight.shape)}")
+    check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
+    drop = check_drop(drop)
+    fused = (resolve_backend(backend, x) == "triton" and not training
+             and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight))
+    if not fused:
+        feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
+                          momentum=momentum, training=training, pool=False, input_precision=input_precision,
+                          backend=backend, folded=folded)
+        return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
+                          backend=backend)
+    check_kernel_dtype("x", x)
+    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+    weight, fbias = folded if folded is not None else fold_batchnorm(
+        conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    values, idx = torch.ops.lfm.snet_head_eval(x, weight, fbias, score_weight, k, input_precision)
+    return (values, idx) if return_indices else values
