@@ -1,0 +1,213 @@
+"""Bytes moved and kernel launches per image, for one inference forward and one training step, without a GPU.
+
+Each provider's model runs on fake tensors (FakeTensorMode: shapes and dtypes, nothing computed) under
+`TrafficCounter`, a TorchDispatchMode that sees every op reaching the dispatcher:
+- an op reads its tensor inputs and writes its fresh outputs and the inputs it mutates (in-place ops
+  read and write), each counted at its size (the distinct elements it addresses);
+- each such op is one kernel launch; our fused ops (torch.ops.lfm.*) are one op each;
+- views and metadata ops (view, reshape, expand, permute, detach, t, ...), allocations and queries
+  (shape, device) move nothing and launch nothing.
+That is the traffic of running each op as one kernel that reads its inputs once and writes its outputs
+once, which is about what eager PyTorch does on a GPU. torch.compile providers are left out: Inductor
+fuses after dispatch, so a dispatch-level count does not describe them.
+
+A training step is zero_grad, forward, BCE-with-logits, backward and a fused Adam step, counted after
+one uncounted step has created Adam's state. Launches are per call, bytes per image (total / batch).
+
+    python -m bench.ledger [--batch 32] [--by-op]
+"""
+import argparse
+import contextlib
+import copy
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from bench.providers import build_model
+
+LEDGER_PROVIDERS = ("eager", "torch", "triton")
+LEDGER_DTYPES = (torch.float32, torch.bfloat16)
+LEDGER_SIZES = (256, 224)
+LEDGER_BATCH = 32
+# Ops that return fresh tensors without computing anything (allocations, view-like ops whose schema
+# does not say so); ops whose results all alias an input are recognized from the schema.
+NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
+# Factories that take a tensor only for its shape, dtype and device: they write but do not read it.
+LIKE_FACTORY_OPS = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "rand_like",
+                    "randn_like", "randint_like"}
+MB = 1e6
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements `t` addresses (a stride-0, expanded dim counts once)."""
+    if t.numel() == 0:
+        return 0
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+def _tensors(value):
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def op_traffic(func, args, kwargs, out):
+    """(bytes read + written, launches) of one dispatched op; (0, 0) for views, allocations and queries."""
+    schema = func._schema
+    mutated = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            mutated += _tensors(args[i] if i < len(args) else kwargs.get(arg.name))
+    fresh = [t for ret, value in zip(schema.returns, out if isinstance(out, (tuple, list)) and len(schema.returns) > 1
+                                      else [out])
+             if ret.alias_info is None for t in _tensors(value)]
+    name = func.overloadpacket.__name__
+    if name in NO_KERNEL_OPS or not (mutated or fresh):
+        return 0, 0
+    read = [] if name in LIKE_FACTORY_OPS else _tensors((args, kwargs))
+    return sum(map(tensor_bytes, read + mutated + fresh)), 1
+
+
+@dataclass
+class Traffic:
+    bytes: int = 0
+    launches: int = 0
+    by_op: Counter = field(default_factory=Counter)  # op name -> bytes
+    launches_by_op: Counter = field(default_factory=Counter)
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Sums `op_traffic` over every op dispatched while active (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.traffic = Traffic()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        moved, launches = op_traffic(func, args, kwargs, out)
+        if launches:
+            name = str(func.overloadpacket)
+            self.traffic.bytes += moved
+            self.traffic.launches += launches
+            self.traffic.by_op[name] += moved
+            self.traffic.launches_by_op[name] += launches
+        return out
+
+
+@contextlib.contextmanager
+def cpu_tensors_take_the_triton_path():
+    """backend="triton" accepts CPU tensors only under TRITON_INTERPRET=1 (read at call time). Fake tensors
+    never launch a kernel, so the interpreter costs nothing here; the variable is restored afterwards."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: int = LEDGER_BATCH,
+                  training: bool = False) -> Traffic:
+    """Traffic of one inference forward (or one training step) of `provider`'s model on fake tensors."""
+    fake_mode = FakeTensorMode()
+    with FakeCopyMode(fake_mode):
+        model = copy.deepcopy(build_model(provider, dtype, "cpu", training))
+    with fake_mode, cpu_tensors_take_the_triton_path():
+        x = torch.randn(batch, 3, size, size, dtype=dtype)
+        if not training:
+            with torch.no_grad(), TrafficCounter() as counter:
+                model(x)
+            return counter.traffic
+        y = torch.randint(0, 2, (batch, 1)).to(dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+
+        step()  # creates Adam's state; the counted step is a steady-state one
+        with TrafficCounter() as counter:
+            step()
+        return counter.traffic
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    provider: str
+    dtype: torch.dtype
+    size: int
+    batch: int
+    inference: Traffic
+    training: Traffic
+
+    def bytes_per_image(self, training: bool = False) -> float:
+        return (self.training if training else self.inference).bytes / self.batch
+
+
+def ledger(providers=LEDGER_PROVIDERS, dtypes=LEDGER_DTYPES, sizes=LEDGER_SIZES, batch=LEDGER_BATCH):
+    return [LedgerRow(p, d, s, batch, model_traffic(p, d, s, batch), model_traffic(p, d, s, batch, training=True))
+            for s in sizes for d in dtypes for p in providers]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def format_ledger(rows) -> str:
+    """Markdown table; "x eager" is the share of the eager provider's bytes at the same dtype and size."""
+    eager = {(r.dtype, r.size): r for r in rows if r.provider == "eager"}
+    lines = [f"Bytes read + written per image and kernel launches per call, batch {rows[0].batch} "
+             "(fake tensors on CPU: nothing is computed)", "",
+             "| size | dtype | provider | inference MB/img | x eager | launches | train step MB/img | x eager "
+             "| launches |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = eager.get((r.dtype, r.size))
+        cells = [f"{r.size}x{r.size}", dtype_name(r.dtype), r.provider]
+        for training in (False, True):
+            mb = r.bytes_per_image(training) / MB
+            share = f"{r.bytes_per_image(training) / base.bytes_per_image(training):.2f}" if base else "-"
+            cells += [f"{mb:.1f}", share, str((r.training if training else r.inference).launches)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_by_op(rows) -> str:
+    """Where each provider's inference bytes go, per op, largest first."""
+    out = []
+    for r in rows:
+        t = r.inference
+        out.append(f"\n{r.provider} {dtype_name(r.dtype)} {r.size}x{r.size} inference: "
+                   f"{t.bytes / r.batch / MB:.1f} MB/img, {t.launches} launches")
+        for name, moved in t.by_op.most_common():
+            out.append(f"  {name:45s} {moved / r.batch / MB:9.2f} MB/img  {t.launches_by_op[name]:3d} launches")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=LEDGER_BATCH)
+    parser.add_argument("--by-op", action="store_true", help="also list each provider's inference bytes per op")
+    args = parser.parse_args(argv)
+    rows = ledger(batch=args.batch)
+    print(format_ledger(rows))
+    if args.by_op:
+        print(format_by_op(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The providers compared side by side, and how each builds the model.
+
+  eager                 the authors' code in eager PyTorch (bench.authors.AuthorsLFM)
+  compile-default       the same under torch.compile(mode="default")
+  compile-max-autotune  the same under torch.compile(mode="max-autotune") (autotuned kernels, CUDA graphs)
+  torch                 lfm.LFM(backend="torch"): our pure-PyTorch reference
+  triton                lfm.LFM(backend="triton"): our fused Triton kernels
+All providers load one state_dict: the authors' checkpoint when it is found, else a seeded random init.
+"""
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from bench.authors import AuthorsLFM
+from lfm import LFM
+
+PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "torch", "triton")
+GPU_PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "triton")
+# Without a GPU, Triton runs only in its interpreter and compilation would take most of the run:
+# the CPU benchmarks compare our reference backend with the authors' eager code.
+CPU_PROVIDERS = ("eager", "torch")
+LFM_BACKENDS = ("torch", "triton")
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = Path("lfm_official") / "bs_model.pth"
+
+
+def checkpoint_path():
+    """The authors' checkpoint from $LFM_SHARED, ./shared or ../shared, or None."""
+    roots = [os.environ.get("LFM_SHARED"), REPO / "shared", REPO.parent / "shared"]
+    for root in filter(None, roots):
+        if (Path(root) / CHECKPOINT).is_file():
+            return Path(root) / CHECKPOINT
+    return None
+
+
+@functools.cache
+def reference_state_dict():
+    """(state_dict, where it came from) shared by every provider; loaded once."""
+    path = checkpoint_path()
+    if path is not None:
+        return torch.load(path, weights_only=True, map_location="cpu"), f"authors' checkpoint {path.name}"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AuthorsLFM().state_dict(), "random init (seed 0): the authors' checkpoint was not found"
+
+
+def compiled(fn, provider: str):
+    """torch.compile for a compile-* provider, with fullgraph so a graph break fails instead of
+    silently timing eager code. Dynamo's cache is reset first: every case compiles the same code
+    objects, and once their cache fills up Dynamo would quietly fall back to eager."""
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=provider.removeprefix("compile-"), fullgraph=True)
+
+
+def build_model(provider: str, dtype=torch.float32, device="cpu", training: bool = False):
+    """The whole LFM of `provider` with the shared weights, in `dtype` on `device`. In training the LFM
+    backends use the released dropout (constant p = 0.1), which is what the authors' code computes."""
+    if provider in LFM_BACKENDS:
+        model = LFM(dropout="released", backend=provider)
+    else:
+        model = AuthorsLFM()
+    model.load_state_dict(reference_state_dict()[0], strict=True)
+    model = model.to(device=device, dtype=dtype).train(training)
+    return compiled(model, provider) if provider.startswith("compile-") else model
