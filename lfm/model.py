@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm_kernels import npr_residual, random_k_pool, score_topk, topk_pool
+from lfm_kernels import random_k_pool, score_topk, snet_head, topk_pool
 from lfm_kernels.backend import check_backend_name
+from lfm_kernels.nn import SNetBlock
+from lfm_kernels.snet import PRECISIONS
 
 SNET_CHANNELS = (3, 64, 128, 256, 512)
 SCORE_CHANNELS = 64
@@ -32,17 +34,21 @@ def min_input_size(k: int) -> int:
 
 
 class SNet(nn.Module):
-    def __init__(self):
+    """abs(NPR residual) of the image -> 4 fused blocks [Conv2d k=2, BatchNorm, ReLU], 2x2 max-pool after
+    blocks 1-3; layer1 computes the residual itself. Keys as the authors' nn.Sequential blocks."""
+
+    def __init__(self, input_precision="tf32", backend=None):
         super().__init__()
         for i, (cin, cout) in enumerate(zip(SNET_CHANNELS[:-1], SNET_CHANNELS[1:]), start=1):
-            block = nn.Sequential(nn.Conv2d(cin, cout, kernel_size=2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            block = SNetBlock(cin, cout, pool=i < 4, npr=i == 1, input_precision=input_precision, backend=backend)
             self.add_module(f"layer{i}", block)
 
+    def trunk(self, x):
+        """Blocks 1-3: the image to the input of block 4."""
+        return self.layer3(self.layer2(self.layer1(x)))
+
     def forward(self, x):
-        x = F.max_pool2d(self.layer1(x), 2)
-        x = F.max_pool2d(self.layer2(x), 2)
-        x = F.max_pool2d(self.layer3(x), 2)
-        return self.layer4(x)
+        return self.layer4(self.trunk(x))
 
 
 def _frozen_npr_conv(transposed: bool) -> nn.Module:
@@ -70,10 +76,11 @@ class LFM(nn.Module):
     random_k_weight: weight of the random-K auxiliary loss; when > 0, `model(x, return_aux=True)` in
         training mode also returns the auxiliary logits of K random positions per channel.
     backend: "auto" (default; LFM_BACKEND overrides), "torch" or "triton", for every fused op.
+    input_precision: "tf32" (default, as cuDNN does) or "ieee" for the Triton convs on float32 inputs.
     """
 
     def __init__(self, k: int = 16, dropout: str = "paper", pmin: float = 0.1, pmax: float = 0.3,
-                 random_k_weight: float = 0.0, backend=None):
+                 random_k_weight: float = 0.0, backend=None, input_precision: str = "tf32"):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -83,13 +90,15 @@ class LFM(nn.Module):
             raise ValueError(f"need 0 <= pmin <= pmax < 1, got pmin={pmin}, pmax={pmax}")
         if random_k_weight < 0:
             raise ValueError(f"random_k_weight must be >= 0, got {random_k_weight}")
+        if input_precision not in PRECISIONS:
+            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
         self.k, self.dropout, self.pmin, self.pmax = k, dropout, pmin, pmax
         self.random_k_weight = float(random_k_weight)
         self.backend = backend if backend is None else check_backend_name(backend)
         self.min_size = min_input_size(k)
         self.downsample_conv = _frozen_npr_conv(transposed=False)
         self.upsample_conv = _frozen_npr_conv(transposed=True)
-        self.cnn = SNet()
+        self.cnn = SNet(input_precision, self.backend)
         self.covn1_1 = nn.Conv2d(SNET_CHANNELS[-1], SCORE_CHANNELS, kernel_size=1, bias=False)
         self.fc1 = nn.Linear(SCORE_CHANNELS * k, 1)
 
@@ -110,20 +119,37 @@ class LFM(nn.Module):
                 f"k={self.k}; the minimum square size is {self.min_size}x{self.min_size}")
 
     def features(self, x):
-        """SNet features (B, 512, h, w) of a checked batch."""
-        return self.cnn(npr_residual(x, 2, absolute=True, backend=self.backend))
+        """SNet features (B, 512, h, w) of a checked image batch."""
+        return self.cnn(x)
 
     def forward(self, x, return_aux: bool = False):
         self.check_input(x)
-        feat = self.features(x)
-        drop = self.drop if self.training else None
+        h = self.cnn.trunk(x)
         aux = None
-        if self.training and return_aux and self.random_k_weight > 0:
-            scores = F.conv2d(feat, self.covn1_1.weight)
-            top = topk_pool(scores, self.k, drop=drop, training=True, backend=self.backend)
+        if not self.training:
+            # Block 4 + scoring + Top-K: one fused kernel (plus the merge) on the triton backend.
+            block4 = self.cnn.layer4
+            top = snet_head(h, *block4.tensors(), self.covn1_1.weight, self.k, eps=block4.bn.eps,
+                            input_precision=block4.input_precision, backend=self.backend, folded=block4.folded())
+        elif return_aux and self.random_k_weight > 0:
+            scores = F.conv2d(self.cnn.layer4(h), self.covn1_1.weight)
+            top = topk_pool(scores, self.k, drop=self.drop, training=True, backend=self.backend)
             aux = self.fc1(random_k_pool(scores, self.k, backend=self.backend).flatten(1))
         else:
-            top = score_topk(feat, self.covn1_1.weight, self.k, drop=drop, training=self.training,
+            top = score_topk(self.cnn.layer4(h), self.covn1_1.weight, self.k, drop=self.drop, training=True,
                              backend=self.backend)
         logits = self.fc1(top.flatten(1))
         return (logits, aux) if return_aux else logits
+
+
+class LFMGAP(LFM):
+    """Ablation of LFM: global average pooling of the 64 score maps instead of Top-K, then Linear(64 -> 1).
+    Same residual, SNet and scoring conv (their parameters load from an LFM checkpoint); no dropout."""
+
+    def __init__(self, backend=None):
+        super().__init__(k=1, dropout="off", backend=backend)
+
+    def forward(self, x):
+        self.check_input(x)
+        scores = F.conv2d(self.features(x), self.covn1_1.weight)
+        return self.fc1(scores.mean(dim=(2, 3)))

@@ -6,6 +6,7 @@ from .backend import check_backend_name, check_drop
 from .npr_residual import npr_residual
 from .random_k_pool import random_k_pool
 from .score_topk import score_topk
+from .snet import fold_batchnorm, snet_block
 from .topk_pool import topk_pool
 
 
@@ -67,3 +68,64 @@ class ScoreTopK(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, k={self.k}, drop={self.drop}"
+
+
+class SNetBlock(nn.Module):
+    """[abs-NPR ->] Conv2d(k=2) -> BatchNorm2d -> ReLU [-> MaxPool2d(2)], fused (lfm_kernels.snet_block).
+
+    Its children are named "0" (Conv2d), "1" (BatchNorm2d) and "2" (ReLU), as in
+    nn.Sequential(conv, bn, relu), so it loads that Sequential's state_dict. In eval mode the
+    BatchNorm-folded weights are cached and recomputed when a parameter or buffer changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool = True, npr: bool = False,
+                 input_precision: str = "tf32", backend=None):
+        super().__init__()
+        self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size=2))
+        self.add_module("1", nn.BatchNorm2d(out_channels))
+        self.add_module("2", nn.ReLU(inplace=True))
+        self.pool, self.npr, self.input_precision = pool, npr, input_precision
+        self.backend = backend if backend is None else check_backend_name(backend)
+        self._fold_cache = None
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self._modules["0"]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self._modules["1"]
+
+    def tensors(self):
+        """(conv weight, conv bias, bn weight, bn bias, running mean, running var), snet_block's order."""
+        conv, bn = self.conv, self.bn
+        return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+    def folded(self):
+        """Conv weight and bias with eval-mode BatchNorm folded in, cached by the tensors' versions."""
+        if torch.compiler.is_compiling():
+            return fold_batchnorm(*self.tensors(), self.bn.eps)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.tensors()) + (self.bn.eps,)
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                self._fold_cache = (key, fold_batchnorm(*self.tensors(), self.bn.eps))
+        return self._fold_cache[1]
+
+    def batchnorm_mode(self):
+        """(use batch statistics, momentum) as nn.BatchNorm2d decides them; counts tracked batches."""
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return self.training or bn.running_mean is None, momentum
+
+    def forward(self, x):
+        training, momentum = self.batchnorm_mode()
+        return snet_block(x, *self.tensors(), eps=self.bn.eps, momentum=momentum, training=training, pool=self.pool,
+                          npr=self.npr, input_precision=self.input_precision, backend=self.backend,
+                          folded=None if training else self.folded())
+
+    def extra_repr(self):
+        return f"pool={self.pool}, npr={self.npr}, input_precision={self.input_precision!r}"
