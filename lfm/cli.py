@@ -1,59 +1,210 @@
-"""Command line: `lfm <command>` (also `python -m lfm`)."""
+"""Command line: `lfm train | eval | predict | demo` (also `python -m lfm`, and `torchrun ... -m lfm`).
+
+Problems with the input (paths, data layout, options) end with `lfm <command>: error: ...` and exit
+code 2; anything unexpected with exit code 1 and no traceback unless LFM_DEBUG=1.
+"""
 import argparse
+import os
 import sys
-from pathlib import Path
 
-import numpy as np
-import torch
+from .errors import UsageError
+from .images import DEFAULT_MAX_PIXELS, TEST_SIZE
+from .model import DROPOUT_MODES
+from .runtime import PRECISIONS
+from .weights import MODEL_NAMES
 
-from .model import LFM
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "lfm_official" / "bs_model.pth"
+BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
-def _preprocess(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> normalized (3, 256, 256), as the authors' test pipeline (bilinear resize to 256)."""
-    from PIL import Image
+def _pair(cast):
+    def parse(text):
+        try:
+            low, high = (cast(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected two comma-separated numbers LOW,HIGH, got {text!r}") from None
+        return low, high
 
-    img = Image.fromarray(rgb).convert("RGB").resize((256, 256), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    return parse
 
 
-def demo(args) -> int:
-    """Score scikit-image's sample photos (all real) with the authors' checkpoint when it is at hand."""
-    from skimage import data
+def _names(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names")
+    return names
 
-    model = LFM().eval()
-    weights = Path(args.weights)
-    if weights.exists():
-        model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-        print(f"weights: {weights}")
+
+def _size(text):
+    """A square side in pixels; 0 turns the step off."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size >= 0, got {value}")
+    return value or None
+
+
+def _add_runtime_options(p):
+    """Options every command that runs a model shares."""
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each "
+                                    "rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, help="fused ops: triton on CUDA, torch otherwise (auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="float32, or bf16 autocast")
+    p.add_argument("--workers", type=int, help="data loading processes (default 2)")
+    p.add_argument("--max-pixels", type=int, help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress bar (default: when stderr is a terminal)")
+
+
+def _add_scoring_options(p):
+    """Options of eval and predict, which load weights and score images."""
+    p.add_argument("--weights", required=True, help="the authors' .pth or our .safetensors")
+    p.add_argument("--model", choices=MODEL_NAMES,
+                   help="architecture of a .pth file (default lfm); our .safetensors record their own")
+    p.add_argument("--no-resize", dest="resize", action="store_const", const=None, default=TEST_SIZE,
+                   help=f"score images at their own size instead of resizing to {TEST_SIZE}x{TEST_SIZE}")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_runtime_options(p)
+    p.set_defaults(device="auto", backend="auto", precision="float32", workers=2, max_pixels=DEFAULT_MAX_PIXELS)
+
+
+def _runtime_kwargs(args) -> dict:
+    return dict(model_name=args.model, resize=args.resize, batch_size=args.batch_size, workers=args.workers,
+                device=args.device, precision=args.precision, backend=args.backend, max_pixels=args.max_pixels,
+                progress=args.progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lfm", description="Detect AI-generated images with LFM (BMVC 2025).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Train options default to "not given" so a resumed run can tell overrides from its saved options.
+    p = commands.add_parser("train", argument_default=argparse.SUPPRESS,
+                            help="train a detector (the authors' recipe by default)",
+                            description="Train on a CNNDetection layout: ROOT/train and ROOT/val, each "
+                                        "[<class>/]{0_real,1_fake}. Defaults are the authors' released recipe.")
+    p.add_argument("--data", metavar="ROOT", help="dataset root holding train/ and val/")
+    p.add_argument("--out", metavar="RUN", help="run folder for the log and checkpoints (default runs/train)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
+    p.add_argument("--classes", type=_names, help="comma-separated class folders (default: all)")
+    p.add_argument("--model", choices=MODEL_NAMES, help="lfm (default), lfm-gap (ablation) or npr (baseline)")
+    p.add_argument("--k", type=int, help="LFM's Top-K (16)")
+    p.add_argument("--dropout", choices=DROPOUT_MODES, help="LFM's rank-based dropout (released: plain p=pmin)")
+    p.add_argument("--pmin", type=float, help="smallest drop probability (0.1)")
+    p.add_argument("--pmax", type=float, help="largest drop probability, paper mode (0.3)")
+    p.add_argument("--random-k-weight", type=float, help="weight of LFM's random-K auxiliary loss (0 = off; paper 0.02)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (50)")
+    p.add_argument("--batch-size", type=int, help="global batch, split over torchrun ranks (32)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (1e-4)")
+    p.add_argument("--betas", type=_pair(float), help="Adam betas (0.9,0.999)")
+    p.add_argument("--lr-step", type=int, help="multiply the learning rate by --lr-gamma every this many epochs (10)")
+    p.add_argument("--lr-gamma", type=float, help="(0.9)")
+    p.add_argument("--patience", type=int, help="early stopping after this many epochs without gain (5; 0 = off)")
+    p.add_argument("--min-delta", type=float, help="smallest validation accuracy gain that counts (0.001)")
+    p.add_argument("--resize", type=_size, help=f"resize to a square first ({TEST_SIZE}; 0 = keep size)")
+    p.add_argument("--crop", type=_size, help="random crop size (224; 0 = no crop)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+    p.add_argument("--blur-prob", type=float, help="probability of a Gaussian blur (0)")
+    p.add_argument("--blur-sigma", type=_pair(float), help="blur sigma range (0,3)")
+    p.add_argument("--jpeg-prob", type=float, help="probability of JPEG re-compression (0)")
+    p.add_argument("--jpeg-quality", type=_pair(int), help="JPEG quality range (30,100)")
+    p.add_argument("--seed", type=int, help="(0)")
+    _add_runtime_options(p)
+    p.set_defaults(func=run_train)
+
+    p = commands.add_parser("eval", help="accuracy and AP per test subset",
+                            description="Every folder holding 0_real/1_fake under the roots is a test subset.")
+    p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots")
+    p.add_argument("--subset-depth", type=int, metavar="N",
+                   help="subsets are the folders N levels below a root, merging the labeled folders beneath "
+                        "(e.g. 1 for ForenSynths, whose generators hold one folder per class)")
+    p.add_argument("--out", default="runs/eval", help="folder for results.csv and results.json (runs/eval)")
+    _add_scoring_options(p)
+    p.set_defaults(func=run_eval)
+
+    p = commands.add_parser("predict", help="probability that each image is generated",
+                            description="Score files, folders (recursively) and glob patterns.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="one JSON object per line (path, prob_fake)")
+    p.add_argument("--heatmap", metavar="DIR", help="write a PNG per image showing LFM's Top-K positions")
+    _add_scoring_options(p)
+    p.set_defaults(func=run_predict)
+
+    p = commands.add_parser("demo", help="build a small real/fake set offline, train LFM, its GAP ablation "
+                                         "and NPR, and test them on held-out generators")
+    p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per model")
+    p.add_argument("--crops", type=int, default=None, help="crops per source photo")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=run_demo)
+    return parser
+
+
+def run_train(args) -> int:
+    from .train import RESUME_OVERRIDES, TrainOptions, read_options, train
+
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "func", "resume")}
+    if "resume" in args:
+        opts = read_options(args.resume)
+        if "out" in given:
+            raise UsageError("--out does not go with --resume: the run folder is the one given to --resume")
+        changed = sorted(key for key, value in given.items()
+                         if key not in RESUME_OVERRIDES and getattr(opts, key) != value)
+        if changed:
+            raise UsageError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming; "
+                             f"only {', '.join('--' + k for k in RESUME_OVERRIDES)} may change")
+        for key in RESUME_OVERRIDES:
+            if key in given:
+                setattr(opts, key, given[key])
+        opts.out = args.resume
     else:
-        print(f"weights: none found at {weights}; scoring with an untrained model")
-    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
-    batch = torch.stack([_preprocess(getattr(data, n)()) for n in names])
-    with torch.no_grad():
-        probs = torch.sigmoid(model(batch)).squeeze(1)
-    for name, p in zip(names, probs.tolist()):
-        print(f"{name:22s} prob_fake={p:.4f}")
+        if "data" not in given:
+            raise UsageError("--data is required (or --resume RUN)")
+        opts = TrainOptions(**given)
+    summary = train(opts, resume="resume" in args)
+    if summary["best_epoch"]:
+        print(f"best validation accuracy {100 * summary['best_acc']:.2f} at epoch {summary['best_epoch']}; "
+              f"weights in {summary['run_dir']}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.weights, args.data, depth=args.subset_depth, out=args.out, **_runtime_kwargs(args))
+    return 0
+
+
+def run_predict(args) -> int:
+    from .predict import predict
+
+    predict(args.weights, args.paths, as_json=args.json, heatmap_dir=args.heatmap, **_runtime_kwargs(args))
+    return 0
+
+
+def run_demo(args) -> int:
+    from .demo import run_demo as demo
+
+    demo(out=args.out, seed=args.seed, epochs=args.epochs, crops_per_photo=args.crops, progress=args.progress)
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lfm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="score sample photos that ship with scikit-image")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except UsageError as err:
         print(f"lfm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (continue a training run with --resume RUN)" if args.command == "train" else ""
+        print(f"lfm {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the command line shows a message, not a traceback
+        if os.environ.get("LFM_DEBUG"):
+            raise
+        print(f"lfm {args.command}: error: {type(err).__name__}: {err} (LFM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""`lfm eval`: accuracy and average precision of a detector on test subsets, as the authors report them.
+
+Preprocessing as released for testing: resize to 256x256, no crop (`resize=None` for sets such as
+GANGen-Detection, which the authors score at their native size). Writes results.csv and results.json.
+"""
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .data import describe_failures, find_test_subsets
+from .errors import warn
+from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
+from .inference import score_items
+from .metrics import METRICS, binary_metrics, format_table, mean_metrics
+from .runtime import session
+from .weights import load_model, write_json, write_text
+
+CSV_COLUMNS = ("subset", "n", "n_real", "n_fake") + METRICS
+
+
+def subset_metrics(subsets: dict, prob_fake: np.ndarray) -> dict:
+    """Metrics per subset from the probabilities of all subsets' items concatenated in order;
+    unscored items (NaN) are left out."""
+    rows, start = {}, 0
+    for name, items in subsets.items():
+        probs = prob_fake[start:start + len(items)]
+        labels = np.array([item.label for item in items])
+        scored = ~np.isnan(probs)
+        rows[name] = binary_metrics(labels[scored], probs[scored])
+        start += len(items)
+    return rows
+
+
+def results_csv(rows: dict, mean: dict) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for name, row in list(rows.items()) + [("mean", mean)]:
+        writer.writerow([name] + [row[key] for key in CSV_COLUMNS[1:]])
+    return out.getvalue()
+
+
+def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, batch_size=64, workers=2,
+             device="auto", precision="float32", backend="auto", max_pixels=DEFAULT_MAX_PIXELS,
+             out="runs/eval", progress=None, log=print):
+    """Score every test subset under `roots`; on rank 0 print the table, write `out`/results.{csv,json}
+    and return the report (other ranks return None)."""
+    subsets = find_test_subsets(roots, depth)
+    items = [item for subset in subsets.values() for item in subset]
+    with session(device) as ctx:
+        model, config = load_model(weights, model_name, backend=backend)
+        scores = score_items(model.to(ctx.device), items, EvalTransform(resize), ctx, batch_size=batch_size,
+                             workers=workers, precision=precision, max_pixels=max_pixels, progress=progress,
+                             desc="evaluating")
+    if not ctx.is_main:
+        return None
+    rows = subset_metrics(subsets, scores.prob_fake)
+    mean = mean_metrics(list(rows.values()))
+    report = {
+        "weights": str(weights), "model": config, "resize": resize, "precision": precision,
+        "subsets": rows, "mean": mean,
+        "skipped": [{"path": str(items[i].path), "reason": reason} for i, reason in scores.failures],
+    }
+    out = Path(out)
+    write_text(out / "results.csv", results_csv(rows, mean))
+    # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
+    write_json(out / "results.json", _nan_to_none(report))
+    log(format_table(rows, mean))
+    log(f"results: {out / 'results.csv'}, {out / 'results.json'}")
+    if scores.failures:
+        warn("eval", describe_failures(scores.failures, [item.path for item in items]))
+    return report
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, dict):
+        return {key: _nan_to_none(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(value) for value in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj

@@ -1,0 +1,42 @@
+"""Where LFM looks: the image regions behind the Top-K positions of its 64 score maps.
+
+Position (i, j) of the SNet output grid sees input pixels [8i, 8i + 22] x [8j, 8j + 22]: working back
+from block 4, each 2x2 conv widens the window by one step of the current stride and each 2x2/2
+max-pool widens it by one step and doubles the stride (1 -> 2 -> 4 -> 8); the residual of a pixel only
+reads its own 2x2 cell, which the window already holds since 8i is even.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lfm_kernels import score_topk
+
+RECEPTIVE_FIELD = 23
+STRIDE = 8
+
+
+def topk_heat(model, x: torch.Tensor) -> np.ndarray:
+    """For a (1, 3, H, W) input of an LFM model: per input pixel, how many of the 64 * K Top-K
+    selections have it in their receptive field. (H, W) float32."""
+    model.check_input(x)
+    with torch.no_grad():
+        feat = model.features(x)
+        _, idx = score_topk(feat, model.covn1_1.weight, model.k, return_indices=True, backend=model.backend)
+    h, w = feat.shape[2:]
+    hits = torch.bincount(idx.flatten().cpu(), minlength=h * w).view(1, 1, h, w).float()
+    spread = F.conv_transpose2d(hits, torch.ones(1, 1, RECEPTIVE_FIELD, RECEPTIVE_FIELD), stride=STRIDE)[0, 0]
+    heat = torch.zeros(x.shape[2:])
+    rows, cols = min(heat.shape[0], spread.shape[0]), min(heat.shape[1], spread.shape[1])
+    heat[:rows, :cols] = spread[:rows, :cols]
+    return heat.numpy()
+
+
+def overlay(img: Image.Image, heat: np.ndarray, strength: float = 0.65) -> Image.Image:
+    """Blend a black-red-yellow-white ramp of `heat` (any grid, stretched to the image) over an RGB image."""
+    stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(img.size, Image.BILINEAR))
+    level = stretched / max(float(stretched.max()), 1e-12)
+    ramp = np.clip(np.stack([3 * level, 3 * level - 1, 3 * level - 2], axis=-1), 0, 1) * 255
+    alpha = strength * level[..., None]
+    blended = (1 - alpha) * np.asarray(img, dtype=np.float32) + alpha * ramp
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")

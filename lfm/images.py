@@ -1,0 +1,139 @@
+"""Reading images and turning them into model inputs exactly as the authors' pipeline does.
+
+Test pipeline (as released): PIL open -> convert('RGB') -> resize to 256x256 bilinear -> /255 ->
+ImageNet normalize. Training adds, after the resize: optional Gaussian blur and JPEG re-compression,
+a random crop and a horizontal flip. Every random choice comes from a numpy Generator handed in by
+the caller (keyed on seed, epoch and sample index), so results never depend on worker processes.
+"""
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+TEST_SIZE = 256
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit, about 89.5 M pixels
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnusableImage(Exception):
+    """A file that cannot serve as an input image; the message says why. Such files are skipped."""
+
+
+class ImageTooLarge(UnusableImage):
+    """An image above the pixel limit (a possible decompression bomb), refused before decoding."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, as the authors do with convert('RGB') (alpha is dropped, not composited).
+
+    16-bit (and 32-bit integer) grayscale is first scaled to 8 bits, since convert would clip it at 255;
+    a palette with a transparency entry goes through RGBA so Pillow does not warn.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to an RGB PIL image, or raise UnusableImage saying why it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"refused: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any failure to open an untrusted file means "not an image"
+        raise UnusableImage(f"not a readable image ({err})") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"refused: {width}x{height} = {width * height} pixels is above the limit of "
+                                f"{max_pixels} (a possible decompression bomb; raise it with --max-pixels)")
+        try:
+            img.load()
+            return to_rgb(img)
+        except Exception as err:  # noqa: BLE001 - truncated or corrupt data
+            raise UnusableImage(f"cannot decode ({err})") from None
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize to size x size with PIL bilinear, which is what torchvision's Resize does on PIL images."""
+    return img.resize((size, size), Image.BILINEAR)
+
+
+def to_input_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ImageNet-normalized float32 (3, H, W), bit for bit as ToTensor + Normalize."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    width, height = img.size
+    _check_crop(img, size)
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def _check_crop(img: Image.Image, size: int):
+    if min(img.size) < size:
+        raise UnusableImage(f"{img.size[0]}x{img.size[1]} is smaller than the crop size {size}")
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Deterministic preprocessing: optional resize to a square, optional center crop."""
+
+    resize: int | None = TEST_SIZE
+    crop: int | None = None
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if self.resize:
+            img = resize_square(img, self.resize)
+        if self.crop:
+            img = center_crop(img, self.crop)
+        return to_input_tensor(img)
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Training preprocessing as released: resize -> (blur, JPEG) -> random crop -> random flip."""
+
+    resize: int | None = TEST_SIZE
+    crop: int | None = 224
+    flip: bool = True
+    blur_prob: float = 0.0
+    blur_sigma: tuple = (0.0, 3.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple = (30, 100)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if self.resize:
+            img = resize_square(img, self.resize)
+        if rng.random() < self.blur_prob:
+            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
+        if rng.random() < self.jpeg_prob:
+            img = jpeg_roundtrip(img, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
+        if self.crop:
+            _check_crop(img, self.crop)
+            left = int(rng.integers(0, img.size[0] - self.crop + 1))
+            top = int(rng.integers(0, img.size[1] - self.crop + 1))
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_input_tensor(img)
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """Compress to JPEG at `quality` and decode again (PIL's default 4:2:0 chroma subsampling)."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

@@ -1,0 +1,104 @@
+"""Where and how the models run: device, precision, and the process group under torchrun.
+
+`torchrun --nproc_per_node=N -m lfm ...` starts N processes with RANK, LOCAL_RANK and WORLD_SIZE set;
+each takes one device (cuda:LOCAL_RANK on GPU) and they talk through gloo on CPU and nccl on GPU.
+A plain `lfm ...` is a world of one, and every collective below is then a no-op.
+"""
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UsageError
+
+PRECISIONS = ("float32", "bf16")
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """"auto" (or None) -> cuda when available, else cpu; a bare "cuda" means this rank's GPU."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextmanager
+def session(device_name: str | None = None):
+    """Yield the Context of this process, joining (and finally leaving) the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size == 1:
+        yield Context(device=device)
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Context(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for "bf16"; a disabled autocast (plain float32) otherwise."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def all_gather(obj, ctx: Context) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank(flag: bool, ctx: Context) -> bool:
+    """True on every rank when `flag` is true on at least one, so all ranks take the same branch."""
+    if not ctx.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: Context):
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DistributedDataParallel only
+    syncs them at the start of a training forward, so after an epoch each rank holds its own."""
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def bar_disabled(progress: bool | None, ctx: Context):
+    """tqdm's `disable` for a progress bar shown by rank 0 only: None (automatic) lets tqdm show it when
+    stderr is a terminal."""
+    if not ctx.is_main:
+        return True
+    return None if progress is None else not progress

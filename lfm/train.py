@@ -1,0 +1,304 @@
+"""Training a detector with the authors' recipe, resumable bit for bit, on one process or under torchrun.
+
+Recipe as released (the defaults): Adam (lr 1e-4, betas 0.9/0.999), BCE with logits, batch 32,
+resize to 256 -> random crop 224 -> horizontal flip, learning rate x0.9 every 10 epochs, LFM with the
+released dropout (plain p = 0.1) and no random-K loss. Each epoch ends with validation (accuracy
+drives early stopping and the best checkpoint) and writes to the run folder:
+
+  options.json       the options of the run (a resumed run reads them back)
+  log.csv            one row per epoch: loss, validation metrics, learning rate, time
+  last.safetensors   weights after the last epoch; best.safetensors: after the best one
+  resume.pt          model, optimizer, scheduler, early-stopping and per-rank RNG states
+
+`--batch-size` is the global batch: under torchrun each of N ranks takes batch/N of every step, so
+the data seen per step does not depend on N (BatchNorm statistics are per rank, as usual with DDP).
+"""
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .data import ImageDataset, describe_failures, make_loader, training_items
+from .errors import UsageError, warn
+from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
+from .inference import score_items
+from .metrics import binary_metrics
+from .model import DROPOUT_MODES
+from .runtime import (PRECISIONS, Context, all_gather, any_rank, autocast, bar_disabled, broadcast_buffers,
+                      session)
+from .weights import MODEL_NAMES, atomic_write, build_model, save_weights, write_json
+
+OPTIONS_FILE, LOG_FILE, RESUME_FILE = "options.json", "log.csv", "resume.pt"
+LAST_WEIGHTS, BEST_WEIGHTS = "last.safetensors", "best.safetensors"
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_ap", "val_real_acc", "val_fake_acc", "seconds")
+# Options that may differ when a run is resumed: they do not change what is computed.
+RESUME_OVERRIDES = ("epochs", "workers", "progress", "device")
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    out: str = "runs/train"
+    classes: list | None = None
+    model: str = "lfm"
+    k: int = 16
+    dropout: str = "released"
+    pmin: float = 0.1
+    pmax: float = 0.3
+    random_k_weight: float = 0.0
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    lr_step: int = 10
+    lr_gamma: float = 0.9
+    patience: int = 5
+    min_delta: float = 1e-3
+    resize: int | None = TEST_SIZE
+    crop: int | None = 224
+    flip: bool = True
+    blur_prob: float = 0.0
+    blur_sigma: tuple = (0.0, 3.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple = (30, 100)
+    backend: str = "auto"
+    precision: str = "float32"
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+
+    def check(self):
+        def need(condition, message):
+            if not condition:
+                raise UsageError(message)
+
+        need(self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}")
+        need(self.dropout in DROPOUT_MODES, f"--dropout must be one of {', '.join(DROPOUT_MODES)}")
+        need(self.random_k_weight == 0 or self.model == "lfm", "--random-k-weight applies to --model lfm only")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
+        need(self.lr_step >= 1 and self.patience >= 0, "--lr-step must be >= 1 and --patience >= 0")
+        need(not (self.resize and self.crop and self.crop > self.resize), "--crop must not exceed --resize")
+        need(0 <= self.blur_prob <= 1 and 0 <= self.jpeg_prob <= 1, "augmentation probabilities must lie in [0, 1]")
+        need(1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100, "--jpeg-quality needs 1 <= low <= high <= 100")
+        need(0 <= self.blur_sigma[0] <= self.blur_sigma[1], "--blur-sigma needs 0 <= low <= high")
+
+    def model_config(self) -> dict:
+        config = {"model": self.model}
+        if self.model == "lfm":
+            config.update(k=self.k, dropout=self.dropout, pmin=self.pmin, pmax=self.pmax,
+                          random_k_weight=self.random_k_weight)
+        return config
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "TrainOptions":
+        tuples = {f.name for f in dataclasses.fields(cls) if f.type is tuple}
+        return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
+
+
+def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
+    """Train (or, with resume, continue the run in opts.out); returns a summary of the run."""
+    opts.check()
+    with session(opts.device) as ctx:
+        return Trainer(opts, ctx, log).run(resume)
+
+
+def read_options(run_dir) -> TrainOptions:
+    path = Path(run_dir) / OPTIONS_FILE
+    if not path.is_file():
+        raise UsageError(f"nothing to resume in {run_dir}: no {OPTIONS_FILE}")
+    return TrainOptions.from_json(json.loads(path.read_text()))
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions, ctx: Context, log):
+        self.opts, self.ctx, self.log = opts, ctx, log if ctx.is_main else (lambda *a, **k: None)
+        self.run_dir = Path(opts.out)
+        if opts.batch_size % ctx.world_size:
+            raise UsageError(f"--batch-size {opts.batch_size} is not divisible by the {ctx.world_size} processes")
+        train_items = training_items(opts.data, "train", opts.classes)
+        self.val_items = training_items(opts.data, "val", opts.classes)
+        self.train_paths = [item.path for item in train_items]
+        augment = TrainTransform(opts.resize, opts.crop, opts.flip, opts.blur_prob, opts.blur_sigma,
+                                 opts.jpeg_prob, opts.jpeg_quality)
+        self.val_transform = EvalTransform(opts.resize, opts.crop)
+        self.train_set = ImageDataset(train_items, augment, opts.max_pixels, seed=opts.seed)
+        self.sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank,
+                                          shuffle=True, seed=opts.seed)
+        self.loader = make_loader(self.train_set, self.sampler, opts.batch_size // ctx.world_size, opts.workers,
+                                  pin_memory=ctx.device.type == "cuda")
+
+        torch.manual_seed(opts.seed)  # the same initial weights on every rank
+        self.model = build_model(opts.model_config(), backend=opts.backend).to(ctx.device)
+        size = opts.crop or opts.resize
+        if size and size < getattr(self.model, "min_size", 1):
+            raise UsageError(f"training inputs of {size}x{size} are below the model's minimum {self.model.min_size}")
+        self.net = self.model
+        if ctx.distributed:
+            self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        torch.manual_seed(opts.seed + ctx.rank)  # dropout and random-K draws differ between ranks
+        self.optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad),
+                                          lr=opts.lr, betas=tuple(opts.betas))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=opts.lr_step, gamma=opts.lr_gamma)
+        self.epoch, self.best_acc, self.best_epoch, self.stale_epochs, self.stopped = 0, -math.inf, 0, 0, False
+        self.reported_failures = set()
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict:
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.start_run_dir()
+        if self.stopped:
+            self.log(f"{self.run_dir}: the run stopped early at epoch {self.epoch}; nothing to do")
+        while self.epoch < self.opts.epochs and not self.stopped:
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss = self.train_epoch()
+            self.scheduler.step()
+            val = self.validate()
+            self.epoch += 1
+            improved = val["acc"] > self.best_acc + self.opts.min_delta
+            if improved:
+                self.best_acc, self.best_epoch, self.stale_epochs = val["acc"], self.epoch, 0
+            else:
+                self.stale_epochs += 1
+            self.stopped = 0 < self.opts.patience <= self.stale_epochs
+            seconds = time.perf_counter() - started
+            self.save_checkpoint(improved, [self.epoch, lr, loss, val["acc"], val["ap"], val["real_acc"],
+                                            val["fake_acc"], round(seconds, 3)])
+            self.log(f"epoch {self.epoch}/{self.opts.epochs}  loss {loss:.4f}  val acc {100 * val['acc']:.2f}  "
+                     f"ap {100 * val['ap']:.2f}  lr {lr:.3g}  {seconds:.1f}s")
+            if self.stopped:
+                self.log(f"early stop: no gain in validation accuracy for {self.stale_epochs} epochs")
+        return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
+                "best_acc": self.best_acc, "stopped_early": self.stopped}
+
+    def train_epoch(self) -> float:
+        """One pass over the training set; returns the mean loss over all ranks."""
+        self.train_set.epoch = self.epoch
+        self.sampler.set_epoch(self.epoch)
+        self.net.train()
+        total, count, failures = 0.0, 0, []
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", leave=False,
+                   disable=bar_disabled(self.opts.progress, self.ctx))
+        for batch in bar:
+            failures += batch.failures
+            if len(batch.groups) > 1:
+                raise UsageError("training images differ in size after preprocessing; set --resize or --crop")
+            if any_rank(not batch.groups, self.ctx):  # a rank with nothing left: every rank skips the step
+                continue
+            images, labels, _ = batch.groups[0]
+            loss = self.step(images.to(self.ctx.device, non_blocking=True),
+                             labels.to(self.ctx.device, dtype=torch.float32).unsqueeze(1))
+            total, count = total + loss * len(labels), count + len(labels)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        totals = all_gather((total, count, failures), self.ctx)
+        self.report_failures([f for _, _, rank_failures in totals for f in rank_failures], self.train_paths)
+        count = sum(c for _, c, _ in totals)
+        if count == 0:
+            raise UsageError("no training image could be read")
+        return sum(t for t, _, _ in totals) / count
+
+    def step(self, images, target) -> float:
+        with autocast(self.ctx.device, self.opts.precision):
+            if self.opts.random_k_weight > 0:
+                logits, aux_logits = self.net(images, return_aux=True)
+            else:
+                logits, aux_logits = self.net(images), None
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        if aux_logits is not None:
+            loss = loss + self.opts.random_k_weight * F.binary_cross_entropy_with_logits(aux_logits.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def validate(self) -> dict:
+        broadcast_buffers(self.model, self.ctx)
+        scores = score_items(self.model, self.val_items, self.val_transform, self.ctx,
+                             batch_size=self.opts.batch_size, workers=self.opts.workers,
+                             precision=self.opts.precision, max_pixels=self.opts.max_pixels,
+                             progress=self.opts.progress, desc="validation")
+        self.report_failures(scores.failures, [item.path for item in self.val_items], split="val")
+        scored = ~np.isnan(scores.prob_fake)
+        if not scored.any():
+            raise UsageError("no validation image could be read")
+        labels = [item.label for item, ok in zip(self.val_items, scored) if ok]
+        return binary_metrics(labels, scores.prob_fake[scored])
+
+    def report_failures(self, failures, paths, split: str = "train"):
+        new = [(i, reason) for i, reason in failures if (split, i) not in self.reported_failures]
+        self.reported_failures.update((split, i) for i, _ in new)
+        if new and self.ctx.is_main:
+            warn("train", f"{split}: " + describe_failures(new, paths))
+
+    # ---------------------------------------------------------------------------------------------
+    def start_run_dir(self):
+        if (self.run_dir / RESUME_FILE).exists():
+            raise UsageError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
+                             "or choose another --out")
+        if self.ctx.is_main:
+            write_json(self.run_dir / OPTIONS_FILE, self.opts.to_json())
+            with open(self.run_dir / LOG_FILE, "w", newline="") as f:
+                csv.writer(f).writerow(LOG_COLUMNS)
+
+    def save_checkpoint(self, improved: bool, log_row: list):
+        """Log row, weights, then the resume state last: a run killed in between resumes from the
+        previous epoch and drops the extra log row."""
+        rng = all_gather((torch.get_rng_state(), torch.cuda.get_rng_state(self.ctx.device)
+                          if self.ctx.device.type == "cuda" else None), self.ctx)
+        if not self.ctx.is_main:
+            return
+        with open(self.run_dir / LOG_FILE, "a", newline="") as f:
+            csv.writer(f).writerow(log_row)
+        config = self.opts.model_config()
+        save_weights(self.model, self.run_dir / LAST_WEIGHTS, config, epoch=self.epoch)
+        if improved:
+            save_weights(self.model, self.run_dir / BEST_WEIGHTS, config, epoch=self.epoch)
+        state = {
+            "epoch": self.epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "stale_epochs": self.stale_epochs, "stopped": self.stopped, "world_size": self.ctx.world_size,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": rng,
+        }
+        atomic_write(self.run_dir / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self):
+        path = self.run_dir / RESUME_FILE
+        if not path.is_file():
+            raise UsageError(f"nothing to resume in {self.run_dir}: no {RESUME_FILE}")
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state["world_size"] != self.ctx.world_size:
+            raise UsageError(f"{self.run_dir} was trained on {state['world_size']} process(es); resume it on as many "
+                             f"(now {self.ctx.world_size}) to continue exactly")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        cpu_rng, cuda_rng = state["rng"][self.ctx.rank]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.ctx.device)
+        self.epoch, self.best_acc, self.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        self.stale_epochs, self.stopped = state["stale_epochs"], state["stopped"]
+        if self.ctx.is_main:  # drop log rows of an epoch that ended after the last resume state was saved
+            with open(self.run_dir / LOG_FILE, newline="") as f:
+                rows = list(csv.reader(f))
+            with open(self.run_dir / LOG_FILE, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0]] + [row for row in rows[1:] if int(row[0]) <= self.epoch])
+        self.log(f"resuming {self.run_dir} after epoch {self.epoch}")
