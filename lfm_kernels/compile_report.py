@@ -73,7 +73,8 @@ def _arg_type(arg):
 
 
 def _workloads(dtype):
-    """Forward and backward of every op at LFM's shapes (B=2, 256x256 input, 30x30 score map)."""
+    """Forward and backward of every op at LFM's shapes (B=2, 256x256 input, 30x30 score map).
+    Launches are intercepted, so the tensors' contents never matter."""
     ops = torch.ops.lfm
     seed = torch.tensor([1, 2])
     image = torch.randn(2, 3, 256, 256, dtype=dtype)
@@ -90,6 +91,16 @@ def _workloads(dtype):
     weight = torch.randn(64, 512, 1, 1, dtype=dtype)
     ops.score_topk(feat, weight, 16, seed, 0.1, 0.3, True)
     ops.score_topk_backward(torch.randn(2, 64, 16, dtype=dtype), feat, weight, idx, keep, 1.25)
+    # SNet at 256x256: stem (NPR, 3 -> 64), a middle block (128 -> 256), the head (256 -> 512 -> 64).
+    for x, cout, npr in ((image, 64, True), (torch.randn(2, 128, 63, 63, dtype=dtype), 256, False)):
+        w = torch.randn(cout, x.shape[1], 2, 2)
+        vec = torch.ones(cout)
+        ops.snet_block_eval(x, w, vec, True, npr, "tf32")
+        out, argmax, mean, var = ops.snet_block_train(x, w, vec, vec, vec, vec, vec, 1e-5, True, True, npr, "tf32")
+        grad = torch.randn(out.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        ops.snet_block_backward(grad, x, w, vec, vec, vec, vec, vec, argmax, 1e-5, True, True, npr, "tf32", True)
+    block3 = torch.randn(2, 256, 31, 31, dtype=dtype)
+    ops.snet_head_eval(block3, torch.randn(512, 256, 2, 2), torch.ones(512), weight, 16, "tf32")
 
 
 def package_kernels():

@@ -81,12 +81,21 @@ def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset):
 
 
 @triton.jit
+def _tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
+    xt = _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+    return tl.dot(xt, w, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
                     NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Conv outputs of BLOCK_G 2x2 groups with top-left conv pixel (r0, c0): four [BLOCK_G, BLOCK_CO]
-    fp32 accumulators, one per position in the group. The 9 input pixels a group touches are loaded
-    once per input-channel block and shared by the 16 (position, tap) products."""
+    fp32 accumulators, one per position in the group. Tap by tap, each weight slice is loaded once
+    and applied to the 4 positions; input tiles are consumed as soon as they are loaded (the 9
+    distinct pixels of a group are re-read from L1), which keeps register pressure low."""
     a00 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
     a01 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
     a10 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
@@ -94,35 +103,18 @@ def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sx
     for ci0 in range(0, Cin, BLOCK_CI):
         ci = ci0 + tl.arange(0, BLOCK_CI)
         ci_live = ci < Cin
-        x00 = _input_tile(x_ptr, base, r0, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x01 = _input_tile(x_ptr, base, r0, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x02 = _input_tile(x_ptr, base, r0, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x10 = _input_tile(x_ptr, base, r0 + 1, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x11 = _input_tile(x_ptr, base, r0 + 1, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x12 = _input_tile(x_ptr, base, r0 + 1, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x20 = _input_tile(x_ptr, base, r0 + 2, c0, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x21 = _input_tile(x_ptr, base, r0 + 2, c0 + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        x22 = _input_tile(x_ptr, base, r0 + 2, c0 + 2, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-        w00 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, 0).to(DOT_DTYPE)
-        w01 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, sww).to(DOT_DTYPE)
-        w10 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, swh).to(DOT_DTYPE)
-        w11 = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, swh + sww).to(DOT_DTYPE)
-        a00 = tl.dot(x00, w00, a00, input_precision=PRECISION)
-        a00 = tl.dot(x01, w01, a00, input_precision=PRECISION)
-        a00 = tl.dot(x10, w10, a00, input_precision=PRECISION)
-        a00 = tl.dot(x11, w11, a00, input_precision=PRECISION)
-        a01 = tl.dot(x01, w00, a01, input_precision=PRECISION)
-        a01 = tl.dot(x02, w01, a01, input_precision=PRECISION)
-        a01 = tl.dot(x11, w10, a01, input_precision=PRECISION)
-        a01 = tl.dot(x12, w11, a01, input_precision=PRECISION)
-        a10 = tl.dot(x10, w00, a10, input_precision=PRECISION)
-        a10 = tl.dot(x11, w01, a10, input_precision=PRECISION)
-        a10 = tl.dot(x20, w10, a10, input_precision=PRECISION)
-        a10 = tl.dot(x21, w11, a10, input_precision=PRECISION)
-        a11 = tl.dot(x11, w00, a11, input_precision=PRECISION)
-        a11 = tl.dot(x12, w01, a11, input_precision=PRECISION)
-        a11 = tl.dot(x21, w10, a11, input_precision=PRECISION)
-        a11 = tl.dot(x22, w11, a11, input_precision=PRECISION)
+        for tap in tl.static_range(4):
+            ky = tap // 2
+            kx = tap % 2
+            w = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww).to(DOT_DTYPE)
+            a00 = _tap_product(a00, x_ptr, base, r0 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
+                               NPR, DOT_DTYPE, PRECISION)
+            a01 = _tap_product(a01, x_ptr, base, r0 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
+                               NPR, DOT_DTYPE, PRECISION)
+            a10 = _tap_product(a10, x_ptr, base, r0 + 1 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
+                               NPR, DOT_DTYPE, PRECISION)
+            a11 = _tap_product(a11, x_ptr, base, r0 + 1 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw,
+                               w, NPR, DOT_DTYPE, PRECISION)
     return a00, a01, a10, a11
 
 
@@ -486,7 +478,7 @@ def _dot_args(dtype: torch.dtype, precision: str) -> dict:
 def _conv_tiles(Cin: int, Cout: int, dtype: torch.dtype) -> dict:
     # Full-fp32 dots run on FMA units with fp32 operands: narrower channel blocks keep them in registers.
     wide = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=_tile(Cin, 32), BLOCK_CO=_tile(Cout, wide))
+    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=_tile(Cin, 16), BLOCK_CO=_tile(Cout, wide), num_warps=8)
 
 
 def _launch_block_fwd(x, w, bias, *, mode, pool, npr, precision, scale=None, shift=None):
@@ -629,7 +621,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
         dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
         _conv2x2_dx_kernel[(triton.cdiv(B * H * W, block_p), triton.cdiv(Cin, block_ci))](
             dz, weight, dx, B * H * W, Cin, Cout, H, W, Hc, Wc, *weight.stride(), *dx.stride(),
-            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots,
+            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots, num_warps=8, num_stages=1,
         )
         if npr:  # dx so far is the gradient at the residual
             dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
@@ -675,7 +667,7 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         x, weight, bias, score_weight, cand_key, cand_pos, Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(),
         score_weight.stride(0), score_weight.stride(1), k, M,
         BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=_tile(C4, 32 if x.dtype == torch.float32 else 64),
-        BLOCK_CS=_tile(CS, 64), **_dot_args(x.dtype, precision), num_warps=8,
+        BLOCK_CS=_tile(CS, 64), **_dot_args(x.dtype, precision), num_warps=8, num_stages=1,
     )
     out = torch.empty((B, CS, k), dtype=x.dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)

@@ -1,0 +1,246 @@
+import pytest
+import torch
+from torch import nn
+from utils import DTYPE_TOL, layouts
+
+from lfm import LFM
+from lfm_kernels import snet_block, snet_block_reference, snet_head, snet_head_reference
+from lfm_kernels.nn import SNetBlock
+
+
+def _block_params(cin, cout, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(cout, cin, 2, 2, generator=g, dtype=dtype) / (2 * cin**0.5),
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5]
+
+
+CASES = [  # (B, Cin, Cout, H, W, npr, pool)
+    (2, 3, 16, 9, 11, True, True),     # stem: residual fused, odd sizes
+    (2, 20, 24, 8, 7, False, True),    # odd conv output: last row/col outside every pool window
+    (1, 20, 40, 7, 8, False, False),   # block 4: no pool, Cout not a power of 2
+]
+
+
+@pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
+def test_eval_matches_reference_in_float64(B, Cin, Cout, H, W, npr, pool):
+    x = torch.randn(B, Cin, H, W, dtype=torch.float64)
+    params = _block_params(Cin, Cout, dtype=torch.float64)
+    out = snet_block(x.float(), *[p.float() for p in params], pool=pool, npr=npr, input_precision="ieee",
+                     backend="triton")
+    ref = snet_block_reference(x, *params, pool=pool, npr=npr)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
+def test_training_forward_backward_and_running_stats(B, Cin, Cout, H, W, npr, pool):
+    x = torch.randn(B, Cin, H, W, dtype=torch.float64)
+    params = _block_params(Cin, Cout, dtype=torch.float64)
+    ours = [t.float().requires_grad_() for t in [x] + params[:4]]
+    ref = [t.clone().requires_grad_() for t in [x] + params[:4]]
+    stats_ours = [t.float().clone() for t in params[4:]]
+    stats_ref = [t.clone() for t in params[4:]]
+    out = snet_block(*ours, *stats_ours, training=True, momentum=0.3, pool=pool, npr=npr, backend="triton")
+    expected = snet_block_reference(*ref, *stats_ref, training=True, momentum=0.3, pool=pool, npr=npr)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(stats_ours, stats_ref):
+        torch.testing.assert_close(mine.double(), theirs, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    out.backward(grad.float())
+    expected.backward(grad)
+    for name, mine, theirs in zip(("x", "conv_weight", "conv_bias", "bn_weight", "bn_bias"), ours, ref):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_eval_mode_gradients():
+    # Eval mode with gradients (e.g. saliency): fixed statistics, no batch-stat terms in the backward.
+    x = torch.randn(2, 8, 7, 9)
+    params = _block_params(8, 16)
+    ours = [t.clone().requires_grad_() for t in [x] + params[:4]]
+    ref = [t.clone().requires_grad_() for t in [x] + params[:4]]
+    out = snet_block(*ours, *params[4:], training=False, input_precision="ieee", backend="triton")
+    expected = snet_block_reference(*ref, *params[4:], training=False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    for mine, theirs in zip(ours, ref):
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_training_is_deterministic():
+    x = torch.randn(2, 8, 9, 9)
+    params = _block_params(8, 16)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in [x] + params[:4]]
+        snet_block(*leaves, *[p.clone() for p in params[4:]], training=True, backend="triton").pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    x = torch.randn(2, 16, 8, 9)
+    params = _block_params(16, 32)
+    out = snet_block(x.to(dtype), *params, backend="triton")
+    assert out.dtype == dtype
+    ref = snet_block_reference(x.to(dtype).double(), *[p.double() for p in params])
+    torch.testing.assert_close(out.double(), ref, atol=DTYPE_TOL[dtype] * 8, rtol=DTYPE_TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts(layout):
+    x = layouts(torch.randn(2, 8, 7, 8))[layout]
+    params = _block_params(8, 16)
+    torch.testing.assert_close(snet_block(x, *params, input_precision="ieee", backend="triton"),
+                               snet_block_reference(x, *params), atol=1e-5, rtol=1e-5)
+
+
+def test_head_matches_block_then_score_topk():
+    x = torch.randn(2, 24, 9, 10, dtype=torch.float64)
+    params = _block_params(24, 40, dtype=torch.float64)
+    score_weight = torch.randn(20, 40, 1, 1, dtype=torch.float64) / 40**0.5
+    values, idx = snet_head(x.float(), *[p.float() for p in params], score_weight.float(), 5, input_precision="ieee",
+                            return_indices=True, backend="triton")
+    ref_values, ref_idx = snet_head_reference(x, *params, score_weight, 5, return_indices=True)
+    torch.testing.assert_close(values.double(), ref_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_snet_block_module_loads_sequential_state_dict_and_caches_the_fold():
+    seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16), nn.ReLU())
+    seq[1].running_mean.normal_()
+    block = SNetBlock(8, 16, pool=False, input_precision="ieee", backend="triton")
+    block.load_state_dict(seq.state_dict(), strict=True)
+    seq.eval(), block.eval()
+    x = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), seq(x), atol=1e-5, rtol=1e-5)
+        first = block.folded()
+        assert block.folded() is first  # cached
+        block.bn.running_var.mul_(2)  # an in-place update invalidates the cache
+        seq[1].running_var.mul_(2)
+        assert block.folded() is not first
+        torch.testing.assert_close(block(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_module_training_updates_buffers_like_batchnorm():
+    seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16, momentum=None), nn.ReLU())
+    block = SNetBlock(8, 16, pool=False, backend="triton")
+    block.load_state_dict(seq.state_dict())
+    block.bn.momentum = None  # a hyper-parameter, not in the state_dict
+    for _ in range(2):
+        x = torch.randn(2, 8, 6, 7)
+        torch.testing.assert_close(block(x), seq(x), atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(block.bn, name), getattr(seq[1], name), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(conv_weight=torch.randn(16, 7, 2, 2)), r"\(Cout, 8, 2, 2\)"),
+    (dict(conv_weight=torch.randn(16, 8, 3, 3)), r"\(Cout, 8, 2, 2\)"),
+    (dict(bn_weight=torch.ones(15)), r"bn_weight must have shape \(16,\)"),
+    (dict(x=torch.randn(1, 8, 2, 9)), "at least 3x3"),
+    (dict(x=torch.ones(1, 8, 5, 5, dtype=torch.int64)), "floating-point"),
+    (dict(input_precision="fp8"), "input_precision"),
+    (dict(running_mean=None), "running_mean"),
+])
+def test_bad_input(kwargs, match):
+    args = dict(zip(("conv_weight", "conv_bias", "bn_weight", "bn_bias", "running_mean", "running_var"),
+                    _block_params(8, 16)))
+    args = dict(x=torch.randn(1, 8, 5, 5)) | args | kwargs
+    with pytest.raises(ValueError, match=match):
+        snet_block(args.pop("x"), *[args.pop(n) for n in ("conv_weight", "conv_bias", "bn_weight", "bn_bias",
+                                                          "running_mean", "running_var")], backend="triton", **args)
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 6, 7, requires_grad=True)
+    w, b, g, beta, mean, var = [t.requires_grad_(i < 4) for i, t in enumerate(_block_params(4, 16))]
+    torch.library.opcheck(torch.ops.lfm.snet_block_train.default,
+                          (x, w, b, g, beta, mean, var, 1e-5, True, True, False, "ieee"))
+    torch.library.opcheck(torch.ops.lfm.snet_block_eval.default, (x.detach(), w.detach(), b.detach(), True, True, "ieee"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_without_graph_break(backend):
+    block = SNetBlock(4, 16, backend=backend).train()
+    x = torch.randn(2, 4, 7, 6, requires_grad=True)
+    out = torch.compile(block, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    assert out.shape == (2, 16, 3, 2) and block.conv.weight.grad is not None
+
+
+def _saved_bytes(model, x):
+    """Bytes of the tensors autograd saves for backward in one forward, parameters excluded, each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+def test_activation_memory_of_the_whole_snet_is_3x_smaller_than_eager():
+    ours = LFM(backend="triton").train().cnn
+    eager = LFM(backend="torch").train().cnn
+    eager.load_state_dict(ours.state_dict())
+
+    def eager_forward(x):  # the authors' structure: Sequential blocks, max-pool in forward
+        from lfm_kernels import npr_residual
+        x = npr_residual(x, backend="torch")
+        for i in range(1, 5):
+            block = getattr(eager, f"layer{i}")
+            x = torch.relu(block.bn(block.conv(x)))
+            x = torch.nn.functional.max_pool2d(x, 2) if i < 4 else x
+        return x
+
+    x = torch.randn(2, 3, 64, 64, requires_grad=False)
+    ours_bytes = _saved_bytes(ours, x)
+    eager.forward = eager_forward
+    eager_bytes = _saved_bytes(eager, x)
+    assert eager_bytes >= 3 * ours_bytes, (eager_bytes, ours_bytes)
+
+
+def test_lfm_triton_eval_is_at_most_6_launches(official, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
+
+    class CountComputeOps(TorchDispatchMode):
+        skip = {"empty", "empty_strided", "view", "_unsafe_view", "t", "detach", "alias", "as_strided", "expand",
+                "reshape", "permute", "transpose", "lift_fresh", "_to_copy"}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in self.skip and not name.startswith("lfm::") and func.namespace != "lfm":
+                launches.append(name)
+            return func(*args, **(kwargs or {}))
+
+    model = LFM(backend="triton").eval()
+    model.load_state_dict(official["state_dict"])
+    x = official["outputs"]["x224"][:1, :, :64, :64]
+    with torch.no_grad():
+        model(x)  # warm the folded-weight cache
+        launches.clear()
+        with CountComputeOps():
+            logits = model(x)
+    assert len(launches) <= 6, launches
+    reference = LFM(backend="torch").eval()
+    reference.load_state_dict(official["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(x), atol=1e-4, rtol=0)
