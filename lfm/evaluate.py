@@ -1,7 +1,8 @@
 """`lfm eval`: accuracy and average precision of a detector on test subsets, as the authors report them.
 
 Preprocessing as released for testing: resize to 256x256, no crop (`resize=None` for sets such as
-GANGen-Detection, which the authors score at their native size). Writes results.csv and results.json.
+GANGen-Detection, which the authors score at their native size). Writes results.csv and results.json
+(metrics per subset and their mean) and predictions.csv (prob_fake per image, to study calibration).
 """
 import csv
 import io
@@ -34,13 +35,26 @@ def subset_metrics(subsets: dict, prob_fake: np.ndarray) -> dict:
     return rows
 
 
-def results_csv(rows: dict, mean: dict) -> str:
+def _csv_text(header, rows) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for name, row in list(rows.items()) + [("mean", mean)]:
-        writer.writerow([name] + [row[key] for key in CSV_COLUMNS[1:]])
+    writer.writerow(header)
+    writer.writerows(rows)
     return out.getvalue()
+
+
+def results_csv(rows: dict, mean: dict) -> str:
+    return _csv_text(CSV_COLUMNS, [[name] + [row[key] for key in CSV_COLUMNS[1:]]
+                                   for name, row in list(rows.items()) + [("mean", mean)]])
+
+
+def predictions_csv(subsets: dict, prob_fake: np.ndarray) -> str:
+    """subset, path, label, prob_fake per image (prob_fake empty where the image could not be scored)."""
+    names = [name for name, items in subsets.items() for _ in items]
+    items = [item for subset in subsets.values() for item in subset]
+    return _csv_text(("subset", "path", "label", "prob_fake"),
+                     [[name, item.path, item.label, "" if np.isnan(p) else repr(float(p))]
+                      for name, item, p in zip(names, items, prob_fake)])
 
 
 def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, batch_size=64, workers=2,
@@ -66,10 +80,11 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
     }
     out = Path(out)
     write_text(out / "results.csv", results_csv(rows, mean))
+    write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
     write_json(out / "results.json", _nan_to_none(report))
     log(format_table(rows, mean))
-    log(f"results: {out / 'results.csv'}, {out / 'results.json'}")
+    log(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'predictions.csv'}")
     if scores.failures:
         warn("eval", describe_failures(scores.failures, [item.path for item in items]))
     return report

@@ -20,9 +20,10 @@ from .weights import atomic_write, load_model
 
 def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=64, workers=2, device="auto",
             precision="float32", backend="auto", max_pixels=DEFAULT_MAX_PIXELS, as_json=False, heatmap_dir=None,
-            progress=None, stream=sys.stdout):
+            progress=None, stream=None):
     """Print one line per readable image (tab-separated path and prob_fake, or a JSON object with
     `as_json`) and return the results; with `heatmap_dir`, also write a Top-K heatmap PNG per image."""
+    stream = stream or sys.stdout
     files = expand_paths(paths)
     items = [Item(path) for path in files]
     transform = EvalTransform(resize)

@@ -59,11 +59,12 @@ def write_json(path, obj):
 def save_weights(model: nn.Module, path, config: dict, **metadata):
     """Write the state_dict as safetensors, with the architecture config (and any extra string
     metadata, e.g. the epoch) in its header."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     header = {CONFIG_KEY: json.dumps(config), **{key: str(value) for key, value in metadata.items()}}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
+    # Serialized in memory and written by us: safetensors' own save_file creates files readable by the owner only.
+    atomic_write(path, lambda tmp: tmp.write_bytes(save(state, metadata=header)))
 
 
 def read_state_dict(path):
