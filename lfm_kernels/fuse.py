@@ -17,8 +17,8 @@ anything else is left as it is.
     score map's shape that serve its view, and Top-K indices that nothing uses.
   - Modules are exactly nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d (a subclass may compute
     something else), called on the pattern's value alone.
-  - Conv: stride 1, no padding, dilation 1, groups 1; for (a) with a bias (SNetBlock's eval-mode fold
-    cannot take a bias-free conv yet), for (b) without. BatchNorm: affine with running statistics.
+  - Conv: stride 1, no padding, dilation 1, groups 1; for (b) without a bias. BatchNorm: affine with
+    running statistics.
     Max-pool: 2x2 window, stride 2, no padding, dilation 1, floor mode, no indices. Top-K: largest,
     sorted, over the flattened positions, with a constant k.
 
@@ -237,7 +237,7 @@ class _SNetBlockMatch:
 
 def _match_snet_block(gm: fx.GraphModule, conv_node: fx.Node):
     conv = _called_module(gm, conv_node, nn.Conv2d)
-    if conv is None or not _is_plain_conv(conv, 2) or conv.bias is None:  # SNetBlock.folded() needs a bias
+    if conv is None or not _is_plain_conv(conv, 2):
         return None
     bn_node = _sole_user(conv_node)
     bn = _called_module(gm, bn_node, nn.BatchNorm2d)

@@ -105,7 +105,8 @@ class SNetBlock(nn.Module):
         """Conv weight and bias with eval-mode BatchNorm folded in, cached by the tensors' versions."""
         if torch.compiler.is_compiling():
             return fold_batchnorm(*self.tensors(), self.bn.eps)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.tensors()) + (self.bn.eps,)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in self.tensors())
+        key += (self.bn.eps,)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 self._fold_cache = (key, fold_batchnorm(*self.tensors(), self.bn.eps))

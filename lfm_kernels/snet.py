@@ -604,14 +604,15 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
     _snet_block_bwd_kernel[grid](*args, dbeta / n_pos, dgamma / n_pos, sdy, sdyz, dz, *common, STAGE=1, **flags)
 
-    block_p, block_ci, block_co = _BLOCK_P, _tile(Cin, 32), _tile(Cout, 32)
+    block_p, block_ci, block_co = _BLOCK_P, _tile(Cin, 16), _tile(Cout, 32)
     splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
     per_split = triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p
     splits = triton.cdiv(n_pos, per_split)
     part = torch.empty((splits, 4, Cout, Cin), dtype=torch.float32, device=dev)
-    _conv2x2_dw_kernel[(triton.cdiv(Cout, block_co), triton.cdiv(Cin, block_ci), 4 * splits)](
+    dw_co, dw_ci = _tile(Cout, 64), _tile(Cin, 32)
+    _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
         dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
-        NPR=npr, BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots,
+        NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
     )
     dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2).to(weight.dtype)
     dbias = dz.sum(0).to(bias.dtype)

@@ -230,7 +230,6 @@ LEFT_ALONE = {  # name: model factory
     "conv padding=1": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(3, 4, 2, padding=1)),
     "conv stride 2": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(3, 4, 2, stride=2)),
     "conv dilation 2": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(3, 4, 2, dilation=2)),
-    "bias-free conv": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(3, 4, 2, bias=False)),
     "conv kernel 3": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(3, 4, 3)),
     "grouped conv": lambda: ConvBNReLU(_pooled, conv=nn.Conv2d(4, 4, 2, groups=2)),
     "bn without affine": lambda: ConvBNReLU(_pooled, bn=nn.BatchNorm2d(4, affine=False)),
@@ -276,3 +275,13 @@ def test_blocks_outside_a_sequential_get_a_new_name_and_their_modules():
     assert torch.equal(block.conv.bias, model.conv.bias) and block.bn.eps == 1e-3 and block.bn.momentum is None
     renamed = [key.replace("conv.", "conv_fused.0.").replace("bn.", "conv_fused.1.") for key in model.state_dict()]
     assert list(fused.state_dict()) == renamed
+
+
+def test_bias_free_conv_block_is_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 2, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    model[1].running_mean.normal_()
+    fused = fuse(model, backend="triton")
+    assert sum(isinstance(m, SNetBlock) for m in fused.modules()) == 1
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
