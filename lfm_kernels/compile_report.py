@@ -12,6 +12,7 @@ that no workload launched. Must run without TRITON_INTERPRET (kernels must be re
 import argparse
 import contextlib
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -159,10 +160,29 @@ def _sass_mma(cubin_path: Path) -> bool:
     return bool(_MMA.search(sass))
 
 
+_JOBS = []
+
+
+def _report_row(i: int):
+    """Compile job i of _JOBS; returns (table row, ok). Runs in a worker process."""
+    launch, tag, cc, out_dir = _JOBS[i]
+    name = launch.kernel.fn.__name__
+    try:
+        compiled = compile_launch(launch, cc)
+    except Exception as err:  # report every kernel, then fail
+        return f"{name:34s} {tag:8s} sm_{cc}  COMPILE ERROR: {str(err).splitlines()[0][:200]}", False
+    cubin = out_dir / f"{name}-{tag}-sm_{cc}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    regs, spills = _resources(compiled.asm["ptx"], cc)
+    mma = "yes" if _sass_mma(cubin) else "no"
+    return f"{name:34s} {tag:8s} sm_{cc}  {regs:4d} {spills:5d} {compiled.metadata.shared:7d} {mma:>3s}", spills == 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lfm_kernels.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="folder for the cubins")
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_report: unset TRITON_INTERPRET (it replaces kernels with the interpreter)", file=sys.stderr)
@@ -177,27 +197,22 @@ def main(argv=None) -> int:
         print(f"ERROR: kernel {name} is launched by no workload of the compile report", file=sys.stderr)
         failed = True
 
-    header = f"{'kernel':34s} {'variant':8s} {'target':6s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'mma':>3s}"
-    print(header)
-    print("-" * len(header))
+    jobs = []
     seen = {}
     for launch in sorted(launches, key=lambda l: l.kernel.fn.__name__):
         name = launch.kernel.fn.__name__
         seen[name, launch.variant] = seen.get((name, launch.variant), 0) + 1
-        tag = f"{launch.variant}.{seen[name, launch.variant]}"
-        for cc in targets:
-            try:
-                compiled = compile_launch(launch, cc)
-            except Exception as err:  # report every kernel, then fail
-                print(f"{name:34s} {tag:8s} sm_{cc}  COMPILE ERROR: {str(err).splitlines()[0][:200]}")
-                failed = True
-                continue
-            cubin = args.out_dir / f"{name}-{tag}-sm_{cc}.cubin"
-            cubin.write_bytes(compiled.asm["cubin"])
-            regs, spills = _resources(compiled.asm["ptx"], cc)
-            mma = "yes" if _sass_mma(cubin) else "no"
-            print(f"{name:34s} {tag:8s} sm_{cc}  {regs:4d} {spills:5d} {compiled.metadata.shared:7d} {mma:>3s}")
-            failed |= spills > 0
+        jobs += [(launch, f"{launch.variant}.{seen[name, launch.variant]}", cc, args.out_dir) for cc in targets]
+    global _JOBS
+    _JOBS = jobs  # inherited by the forked workers (kernels don't pickle)
+    with multiprocessing.get_context("fork").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
+        rows = pool.map(_report_row, range(len(jobs)))
+    header = f"{'kernel':34s} {'variant':8s} {'target':6s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'mma':>3s}"
+    print(header)
+    print("-" * len(header))
+    for line, ok in rows:
+        print(line)
+        failed |= not ok
     return 1 if failed else 0
 
 
