@@ -117,6 +117,14 @@ def dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def autocast_dtype(x: torch.Tensor):
+    """The dtype autocast would run a convolution on x in (None outside autocast), as F.conv2d does."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def check_kernel_dtype(name: str, x: torch.Tensor):
     """The Triton kernels compute in float32 and take float32, float16 and bfloat16 inputs."""
     if x.dtype not in KERNEL_DTYPES:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
+from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
                       dot_dtype, draw_seed, dropout_scale, resolve_backend)
 from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
                         topk_pool_reference)
@@ -209,6 +209,7 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     drop = check_drop(drop)
     if resolve_backend(backend, feat) == "torch":
         return score_topk_reference(feat, weight, k, drop=drop, training=training, return_indices=return_indices)
+    feat = feat.to(autocast_dtype(feat) or feat.dtype)  # as F.conv2d under autocast
     check_kernel_dtype("feat", feat)
     check_kernel_dtype("weight", weight)
     apply_drop = drop is not None and bool(training)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device, dot_dtype,
-                      interpreter_enabled, resolve_backend)
+from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
+                      dot_dtype, interpreter_enabled, resolve_backend)
 from .npr_residual import npr_residual_reference
 from .score_topk import score_topk
 from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
@@ -727,6 +727,7 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     if resolve_backend(backend, x) == "torch":
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
+    x = x.to(autocast_dtype(x) or x.dtype)  # the conv runs in autocast's dtype; statistics stay float32
     check_kernel_dtype("x", x)
     bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
     if not training and not _needs_grad(x, conv_weight, bias, bn_weight, bn_bias):
@@ -766,6 +767,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
                           backend=backend, folded=folded)
         return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
                           backend=backend)
+    x = x.to(autocast_dtype(x) or x.dtype)
     check_kernel_dtype("x", x)
     bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
     weight, fbias = folded if folded is not None else fold_batchnorm(

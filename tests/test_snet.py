@@ -244,3 +244,15 @@ def test_lfm_triton_eval_is_at_most_6_launches(official, monkeypatch):
     reference.load_state_dict(official["state_dict"])
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(x), atol=1e-4, rtol=0)
+
+
+def test_lfm_under_bfloat16_autocast_matches_torch_backend():
+    torch.manual_seed(0)
+    eager = LFM(backend="torch").eval()
+    fused = LFM(backend="triton").eval()
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 48, 50)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = fused(x), eager(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
