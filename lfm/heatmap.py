@@ -34,9 +34,9 @@ def topk_heat(model, x: torch.Tensor) -> np.ndarray:
 
 def overlay(img: Image.Image, heat: np.ndarray, strength: float = 0.65) -> Image.Image:
     """Blend a black-red-yellow-white ramp of `heat` (any grid, stretched to the image) over an RGB image."""
-    stretched = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(img.size, Image.BILINEAR))
+    stretched = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(img.size, Image.BILINEAR))
     level = stretched / max(float(stretched.max()), 1e-12)
     ramp = np.clip(np.stack([3 * level, 3 * level - 1, 3 * level - 2], axis=-1), 0, 1) * 255
     alpha = strength * level[..., None]
     blended = (1 - alpha) * np.asarray(img, dtype=np.float32) + alpha * ramp
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))

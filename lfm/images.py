@@ -36,7 +36,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode in _SIXTEEN_BIT_MODES:
         gray = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
-        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

@@ -126,6 +126,8 @@ def read_options(run_dir) -> TrainOptions:
 
 
 class Trainer:
+    """One training run on this process's share of the data: built from the options, then `run`."""
+
     def __init__(self, opts: TrainOptions, ctx: Context, log):
         self.opts, self.ctx, self.log = opts, ctx, log if ctx.is_main else (lambda *a, **k: None)
         self.run_dir = Path(opts.out)
