@@ -11,8 +11,9 @@ That is the traffic of running each op as one kernel that reads its inputs once 
 once, which is about what eager PyTorch does on a GPU. torch.compile providers are left out: Inductor
 fuses after dispatch, so a dispatch-level count does not describe them.
 
-A training step is zero_grad, forward, BCE-with-logits, backward and a fused Adam step, counted after
-one uncounted step has created Adam's state. Launches are per call, bytes per image (total / batch).
+Each count is of a steady-state call, after one uncounted call has filled what is built on first use
+(Adam's state, folded BatchNorm weights). A training step is zero_grad, forward, BCE-with-logits,
+backward and a fused Adam step. Launches are per call, bytes per image (total / batch).
 
     python -m bench.ledger [--batch 32] [--by-op]
 """
@@ -128,8 +129,10 @@ def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: in
     with fake_mode, cpu_tensors_take_the_triton_path():
         x = torch.randn(batch, 3, size, size, dtype=dtype)
         if not training:
-            with torch.no_grad(), TrafficCounter() as counter:
-                model(x)
+            with torch.no_grad():
+                model(x)  # fills caches built on first use (folded BatchNorm): the counted call is a steady one
+                with TrafficCounter() as counter:
+                    model(x)
             return counter.traffic
         y = torch.randint(0, 2, (batch, 1)).to(dtype)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
@@ -139,7 +142,7 @@ def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: in
             F.binary_cross_entropy_with_logits(model(x), y).backward()
             optimizer.step()
 
-        step()  # creates Adam's state; the counted step is a steady-state one
+        step()
         with TrafficCounter() as counter:
             step()
         return counter.traffic

@@ -1,0 +1,63 @@
+"""End to end: inference at batch 1, 32 and 256 at 256x256 and 224x224, and one training step (zero_grad,
+forward, BCE-with-logits, backward, fused Adam) at batch 32 and 224x224 (the authors' training crop)."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.harness import (DEVICE, INFERENCE_BATCHES, SIZES, TRAIN_BATCH, TRAIN_SIZE, Work, check_budget, count_flops,
+                           input_rotation, measure, timed_fn, total_bytes)
+from bench.providers import build_model
+from bench.report import INFERENCE_GROUP, TRAINING_GROUP
+
+
+@functools.cache
+def flops_per_image(size: int, training: bool) -> int:
+    """Conv and matmul FLOPs per image of the authors' model (forward, or forward + backward)."""
+    model = build_model("eager", torch.float32, DEVICE, training)
+    x = torch.randn(2, 3, size, size, device=DEVICE)
+
+    def run(x):
+        out = model(x)
+        if training:
+            out.sum().backward()
+
+    return count_flops(run, x) // 2
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("batch", INFERENCE_BATCHES)
+def test_inference(benchmark, provider, dtype, batch, size):
+    check_budget()
+    model = build_model(provider, dtype, DEVICE)
+    input_sets = input_rotation(lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=dtype),))
+    # Minimal traffic: the images and every parameter and buffer read once, the logits written once.
+    moved = total_bytes([*input_sets[0], *model.parameters(), *model.buffers()]) + batch * dtype.itemsize
+    work = Work(moved, batch * flops_per_image(size, training=False), batch)
+    with torch.inference_mode():
+        measure(benchmark, timed_fn(provider, model), input_sets, work, group=INFERENCE_GROUP, op="lfm",
+                provider=provider, dtype=dtype, batch=batch, size=size, mode="inference")
+
+
+def test_training_step(benchmark, provider, dtype):
+    check_budget()
+    model = build_model(provider, dtype, DEVICE, training=True)
+    forward = timed_fn(provider, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(forward(x), y).backward()
+        optimizer.step()
+
+    input_sets = input_rotation(lambda: (
+        torch.randn(TRAIN_BATCH, 3, TRAIN_SIZE, TRAIN_SIZE, device=DEVICE, dtype=dtype),
+        torch.randint(0, 2, (TRAIN_BATCH, 1), device=DEVICE).to(dtype)))
+    # Minimal traffic: the batch read once; each parameter, its two Adam moments and each buffer read
+    # and written once (gradients never leave the chip).
+    state = 3 * total_bytes(model.parameters()) + total_bytes(model.buffers())
+    work = Work(total_bytes(input_sets[0]) + 2 * state, TRAIN_BATCH * flops_per_image(TRAIN_SIZE, training=True),
+                TRAIN_BATCH)
+    measure(benchmark, step, input_sets, work, group=TRAINING_GROUP, op="lfm", provider=provider, dtype=dtype,
+            batch=TRAIN_BATCH, size=TRAIN_SIZE, mode="training step")

@@ -1,0 +1,70 @@
+"""The benchmark report (bench/report.py): derived figures, goal verdicts, tables, saved results, plot."""
+import json
+
+import pytest
+
+from bench.report import INFERENCE_GROUP, PEAK_GROUP, derived, format_tables, goal_checks, measured_peaks, save
+
+
+def row(group, op, provider, dtype, median_s, bytes=0, flops=0, batch=32, size=256, mode="inference"):
+    return dict(group=group, op=op, provider=provider, dtype=dtype, batch=batch, size=size, mode=mode,
+                bytes=bytes, flops=flops, images=batch if group != PEAK_GROUP else 0, median_s=median_s,
+                q1_s=median_s, q3_s=median_s, rounds=5, iterations=1)
+
+
+ROWS = [
+    row(PEAK_GROUP, "copy", "torch", "float32", 1e-3, bytes=2 * 10**9, mode="device copy"),  # 2 TB/s
+    row(PEAK_GROUP, "matmul", "torch", "float32", 1e-2, flops=10**12, mode="tf32"),  # 100 TFLOP/s
+    row(PEAK_GROUP, "matmul", "torch", "bfloat16", 5e-3, flops=10**12, mode="tensor cores"),  # 200 TFLOP/s
+    row(INFERENCE_GROUP, "lfm", "eager", "float32", 10e-3, flops=10**11),
+    row(INFERENCE_GROUP, "lfm", "compile-default", "float32", 2.5e-3, flops=10**11),
+    row(INFERENCE_GROUP, "lfm", "compile-max-autotune", "float32", 2e-3, flops=10**11),
+    row(INFERENCE_GROUP, "lfm", "triton", "float32", 1.5e-3, flops=10**11),
+    row("op: topk_pool", "topk_pool", "triton", "float32", 0.6e-3, bytes=10**9, mode="forward"),
+    row("op: random_k_pool", "random_k_pool", "triton", "float32", 20e-6, bytes=10**5, mode="forward"),
+    row("op: snet_block2", "snet_block2", "triton", "float32", 1e-3, bytes=10**8, flops=5 * 10**10, mode="forward"),
+]
+
+
+def test_peaks_and_derived_figures():
+    peaks = measured_peaks(ROWS)
+    assert peaks == pytest.approx({"copy": 2e12, "float32": 1e14, "bfloat16": 2e14})
+    topk = derived(ROWS[7], peaks)
+    assert topk["gb_s"] == pytest.approx(1e9 / 0.6e-3 / 1e9)
+    assert topk["bw_share"] == pytest.approx(1e9 / 0.6e-3 / 2e12)
+    assert topk["bound"] == "memory"
+    assert derived(ROWS[8], peaks)["bound"] == "latency"  # 0.05 us of traffic at 2 TB/s
+    snet = derived(ROWS[9], peaks)
+    assert snet["bound"] == "compute" and snet["roofline"] == pytest.approx(5e10 / 1e14 / 1e-3)
+    assert derived(ROWS[3], peaks)["images_s"] == pytest.approx(3200)
+
+
+def test_goal_verdicts():
+    checks = {goal: (verdict, detail) for goal, verdict, detail in goal_checks(ROWS)}
+    assert checks["inference 256x256 batch 32, triton float32 >= 5.0x eager float32"] == ("PASS", "6.67x")
+    assert checks["inference 256x256 batch 32, triton float32 >= 1.5x best torch.compile float32"] == ("FAIL", "1.33x")
+    memory_goals = [g for g in checks if "copy bandwidth" in g]
+    assert memory_goals == ["topk_pool forward float32 batch 32: memory-bound kernel >= 70% of copy bandwidth"]
+    assert checks[memory_goals[0]] == ("PASS", "1667 GB/s = 83%")
+
+
+def test_goals_without_rows_are_not_measured():
+    rows = [r for r in ROWS if r["provider"] != "triton"]
+    verdicts = {verdict for _, verdict, _ in goal_checks(rows)}
+    assert verdicts == {"NOT MEASURED"}
+
+
+def test_tables_show_speedup_over_eager():
+    table = format_tables(ROWS)
+    assert "Measured peaks: copy 2000 GB/s, float32 matmul 100.0 TFLOP/s, bfloat16 matmul 200.0 TFLOP/s" in table
+    triton = next(line for line in table.splitlines() if "| lfm | inference | float32 | 32 | 256 | triton |" in line)
+    assert "| 6.67 |" in triton and "| 21,333 |" in triton
+
+
+def test_save_writes_json_markdown_and_plot(tmp_path):
+    path = save(ROWS, [{"test": "bench/bench_lfm.py::x", "reason": "budget"}], "random init", tmp_path)
+    results = json.loads(path.read_text())
+    assert results["rows"] == ROWS and results["weights"] == "random init"
+    markdown = path.with_suffix(".md").read_text()
+    assert "### Goals" in markdown and "### lfm inference" in markdown and "`bench/bench_lfm.py::x`: budget" in markdown
+    assert path.with_suffix(".png").stat().st_size > 1000
