@@ -11,9 +11,10 @@ That is the traffic of running each op as one kernel that reads its inputs once 
 once, which is about what eager PyTorch does on a GPU. torch.compile providers are left out: Inductor
 fuses after dispatch, so a dispatch-level count does not describe them.
 
-Each count is of a steady-state call, after one uncounted call has filled what is built on first use
-(Adam's state, folded BatchNorm weights). A training step is zero_grad, forward, BCE-with-logits,
-backward and a fused Adam step. Launches are per call, bytes per image (total / batch).
+Counts are of a steady-state call. Inference leaves out weight preprocessing (ops that read only
+parameters and buffers, such as folding BatchNorm into a conv), which a model does once and caches.
+A training step is zero_grad, forward, BCE-with-logits, backward and a fused Adam step, counted after
+one uncounted step has created Adam's state. Launches are per call, bytes per image (total / batch).
 
     python -m bench.ledger [--batch 32] [--by-op]
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bench.providers import build_model
 
@@ -84,24 +86,38 @@ class Traffic:
     by_op: Counter = field(default_factory=Counter)  # op name -> bytes
     launches_by_op: Counter = field(default_factory=Counter)
 
+    def add(self, name: str, moved: int, launches: int):
+        self.bytes += moved
+        self.launches += launches
+        self.by_op[name] += moved
+        self.launches_by_op[name] += launches
+
 
 class TrafficCounter(TorchDispatchMode):
-    """Sums `op_traffic` over every op dispatched while active (see the module docstring)."""
+    """Sums `op_traffic` over every op dispatched while active (see the module docstring).
 
-    def __init__(self):
+    weights: the model's parameters and buffers. An op that reads only these, or what such ops made,
+    is weight preprocessing (folding BatchNorm into a conv, say): a model caches it and runs it once,
+    not per call, so it goes to `weight_traffic`, not `traffic`. (LFM's fold cache keys on storage
+    addresses, which fake tensors lack, so here it would recompute on every call.)
+    """
+
+    def __init__(self, weights=()):
         super().__init__()
         self.traffic = Traffic()
+        self.weight_traffic = Traffic()
+        self.weight_made = WeakIdKeyDictionary({w: True for w in weights})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        inputs = _tensors((args, kwargs))
+        weight_only = bool(inputs) and all(t in self.weight_made for t in inputs)
+        if weight_only:  # views of weights included
+            self.weight_made.update({t: True for t in _tensors(out)})
         moved, launches = op_traffic(func, args, kwargs, out)
         if launches:
-            name = str(func.overloadpacket)
-            self.traffic.bytes += moved
-            self.traffic.launches += launches
-            self.traffic.by_op[name] += moved
-            self.traffic.launches_by_op[name] += launches
+            (self.weight_traffic if weight_only else self.traffic).add(str(func.overloadpacket), moved, launches)
         return out
 
 
@@ -129,10 +145,8 @@ def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: in
     with fake_mode, cpu_tensors_take_the_triton_path():
         x = torch.randn(batch, 3, size, size, dtype=dtype)
         if not training:
-            with torch.no_grad():
-                model(x)  # fills caches built on first use (folded BatchNorm): the counted call is a steady one
-                with TrafficCounter() as counter:
-                    model(x)
+            with torch.no_grad(), TrafficCounter(weights=[*model.parameters(), *model.buffers()]) as counter:
+                model(x)
             return counter.traffic
         y = torch.randint(0, 2, (batch, 1)).to(dtype)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
@@ -142,7 +156,7 @@ def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: in
             F.binary_cross_entropy_with_logits(model(x), y).backward()
             optimizer.step()
 
-        step()
+        step()  # creates Adam's state
         with TrafficCounter() as counter:
             step()
         return counter.traffic
