@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,13 +58,11 @@ def _reference_training(data: Path) -> dict:
         for start in range(0, len(shards[0]), local):
             optimizer.zero_grad()
             for rank, shard in enumerate(shards):
-                before = {name: b.clone() for name, b in model.named_buffers()}
                 images, labels, _ = collate_samples([dataset[i] for i in shard[start:start + local]]).groups[0]
                 loss = F.binary_cross_entropy_with_logits(model(images), labels.float().unsqueeze(1))
                 (loss / WORLD).backward()
                 if rank == 0:
                     after_rank0 = {name: b.clone() for name, b in model.named_buffers()}
-                del before
             with torch.no_grad():  # rank 0's running statistics win
                 for name, buffer in model.named_buffers():
                     buffer.copy_(after_rank0[name])
@@ -95,13 +94,13 @@ def test_torchrun_training_and_eval_match_one_process(tmp_path):
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
     # Sharded evaluation: each rank scores every other image; rank 0 gathers and writes.
-    write_labeled(tmp_path / "test" / "extra", 3, 4, __import__("numpy").random.default_rng(5))
+    write_labeled(tmp_path / "test" / "extra", 3, 4, np.random.default_rng(5))
     roots = [data / "val", tmp_path / "test"]
     _torchrun("eval", "--weights", run / "last.safetensors", "--data", *roots, "--out", tmp_path / "eval2",
               "--no-resize", "--workers", 0, "--device", "cpu")
     assert main(["eval", "--weights", str(run / "last.safetensors"), "--data", *map(str, roots),
                  "--out", str(tmp_path / "eval1"), "--no-resize", "--workers", "0"]) == 0
-    one, two = ([row for row in csv.DictReader(open(tmp_path / name / "predictions.csv", newline=""))]
+    one, two = (list(csv.DictReader((tmp_path / name / "predictions.csv").read_text().splitlines()))
                 for name in ("eval1", "eval2"))
     assert [(r["subset"], r["path"], r["label"]) for r in one] == [(r["subset"], r["path"], r["label"]) for r in two]
     assert len(one) == 2 * 5 + 7

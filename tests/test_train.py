@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_data import write_training_set
 
-from lfm import LFMGAP, NPR, LFM
+from lfm import LFM, LFMGAP, NPR
 from lfm.cli import main
 from lfm.weights import load_model
 
@@ -108,8 +109,6 @@ def test_lfm_learns_an_upsampling_trace(dataset, tmp_path):
 
 
 def test_training_goes_on_past_unreadable_files(dataset, tmp_path, capsys):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     (data / "train" / "car" / "0_real" / "notes.txt").write_text("not an image")
