@@ -7,13 +7,13 @@ import argparse
 import os
 import sys
 
+from lfm_kernels import BACKENDS
+
 from .errors import UsageError
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE
 from .model import DROPOUT_MODES
 from .runtime import PRECISIONS
 from .weights import MODEL_NAMES
-
-BACKEND_CHOICES = ("auto", "torch", "triton")
 
 
 def _pair(cast):
@@ -46,7 +46,7 @@ def _add_runtime_options(p):
     """Options every command that runs a model shares."""
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each "
                                     "rank takes cuda:LOCAL_RANK)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, help="fused ops: triton on CUDA, torch otherwise (auto)")
+    p.add_argument("--backend", choices=BACKENDS, help="fused ops: triton on CUDA, torch otherwise (auto)")
     p.add_argument("--precision", choices=PRECISIONS, help="float32, or bf16 autocast")
     p.add_argument("--workers", type=int, help="data loading processes (default 2)")
     p.add_argument("--max-pixels", type=int, help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")

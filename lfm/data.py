@@ -164,10 +164,6 @@ class Batch:
     groups: list
     failures: list
 
-    @property
-    def size(self) -> int:
-        return sum(len(indices) for _, _, indices in self.groups)
-
 
 def collate_samples(samples) -> Batch:
     by_size = {}
