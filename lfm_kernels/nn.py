@@ -1,6 +1,7 @@
 """nn.Module drop-ins for the fused ops, for use inside any PyTorch model."""
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .backend import check_backend_name, check_drop
 from .npr_residual import npr_residual
@@ -103,7 +104,7 @@ class SNetBlock(nn.Module):
 
     def folded(self):
         """Conv weight and bias with eval-mode BatchNorm folded in, cached by the tensors' versions."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or isinstance(self.conv.weight, FakeTensor):  # no storage to key on
             return fold_batchnorm(*self.tensors(), self.bn.eps)
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in self.tensors())
         key += (self.bn.eps,)
