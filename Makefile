@@ -34,7 +34,7 @@ bench: $(STAMP)
 # real kernels (TRITON_INTERPRET=0), the ledger and every benchmark, starting no benchmark after
 # GPU_SUITE_BUDGET_S seconds (the skipped ones are listed), so the whole run stays under 8 minutes;
 # writes bench/results/<gpu>-<date>.json, .md and .png. Exits non-zero if any step failed.
-GPU_SUITE_BUDGET_S ?= 400
+GPU_SUITE_BUDGET_S ?= 360
 GPU_PY = $(shell for p in $(PY) $(PYTHON); do $$p -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
 	2>/dev/null && { echo $$p; break; }; done)
 

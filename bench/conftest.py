@@ -6,6 +6,7 @@ device clock as pytest-benchmark's timer, prints the tables at the end and saves
     python -m pytest bench --bench-save bench/results    # + <device>-<date>.json, .md and .png
 """
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,11 +56,17 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", harness.DTYPES, ids=harness.dtype_name)
 
 
+BENCH_DIR = Path(__file__).parent
+
+
 def run_priority(item) -> int:
     """Lower runs first, so that a time budget cuts the least telling cases: the peaks, end-to-end
     inference at 256x256 (the goals), the training step, the per-op rows of eager and our backends,
-    end-to-end at 224x224, and last the per-op torch.compile rows (each compiles afresh)."""
+    end-to-end at 224x224, and last the per-op torch.compile rows (each compiles afresh). Tests from
+    outside bench/ collected in the same run go first."""
     params = item.callspec.params if hasattr(item, "callspec") else {}
+    if item.path.parent != BENCH_DIR:
+        return -1
     if item.path.stem == "bench_peaks":
         return 0
     if item.originalname == "test_inference":
@@ -81,7 +88,7 @@ def _release_device_memory():
 
 
 def pytest_runtest_logreport(report):
-    if report.skipped and report.when in ("setup", "call"):
+    if report.skipped and report.when in ("setup", "call") and report.nodeid.startswith("bench/"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
 

@@ -74,7 +74,7 @@ def format_tables(rows) -> str:
     if peaks:
         parts = [f"copy {peaks['copy'] / 1e9:.0f} GB/s" if "copy" in peaks else None]
         parts += [f"{k} matmul {v / 1e12:.1f} TFLOP/s" for k, v in peaks.items() if k != "copy"]
-        out.append("Measured peaks: " + ", ".join(filter(None, parts)) + " (float32 matmul with TF32)")
+        out.append("Measured peaks: " + ", ".join(filter(None, parts)) + " (float32 matmul in TF32 on a GPU)")
     groups = dict.fromkeys(r["group"] for r in rows if r["group"] != PEAK_GROUP)
     for group in groups:
         out += ["", f"### {group}", "",
