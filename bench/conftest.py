@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import harness
-from bench.providers import PROVIDERS, reference_state_dict
+from bench.providers import PROVIDERS, dtype_name, reference_state_dict
 from bench.report import format_goals, format_tables, save
 
 SKIPPED = []  # {"test", "reason"} of every skipped benchmark, saved with the results
@@ -53,7 +53,7 @@ def pytest_generate_tests(metafunc):
         providers = metafunc.config.getoption("bench_providers").split(",")
         metafunc.parametrize("provider", [p for p in PROVIDERS if p in providers])
     if "dtype" in metafunc.fixturenames:
-        metafunc.parametrize("dtype", harness.DTYPES, ids=harness.dtype_name)
+        metafunc.parametrize("dtype", harness.DTYPES, ids=dtype_name)
 
 
 BENCH_DIR = Path(__file__).parent

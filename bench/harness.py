@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS, LFM_BACKENDS, compiled
+from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS, LFM_BACKENDS, compiled, dtype_name
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -114,10 +114,6 @@ class Work:
 def check_budget():
     if DEADLINE is not None and time.time() > DEADLINE:
         pytest.skip("the suite's time budget is spent (make gpu-suite stays under 8 minutes)")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bench.providers import build_model
+from bench.providers import build_model, dtype_name
 
 LEDGER_PROVIDERS = ("eager", "torch", "triton")
 LEDGER_DTYPES = (torch.float32, torch.bfloat16)
@@ -178,10 +178,6 @@ class LedgerRow:
 def ledger(providers=LEDGER_PROVIDERS, dtypes=LEDGER_DTYPES, sizes=LEDGER_SIZES, batch=LEDGER_BATCH):
     return [LedgerRow(p, d, s, batch, model_traffic(p, d, s, batch), model_traffic(p, d, s, batch, training=True))
             for s in sizes for d in dtypes for p in providers]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def format_ledger(rows) -> str:

@@ -47,6 +47,10 @@ def reference_state_dict():
         return AuthorsLFM().state_dict(), "random init (seed 0): the authors' checkpoint was not found"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def compiled(fn, provider: str):
     """torch.compile for a compile-* provider, with fullgraph so a graph break fails instead of
     silently timing eager code. Dynamo's cache is reset first: every case compiles the same code
