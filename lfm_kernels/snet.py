@@ -128,6 +128,22 @@ def _group_coords(pid, GH, GW, BLOCK_G: tl.constexpr, n_groups):
 
 
 @triton.jit
+def _block_program_conv(x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw,
+                        swo, swi, swh, sww, NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """What every block-kernel program starts with: its groups (b, gh, gw), its output channels and
+    the four conv accumulators of its [BLOCK_G, BLOCK_CO] tile, plus the conv bias as a row."""
+    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    a00, a01, a10, a11 = _conv2x2_groups(
+        x_ptr, w_ptr, b.to(tl.int64) * sxb, gh * 2, gw * 2, live, co, co_live, Cin, H, W, sxc, sxh, sxw,
+        swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    return live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias
+
+
+@triton.jit
 def _masked_stats(z, valid):
     """Per-channel sum of z over the valid rows of a [BLOCK_G, BLOCK_CO] tile."""
     return tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
@@ -189,15 +205,11 @@ def _snet_block_fwd_kernel(
          pool; writes out and the uint8 window argmax (0..3, first max wins as in max_pool2d).
     """
     pid = tl.program_id(0)
-    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
-    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_live = co < Cout
+    live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
+        x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
     r0 = gh * 2
     c0 = gw * 2
-    a00, a01, a10, a11 = _conv2x2_groups(
-        x_ptr, w_ptr, b.to(tl.int64) * sxb, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
-    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     v00 = live & (r0 < Hc) & (c0 < Wc)
     v01 = live & (r0 < Hc) & (c0 + 1 < Wc)
     v10 = live & (r0 + 1 < Hc) & (c0 < Wc)
@@ -276,15 +288,11 @@ def _snet_block_bwd_kernel(
     means c1, c2 and writes d(conv out) as float32 (B, Hc, Wc, Cout) to dz.
     """
     pid = tl.program_id(0)
-    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
-    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_live = co < Cout
+    live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
+        x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
     r0 = gh * 2
     c0 = gw * 2
-    a00, a01, a10, a11 = _conv2x2_groups(
-        x_ptr, w_ptr, b.to(tl.int64) * sxb, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
-    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     mean = tl.load(mean_ptr + co, mask=co_live, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + co, mask=co_live, other=0.0)[None, :]
     gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]

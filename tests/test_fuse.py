@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lfm.model import _frozen_npr_conv  # the authors' residual convs (identity at the top-left pixel)
 from lfm_kernels import fuse
 from lfm_kernels.nn import ScoreTopK, SNetBlock
 
@@ -21,20 +22,6 @@ def _topk_of_flatten(maps, k):
 def _topk_of_view(maps, k):
     batch, channels, height, width = maps.shape
     return torch.topk(maps.view(batch, channels, -1), k=k, dim=-1, sorted=True).values
-
-
-def _frozen_npr_conv(transposed):
-    """The authors' residual convs: keep the top-left pixel of each 2x2 cell, then copy it back."""
-    conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(3, 3, 2, stride=2, bias=False)
-    with torch.no_grad():
-        conv.weight.zero_()
-        for c in range(3):
-            if transposed:
-                conv.weight[c, c] = 1.0
-            else:
-                conv.weight[c, c, 0, 0] = 1.0
-    conv.weight.requires_grad_(False)
-    return conv
 
 
 class AuthorsSNet(nn.Module):
