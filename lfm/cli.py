@@ -161,7 +161,7 @@ def run_train(args) -> int:
             raise UsageError("--data is required (or --resume RUN)")
         opts = TrainOptions(**given)
     summary = train(opts, resume="resume" in args)
-    if summary["best_epoch"]:
+    if summary and summary["best_epoch"]:
         print(f"best validation accuracy {100 * summary['best_acc']:.2f} at epoch {summary['best_epoch']}; "
               f"weights in {summary['run_dir']}")
     return 0

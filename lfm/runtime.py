@@ -59,6 +59,8 @@ def session(device_name: str | None = None):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Context(dist.get_rank(), dist.get_world_size(), device)
+        # Rank 0 may still be writing files: a rank that tore the group down now would abort in gloo.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

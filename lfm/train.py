@@ -111,11 +111,13 @@ class TrainOptions:
         return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
 
 
-def train(opts: TrainOptions, resume: bool = False, log=print) -> dict:
-    """Train (or, with resume, continue the run in opts.out); returns a summary of the run."""
+def train(opts: TrainOptions, resume: bool = False, log=print) -> dict | None:
+    """Train (or, with resume, continue the run in opts.out); returns a summary of the run on rank 0
+    (None on the other ranks)."""
     opts.check()
     with session(opts.device) as ctx:
-        return Trainer(opts, ctx, log).run(resume)
+        summary = Trainer(opts, ctx, log).run(resume)
+    return summary if ctx.is_main else None
 
 
 def read_options(run_dir) -> TrainOptions:

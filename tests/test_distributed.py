@@ -74,9 +74,10 @@ def _reference_training(data: Path) -> dict:
 def test_torchrun_training_and_eval_match_one_process(tmp_path):
     data = write_training_set(tmp_path / "data", classes=("car",), n_train=9, n_val=5)  # odd: uneven shards
     run = tmp_path / "ddp"
-    _torchrun("train", "--data", data, "--out", run, "--epochs", EPOCHS, "--batch-size", GLOBAL_BATCH, "--lr", LR,
-              "--resize", 0, "--crop", 0, "--dropout", "off", "--patience", 0, "--workers", 0, "--device", "cpu",
-              "--no-progress")
+    done = _torchrun("train", "--data", data, "--out", run, "--epochs", EPOCHS, "--batch-size", GLOBAL_BATCH,
+                     "--lr", LR, "--resize", 0, "--crop", 0, "--dropout", "off", "--patience", 0, "--workers", 0,
+                     "--device", "cpu", "--no-progress")
+    assert done.stdout.count("best validation accuracy") == 1  # rank 0 alone reports
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the torchrun workers, so most float sums run in the same order
     try:
