@@ -34,19 +34,19 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=64,
         model.to(ctx.device)
         scores = score_items(model, items, transform, ctx, batch_size=batch_size, workers=workers,
                              precision=precision, max_pixels=max_pixels, progress=progress, desc="predicting")
-        if not ctx.is_main:
-            return []
-        results = []
-        heatmap_names = set()
-        for item, prob in zip(items, scores.prob_fake):
-            if np.isnan(prob):
-                continue
-            result = {"path": str(item.path), "prob_fake": float(prob)}
-            if heatmap_dir is not None:
-                result["heatmap"] = str(write_heatmap(model, item.path, transform, Path(heatmap_dir), heatmap_names,
-                                                      ctx.device, max_pixels))
-            results.append(result)
-            print(json.dumps(result) if as_json else f"{result['path']}\t{prob:.6g}", file=stream, flush=True)
+    if not ctx.is_main:
+        return []
+    results = []
+    heatmap_names = set()
+    for item, prob in zip(items, scores.prob_fake):
+        if np.isnan(prob):
+            continue
+        result = {"path": str(item.path), "prob_fake": float(prob)}
+        if heatmap_dir is not None:
+            result["heatmap"] = str(write_heatmap(model, item.path, transform, Path(heatmap_dir), heatmap_names,
+                                                  ctx.device, max_pixels))
+        results.append(result)
+        print(json.dumps(result) if as_json else f"{result['path']}\t{prob:.6g}", file=stream, flush=True)
     if scores.failures:
         warn("predict", describe_failures(scores.failures, files))
     return results
