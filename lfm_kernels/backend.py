@@ -117,6 +117,18 @@ def dot_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def dot_args(dtype: torch.dtype, precision: str) -> dict:
+    """DOT_DTYPE and PRECISION constexprs for tl.dot on inputs of `dtype`: `precision` ("tf32" or
+    "ieee") applies to float32; 16-bit inputs use their own tensor-core path."""
+    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=precision if dtype == torch.float32 else "tf32")
+
+
+def tile_size(n: int, cap: int) -> int:
+    """A power-of-2 block covering n, at least 16 (tl.dot's minimum) and at most `cap`. The interpreter
+    pays per operation, not per element, so there the cap is 4x larger; results never depend on tiling."""
+    return min(cap * 4 if interpreter_enabled() else cap, max(16, 1 << (n - 1).bit_length()))
+
+
 def autocast_dtype(x: torch.Tensor):
     """The dtype autocast would run a convolution on x in (None outside autocast), as F.conv2d does."""
     kind = x.device.type

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
-                      dot_dtype, draw_seed, dropout_scale, resolve_backend)
+                      dot_args, draw_seed, dropout_scale, resolve_backend, tile_size)
 from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
                         topk_pool_reference)
 
@@ -115,13 +115,8 @@ def _score_topk_dweight_kernel(
 
 
 def _dot_args(t: torch.Tensor) -> dict:
-    """tl.dot operand dtype and precision for inputs of t's dtype: full fp32 products for float32
-    (the scores decide a selection, and this GEMM is small), tensor cores for 16-bit inputs."""
-    return dict(DOT_DTYPE=dot_dtype(t.dtype), PRECISION="ieee" if t.dtype == torch.float32 else "tf32")
-
-
-def _tile(n: int, cap: int) -> int:
-    return min(cap, max(16, triton.next_power_of_2(n)))
+    # Full fp32 products for float32: the scores decide a selection, and this GEMM is small.
+    return dot_args(t.dtype, "ieee")
 
 
 @torch.library.custom_op("lfm::score_topk", mutates_args=())
@@ -129,7 +124,7 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
                    pmax: float, apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
-    block_n, block_co = _tile(N, 128), _tile(Cout, 64)
+    block_n, block_co = tile_size(N, 128), tile_size(Cout, 64)
     n_chunks = triton.cdiv(N, block_n)
     M = n_chunks * k
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
@@ -161,13 +156,13 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
     # Full-fp32 (ieee) dots run on FMA units: smaller tiles keep them out of local memory.
     block = 32 if feat.dtype == torch.float32 else 64
-    block_n, block_ci = _tile(N, 64), _tile(Cin, block)
+    block_n, block_ci = tile_size(N, 64), tile_size(Cin, block)
     _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
         dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
-        BLOCK_CI=block_ci, BLOCK_CO=_tile(Cout, block), BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
+        BLOCK_CI=block_ci, BLOCK_CO=tile_size(Cout, block), BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
     )
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    block_ci = _tile(Cin, 128)
+    block_ci = tile_size(Cin, 128)
     _score_topk_dweight_kernel[(Cout, triton.cdiv(Cin, block_ci))](
         grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
         BLOCK_CI=block_ci, BLOCK_K=triton.next_power_of_2(idx.shape[-1]),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
-                      dot_dtype, interpreter_enabled, resolve_backend)
+                      dot_args, interpreter_enabled, resolve_backend, tile_size)
 from .npr_residual import npr_residual_reference
 from .score_topk import score_topk
 from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
@@ -62,7 +62,7 @@ def fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, run
 # Triton helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
+def _inputtile_size(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
     """[rows, BLOCK_CI] of the block input at pixels (rr, cc); with NPR, |x - x[2*(rr//2), 2*(cc//2)]|."""
     ok = (live & (rr < H) & (cc < W))[:, None] & ci_live[None, :]
     at = x_ptr + base[:, None] + ci[None, :] * sxc
@@ -84,7 +84,7 @@ def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset):
 def _tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
-    xt = _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
+    xt = _inputtile_size(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
     return tl.dot(xt, w, acc, input_precision=PRECISION)
 
 
@@ -141,6 +141,13 @@ def _block_program_conv(x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout
         swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
     bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     return live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias
+
+
+@triton.jit
+def _group_valid(live, r0, c0, Hc, Wc):
+    """Which of the four conv outputs of each group lie inside the (Hc, Wc) conv output."""
+    return (live & (r0 < Hc) & (c0 < Wc), live & (r0 < Hc) & (c0 + 1 < Wc),
+            live & (r0 + 1 < Hc) & (c0 < Wc), live & (r0 + 1 < Hc) & (c0 + 1 < Wc))
 
 
 @triton.jit
@@ -210,10 +217,7 @@ def _snet_block_fwd_kernel(
         NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
     r0 = gh * 2
     c0 = gw * 2
-    v00 = live & (r0 < Hc) & (c0 < Wc)
-    v01 = live & (r0 < Hc) & (c0 + 1 < Wc)
-    v10 = live & (r0 + 1 < Hc) & (c0 < Wc)
-    v11 = live & (r0 + 1 < Hc) & (c0 + 1 < Wc)
+    v00, v01, v10, v11 = _group_valid(live, r0, c0, Hc, Wc)
     if MODE == 1:
         a00 += bias
         a01 += bias
@@ -297,10 +301,7 @@ def _snet_block_bwd_kernel(
     rstd = tl.load(rstd_ptr + co, mask=co_live, other=0.0)[None, :]
     gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    v00 = live & (r0 < Hc) & (c0 < Wc)
-    v01 = live & (r0 < Hc) & (c0 + 1 < Wc)
-    v10 = live & (r0 + 1 < Hc) & (c0 < Wc)
-    v11 = live & (r0 + 1 < Hc) & (c0 + 1 < Wc)
+    v00, v01, v10, v11 = _group_valid(live, r0, c0, Hc, Wc)
     gb = b.to(tl.int64)[:, None] * sgb + co[None, :] * sgc
     if POOL:
         pooled = (live & (gh < Hp) & (gw < Wp))[:, None] & co_live[None, :]
@@ -404,7 +405,7 @@ def _conv2x2_dw_kernel(
         b = q // (Wc * Hc)
         d = tl.load(dz_ptr + q.to(tl.int64)[:, None] * Cout + co[None, :], mask=live[:, None] & co_live[None, :],
                     other=0.0)
-        xt = _input_tile(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+        xt = _inputtile_size(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
         acc = tl.dot(tl.trans(d.to(DOT_DTYPE)), xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
     at = ((split * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
     tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
@@ -442,10 +443,10 @@ def _snet_head_kernel(
         for ci0 in range(0, Cin, BLOCK_CI):
             ci = ci0 + tl.arange(0, BLOCK_CI)
             ci_live = ci < Cin
-            x00 = _input_tile(x_ptr, base, r, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x01 = _input_tile(x_ptr, base, r, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x10 = _input_tile(x_ptr, base, r + 1, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x11 = _input_tile(x_ptr, base, r + 1, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x00 = _inputtile_size(x_ptr, base, r, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x01 = _inputtile_size(x_ptr, base, r, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x10 = _inputtile_size(x_ptr, base, r + 1, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
+            x11 = _inputtile_size(x_ptr, base, r + 1, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
             acc = tl.dot(x00.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, 0).to(DOT_DTYPE),
                          acc, input_precision=PRECISION)
             acc = tl.dot(x01.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, sww).to(DOT_DTYPE),
@@ -470,23 +471,14 @@ def _snet_head_kernel(
 # ---------------------------------------------------------------------------------------------
 # The interpreter pays per operation, not per element, so it gets much larger tiles; results
 # never depend on tiling. GPU tiles are the ones the compile report checks for spills.
-_INTERPRET = interpreter_enabled()
-_BLOCK_G = 1024 if _INTERPRET else 32  # 2x2 groups per program
-_BLOCK_P = 512 if _INTERPRET else 64  # pixels per program in the backward GEMMs and the head
-
-
-def _tile(n: int, cap: int) -> int:
-    return min(cap * 4 if _INTERPRET else cap, max(16, triton.next_power_of_2(n)))
-
-
-def _dot_args(dtype: torch.dtype, precision: str) -> dict:
-    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=precision if dtype == torch.float32 else "tf32")
+_BLOCK_G = 1024 if interpreter_enabled() else 32  # 2x2 groups per program
+_BLOCK_P = 512 if interpreter_enabled() else 64  # pixels per program in the backward GEMMs and the head
 
 
 def _conv_tiles(Cin: int, Cout: int, dtype: torch.dtype) -> dict:
     # Full-fp32 dots run on FMA units with fp32 operands: narrower channel blocks keep them in registers.
     wide = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=_tile(Cin, 16), BLOCK_CO=_tile(Cout, wide), num_warps=8)
+    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=tile_size(Cin, 16), BLOCK_CO=tile_size(Cout, wide), num_warps=8)
 
 
 def _launch_block_fwd(x, w, bias, *, mode, pool, npr, precision, scale=None, shift=None):
@@ -517,7 +509,7 @@ def _launch_block_fwd(x, w, bias, *, mode, pool, npr, precision, scale=None, shi
             x, w, bias, scale if scale is not None else bias, shift if shift is not None else bias, out,
             argmax if argmax is not None else out, count, mean, m2,
             n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
-            MODE=mode, POOL=pool, NPR=npr, **tiles, **_dot_args(x.dtype, precision),
+            MODE=mode, POOL=pool, NPR=npr, **tiles, **dot_args(x.dtype, precision),
         )
     return (count, mean, m2) if mode == 1 else (out, argmax)
 
@@ -597,7 +589,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
     tiles = _conv_tiles(Cin, Cout, x.dtype)
-    dots = _dot_args(x.dtype, precision)
+    dots = dot_args(x.dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
     sdy = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
@@ -612,12 +604,12 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
     _snet_block_bwd_kernel[grid](*args, dbeta / n_pos, dgamma / n_pos, sdy, sdyz, dz, *common, STAGE=1, **flags)
 
-    block_p, block_ci, block_co = _BLOCK_P, _tile(Cin, 16), _tile(Cout, 32)
+    block_p, block_ci, block_co = _BLOCK_P, tile_size(Cin, 16), tile_size(Cout, 32)
     splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
     per_split = triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p
     splits = triton.cdiv(n_pos, per_split)
     part = torch.empty((splits, 4, Cout, Cin), dtype=torch.float32, device=dev)
-    dw_co, dw_ci = _tile(Cout, 64), _tile(Cin, 32)
+    dw_co, dw_ci = tile_size(Cout, 64), tile_size(Cin, 32)
     _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
         dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
         NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
@@ -675,8 +667,8 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _snet_head_kernel[(B, n_chunks)](
         x, weight, bias, score_weight, cand_key, cand_pos, Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(),
         score_weight.stride(0), score_weight.stride(1), k, M,
-        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=_tile(C4, 32 if x.dtype == torch.float32 else 64),
-        BLOCK_CS=_tile(CS, 64), **_dot_args(x.dtype, precision), num_warps=8, num_stages=1,
+        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=tile_size(C4, 32 if x.dtype == torch.float32 else 64),
+        BLOCK_CS=tile_size(CS, 64), **dot_args(x.dtype, precision), num_warps=8, num_stages=1,
     )
     out = torch.empty((B, CS, k), dtype=x.dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)
@@ -718,6 +710,14 @@ def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, ru
         raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
 
 
+def _kernel_input(x):
+    """x as the kernels take it: in autocast's dtype under autocast, as F.conv2d would run (statistics
+    and accumulation stay float32), and of a kernel dtype."""
+    x = x.to(autocast_dtype(x) or x.dtype)
+    check_kernel_dtype("x", x)
+    return x
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -735,13 +735,12 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     if resolve_backend(backend, x) == "torch":
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
-    x = x.to(autocast_dtype(x) or x.dtype)  # the conv runs in autocast's dtype; statistics stay float32
-    check_kernel_dtype("x", x)
-    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
-    if not training and not _needs_grad(x, conv_weight, bias, bn_weight, bn_bias):
-        weight, fbias = folded if folded is not None else fold_batchnorm(
-            conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    x = _kernel_input(x)
+    if not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
+        weight, fbias = folded or fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                 running_var, eps)
         return torch.ops.lfm.snet_block_eval(x, weight, fbias, pool, npr, input_precision)
+    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
     out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
                                                        bool(training), pool, npr, input_precision)
@@ -775,10 +774,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
                           backend=backend, folded=folded)
         return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
                           backend=backend)
-    x = x.to(autocast_dtype(x) or x.dtype)
-    check_kernel_dtype("x", x)
-    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
-    weight, fbias = folded if folded is not None else fold_batchnorm(
-        conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    values, idx = torch.ops.lfm.snet_head_eval(x, weight, fbias, score_weight, k, input_precision)
+    weight, fbias = folded or fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                             eps)
+    values, idx = torch.ops.lfm.snet_head_eval(_kernel_input(x), weight, fbias, score_weight, k, input_precision)
     return (values, idx) if return_indices else values
