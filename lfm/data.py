@@ -6,7 +6,9 @@ classes (`ROOT/train/car/0_real`, ...). Evaluation treats each labeled folder un
 subset. Unreadable files are not fatal: a sample that fails to load comes back as a failure with its
 reason, the batch goes on without it, and the caller reports every failure at the end.
 """
+import fnmatch
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UsageError
+from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, UnusableImage, read_rgb
 
 REAL_DIR, FAKE_DIR = "0_real", "1_fake"
@@ -28,11 +30,39 @@ class Item:
     label: int = UNLABELED
 
 
+def walk(folder: Path, max_depth: int | None = None, descend=lambda folder: True):
+    """(path, is_folder) for every non-hidden entry under `folder`, depth first in name order. Symlinks are
+    followed, but each real folder is entered once, so symlink loops end and an aliased folder counts once.
+    `max_depth` limits how deep it goes (1: the entries of `folder`); `descend(path)` may prune a folder."""
+    seen = {os.path.realpath(folder)}
+
+    def visit(directory: Path, depth: int):
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as err:
+            raise UsageError(f"cannot list folder {directory}: {err.strerror}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            if entry.is_dir():
+                real = os.path.realpath(path)
+                if real in seen:
+                    continue
+                seen.add(real)
+                yield path, True
+                if (max_depth is None or depth < max_depth) and descend(path):
+                    yield from visit(path, depth + 1)
+            elif entry.is_file():
+                yield path, False
+
+    yield from visit(Path(folder), 1)
+
+
 def list_files(folder: Path) -> list[Path]:
     """Every regular, non-hidden file under `folder` (recursively), sorted; what is not an image is
     found out when it is read."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(path for path, is_folder in walk(folder) if not is_folder)
 
 
 def is_labeled(folder: Path) -> bool:
@@ -46,11 +76,11 @@ def labeled_items(folder: Path) -> list[Item]:
 
 
 def labeled_folders(root: Path) -> list[Path]:
-    """Folders under `root` (itself included) that hold 0_real or 1_fake, in sorted order."""
-    if is_labeled(root):
-        return [root]
-    return [found for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            for found in labeled_folders(child)]
+    """Folders under `root` (itself included) that hold 0_real or 1_fake, in sorted order; a labeled
+    folder may hold further labeled folders beside its class folders."""
+    beneath = walk(root, descend=lambda folder: folder.name not in LABEL_DIRS)
+    return [folder for folder in [Path(root)] + [path for path, is_folder in beneath if is_folder]
+            if folder.name not in LABEL_DIRS and is_labeled(folder)]
 
 
 def require_folder(path) -> Path:
@@ -80,47 +110,115 @@ def training_items(root, split: str, classes=None) -> list[Item]:
     return items
 
 
+def distinct_roots(roots) -> list[Path]:
+    """The given folders, each once (by real path); a root inside another would count images twice."""
+    unique = {}
+    for root in map(require_folder, roots):
+        unique.setdefault(Path(os.path.realpath(root)), root)
+    for real, root in unique.items():
+        for other_real, other in unique.items():
+            if real != other_real and other_real in real.parents:
+                raise UsageError(f"test root {root} lies inside test root {other}; give only one of them")
+    return list(unique.values())
+
+
+def root_names(roots) -> list[str]:
+    """Per root, the shortest tail of its real path that no other root shares ("test" for one root,
+    "a/test" and "b/test" for two roots named test)."""
+    parts = [Path(os.path.realpath(root)).parts for root in roots]
+    for n in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return ["/".join(p) for p in parts]
+
+
 def find_test_subsets(roots, depth: int | None = None) -> dict[str, list[Item]]:
     """Test subsets under the given roots: each labeled folder, or with `depth`, each folder `depth`
     levels below a root with every labeled folder beneath it merged (the authors' protocol for sets
     such as ForenSynths, whose generators hold one labeled folder per object class).
 
-    Subsets are named by their path relative to the root, prefixed by the root's name when there are
-    several roots; a root that is itself labeled is named after its folder."""
-    roots = [require_folder(root) for root in roots]
+    Subsets are named by their path relative to the root, prefixed by the root's name (made unique)
+    when there are several roots; a root that is itself labeled is named after its folder. A labeled
+    folder inside another is a subset of its own, with a warning."""
+    if depth is not None and depth < 0:
+        raise UsageError(f"--subset-depth must be >= 0, got {depth}")
+    roots = distinct_roots(roots)
     subsets = {}
-    for root in roots:
+    for root, root_name in zip(roots, root_names(roots)):
         folders = labeled_folders(root)
         if not folders:
             raise UsageError(f"no folder holding {REAL_DIR} or {FAKE_DIR} under {root}")
         for folder in folders:
+            outer = [other for other in folders if other in folder.parents]
+            if outer:
+                warn("eval", f"{folder} holds {REAL_DIR}/{FAKE_DIR} inside the labeled folder {outer[-1]}; "
+                              "it is scored as a subset of its own")
             relative = folder.relative_to(root).parts
             if depth is not None:
                 relative = relative[:depth]
-            name = "/".join(((root.name,) if len(roots) > 1 or not relative else ()) + relative)
-            subsets.setdefault(name, []).extend(labeled_items(folder))
+            prefix = (root_name,) if len(roots) > 1 else (() if relative else (root.name,))
+            subsets.setdefault("/".join(prefix + relative), []).extend(labeled_items(folder))
     empty = [name for name, items in subsets.items() if not items]
     if empty:
         raise UsageError(f"empty test subset(s): {', '.join(empty)}")
     return subsets
 
 
+def matches(parts: tuple, pattern: tuple) -> bool:
+    """Whether path components match glob components, `**` standing for any number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return matches(parts, pattern[1:]) or (bool(parts) and matches(parts[1:], pattern))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and matches(parts[1:], pattern[1:])
+
+
+def glob_files(spec: str) -> list[Path]:
+    """Files matching a glob pattern (`**`: any number of folders), a matching folder giving every file
+    beneath it; hidden entries only where the pattern names them. Walks with `walk`, so it ends on
+    symlink loops."""
+    parts = Path(spec).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base, pattern = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    if not base.is_dir():
+        return []
+    found, expanded = [], None
+    for path, is_folder in walk(base, max_depth=None if "**" in pattern else len(pattern)):
+        if expanded is not None and expanded in path.parents:
+            continue  # already taken with a matching folder above it
+        if matches(path.relative_to(base).parts, pattern):
+            if is_folder:
+                expanded = path
+                found += list_files(path)
+            else:
+                found.append(path)
+    return sorted(found)
+
+
 def expand_paths(specs) -> list[Path]:
-    """Files, folders (all files beneath, recursively) and glob patterns -> files in the given order."""
-    files = []
+    """Files, folders (all files beneath, recursively) and glob patterns -> files in the given order,
+    each real file once (the first path naming it)."""
+    files, seen = [], set()
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            files += list_files(path)
+            found = list_files(path)
         elif path.is_file():
-            files.append(path)
+            found = [path]
+        elif path.exists():
+            raise UsageError(f"not a regular file or folder: {spec}")
         elif glob.has_magic(str(spec)):
-            matches = sorted(glob.glob(str(spec), recursive=True))
-            if not matches:
+            found = glob_files(str(spec))
+            if not found:
                 raise UsageError(f"no file matches {spec}")
-            files += expand_paths(matches)
         else:
             raise UsageError(f"no such file or folder: {spec}")
+        for file in found:
+            real = os.path.realpath(file)
+            if real not in seen:
+                seen.add(real)
+                files.append(file)
     if not files:
         raise UsageError("no files to score")
     return files

@@ -193,3 +193,46 @@ def test_png_bytes_roundtrip_through_read_rgb(tmp_path):
     path = tmp_path / "la.png"
     path.write_bytes(buffer.getvalue())
     assert np.asarray(read_rgb(path)).tolist() == [[[100] * 3] * 3] * 2
+
+
+def test_globs_and_folders_survive_symlink_loops_and_score_each_file_once(tmp_path):
+    loop = tmp_path / "L"
+    (loop / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        (loop / name).write_bytes(b"x")
+    (loop / "self").symlink_to(".")
+    (loop / "parent").symlink_to("../L")
+    (loop / "sub" / "up").symlink_to("..")
+    (loop / "alias.png").symlink_to("a.png")
+    expected = [loop / "a.png", loop / "sub" / "b.png"]
+    assert expand_paths([str(loop / "**" / "*.png")]) == expected
+    assert expand_paths([loop]) == expected
+    assert expand_paths([loop / "a.png", loop, str(loop / "*.png")]) == expected  # each real file once
+    # A symlink to a folder outside is followed (once).
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "c.png").write_bytes(b"x")
+    (loop / "linked").symlink_to(tmp_path / "outside")
+    assert expand_paths([str(loop / "**" / "c.png")]) == [loop / "linked" / "c.png"]
+
+
+def test_only_regular_files_and_folders_are_inputs(tmp_path):
+    with pytest.raises(UsageError, match="not a regular file or folder: /dev/null"):
+        expand_paths(["/dev/null"])
+
+
+def test_test_subsets_have_unique_names_and_nested_sets_are_kept(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for path in ("a/test/gan", "b/test/gan", "outer", "outer/inner"):
+        write_labeled(tmp_path / path, 1, 1, rng)
+    # Two roots named "test": their subsets keep apart.
+    subsets = find_test_subsets([tmp_path / "a" / "test", tmp_path / "b" / "test"])
+    assert {name: len(items) for name, items in subsets.items()} == {"a/test/gan": 2, "b/test/gan": 2}
+    # The same root twice counts once.
+    twice = find_test_subsets([tmp_path / "a" / "test", tmp_path / "a" / "test" / ".." / "test"])
+    assert {name: len(items) for name, items in twice.items()} == {"gan": 2}
+    # A labeled folder inside another is a subset of its own, with a warning.
+    nested = find_test_subsets([tmp_path / "outer"])
+    assert {name: len(items) for name, items in nested.items()} == {"outer": 2, "inner": 2}
+    assert "outer/inner holds 0_real/1_fake inside the labeled folder" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="lies inside"):
+        find_test_subsets([tmp_path / "a", tmp_path / "a" / "test"])
