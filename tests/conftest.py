@@ -7,6 +7,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton_interpreter_compat  # noqa: E402
+
+triton_interpreter_compat.apply()  # triton 3.6's interpreter on numpy >= 2.4 (the GPU machines' stack)
 
 SHARED = Path(os.environ.get("LFM_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "lfm_official"
 
