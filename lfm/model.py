@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm_kernels import random_k_pool, score_topk, snet_head, topk_pool
-from lfm_kernels.backend import check_backend_name
+from lfm_kernels.backend import check_backend_name, check_precision
 from lfm_kernels.nn import SNetBlock
-from lfm_kernels.snet import PRECISIONS
 
 SNET_CHANNELS = (3, 64, 128, 256, 512)
 SCORE_CHANNELS = 64
@@ -37,7 +36,7 @@ class SNet(nn.Module):
     """abs(NPR residual) of the image -> 4 fused blocks [Conv2d k=2, BatchNorm, ReLU], 2x2 max-pool after
     blocks 1-3; layer1 computes the residual itself. Keys as the authors' nn.Sequential blocks."""
 
-    def __init__(self, input_precision="tf32", backend=None):
+    def __init__(self, input_precision=None, backend=None):
         super().__init__()
         for i, (cin, cout) in enumerate(zip(SNET_CHANNELS[:-1], SNET_CHANNELS[1:]), start=1):
             block = SNetBlock(cin, cout, pool=i < 4, npr=i == 1, input_precision=input_precision, backend=backend)
@@ -76,11 +75,12 @@ class LFM(nn.Module):
     random_k_weight: weight of the random-K auxiliary loss; when > 0, `model(x, return_aux=True)` in
         training mode also returns the auxiliary logits of K random positions per channel.
     backend: "auto" (default; LFM_BACKEND overrides), "torch" or "triton", for every fused op.
-    input_precision: "tf32" (default, as cuDNN does) or "ieee" for the Triton convs on float32 inputs.
+    input_precision: for the Triton convs and scoring on float32 inputs: None (default) follows torch's
+        cuDNN switch (torch.backends.cudnn.allow_tf32: TF32 unless turned off), or "tf32" or "ieee".
     """
 
     def __init__(self, k: int = 16, dropout: str = "paper", pmin: float = 0.1, pmax: float = 0.3,
-                 random_k_weight: float = 0.0, backend=None, input_precision: str = "tf32"):
+                 random_k_weight: float = 0.0, backend=None, input_precision=None):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -90,8 +90,7 @@ class LFM(nn.Module):
             raise ValueError(f"need 0 <= pmin <= pmax < 1, got pmin={pmin}, pmax={pmax}")
         if random_k_weight < 0:
             raise ValueError(f"random_k_weight must be >= 0, got {random_k_weight}")
-        if input_precision not in PRECISIONS:
-            raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+        check_precision(input_precision)
         self.k, self.dropout, self.pmin, self.pmax = k, dropout, pmin, pmax
         self.random_k_weight = float(random_k_weight)
         self.backend = backend if backend is None else check_backend_name(backend)
@@ -130,14 +129,14 @@ class LFM(nn.Module):
             # Block 4 + scoring + Top-K: one fused kernel (plus the merge) on the triton backend.
             block4 = self.cnn.layer4
             top = snet_head(h, *block4.tensors(), self.covn1_1.weight, self.k, eps=block4.bn.eps,
-                            input_precision=block4.input_precision, backend=self.backend, folded=block4.folded())
+                            input_precision=block4.input_precision, backend=self.backend)
         elif return_aux and self.random_k_weight > 0:
             scores = F.conv2d(self.cnn.layer4(h), self.covn1_1.weight)
             top = topk_pool(scores, self.k, drop=self.drop, training=True, backend=self.backend)
             aux = self.fc1(random_k_pool(scores, self.k, backend=self.backend).flatten(1))
         else:
             top = score_topk(self.cnn.layer4(h), self.covn1_1.weight, self.k, drop=self.drop, training=True,
-                             backend=self.backend)
+                             input_precision=self.cnn.layer4.input_precision, backend=self.backend)
         logits = self.fc1(top.flatten(1))
         return (logits, aux) if return_aux else logits
 

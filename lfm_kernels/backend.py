@@ -6,6 +6,8 @@ Backends:
   "auto"   - triton for CUDA tensors, torch otherwise (the default).
 The default comes from the environment variable LFM_BACKEND when it is set.
 """
+import contextlib
+import functools
 import os
 
 import torch
@@ -58,11 +60,22 @@ def check_same_device(**tensors):
         raise ValueError(f"tensors must be on one device, got {listing}")
 
 
+# The Triton selection runs k rounds of "max, remove" over tiles of at most 2 * MAX_KERNEL_K candidates
+# per row: beyond that a round costs more than a sort, and the tiles no longer fit in registers.
+MAX_KERNEL_K = 1024
+
+
 def check_k(k, positions: int):
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be an int, got {k!r}")
     if k < 1 or k > positions:
         raise ValueError(f"k must be in [1, H*W={positions}], got k={k}")
+
+
+def check_kernel_k(k: int):
+    """The Triton backend's bound on k (after check_k)."""
+    if k > MAX_KERNEL_K:
+        raise ValueError(f"backend='triton' supports k <= {MAX_KERNEL_K}, got k={k}; use backend='torch' for larger k")
 
 
 def check_drop(drop):
@@ -107,26 +120,88 @@ def draw_seed(device) -> torch.Tensor:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def dot_dtype(dtype: torch.dtype):
-    """Operand dtype for tl.dot on inputs of `dtype`. The interpreter of triton 3.9 computes bfloat16
-    dots wrongly, so there bfloat16 operands are widened to float32 (exact for bf16 values)."""
+PRECISIONS = ("tf32", "ieee")
+
+
+def check_precision(input_precision):
+    if input_precision is not None and input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be None or one of {PRECISIONS}, got {input_precision!r}")
+
+
+def conv_tf32_enabled() -> bool:
+    """Whether torch lets cuDNN convolutions use TF32 for float32 (torch.backends.cudnn.allow_tf32, or
+    the newer torch.backends.cudnn.conv.fp32_precision; the legacy getter refuses a mix of the two)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def resolve_precision(input_precision) -> str:
+    """"tf32" or "ieee" for float32 tensor-core dots: an explicit choice, else what torch's cuDNN switch
+    says, so that turning TF32 off for convolutions turns it off for ours too."""
+    check_precision(input_precision)
+    if input_precision is not None:
+        return input_precision
+    return "tf32" if conv_tf32_enabled() else "ieee"
+
+
+def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
-    if dtype == torch.bfloat16 and interpreter_enabled():
-        return tl.float32
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def dot_args(dtype: torch.dtype, precision: str) -> dict:
-    """DOT_DTYPE and PRECISION constexprs for tl.dot on inputs of `dtype`: `precision` ("tf32" or
-    "ieee") applies to float32; 16-bit inputs use their own tensor-core path."""
-    return dict(DOT_DTYPE=dot_dtype(dtype), PRECISION=precision if dtype == torch.float32 else "tf32")
+    """Constexprs for tl.dot on operands computed in `dtype` (the input's, or autocast's):
+    OPERAND_DTYPE, what operands are rounded to; DOT_DTYPE, what tl.dot gets (the interpreter of triton
+    3.9 computes bfloat16 dots wrongly, so there rounded bf16 values are widened to float32, exactly);
+    PRECISION, "tf32" or "ieee" for float32 (16-bit operands use their own tensor-core path)."""
+    operand = _tl_dtype(dtype)
+    dot = _tl_dtype(torch.float32) if dtype == torch.bfloat16 and interpreter_enabled() else operand
+    return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
+
+
+_gpu_tiles_in_interpreter = False
+
+
+@contextlib.contextmanager
+def gpu_tile_sizes():
+    """Run the interpreter with the tile sizes a GPU gets, so tests cover the code paths of GPU tiles
+    (more programs, loops over channel blocks) and not only the interpreter's larger tiles."""
+    global _gpu_tiles_in_interpreter
+    previous, _gpu_tiles_in_interpreter = _gpu_tiles_in_interpreter, True
+    try:
+        yield
+    finally:
+        _gpu_tiles_in_interpreter = previous
+
+
+def interpreter_tiles() -> bool:
+    """Whether launchers pick the interpreter's tiles: the interpreter pays per operation, not per
+    element, so it gets tiles about 4x larger; results never depend on tiling."""
+    return interpreter_enabled() and not _gpu_tiles_in_interpreter
 
 
 def tile_size(n: int, cap: int) -> int:
-    """A power-of-2 block covering n, at least 16 (tl.dot's minimum) and at most `cap`. The interpreter
-    pays per operation, not per element, so there the cap is 4x larger; results never depend on tiling."""
-    return min(cap * 4 if interpreter_enabled() else cap, max(16, 1 << (n - 1).bit_length()))
+    """A power-of-2 block covering n, at least 16 (tl.dot's minimum) and at most `cap` (4x under the
+    interpreter's tiles)."""
+    return min(cap * 4 if interpreter_tiles() else cap, max(16, 1 << (n - 1).bit_length()))
+
+
+def on_input_device(op):
+    """Run a launcher with the device of its first tensor argument current, so Triton launches on that
+    GPU and on torch's current stream for it (a model on cuda:1 while cuda:0 is current)."""
+
+    @functools.wraps(op)
+    def launch(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return op(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return op(*args, **kwargs)
+
+    return launch
 
 
 def autocast_dtype(x: torch.Tensor):

@@ -30,6 +30,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 import lfm_kernels
+from lfm_kernels.backend import MAX_KERNEL_K, PRECISIONS
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
@@ -74,8 +75,9 @@ def _arg_type(arg):
 
 
 def _workloads(dtype):
-    """Forward and backward of every op at LFM's shapes (B=2, 256x256 input, 30x30 score map).
-    Launches are intercepted, so the tensors' contents never matter."""
+    """Forward and backward of every op at LFM's shapes (B=2, 256x256 input, 30x30 score map), in both
+    float32 precisions, and Top-K at the largest supported k on a 256x256 map. Launches are
+    intercepted, so the tensors' contents never matter."""
     ops = torch.ops.lfm
     seed = torch.tensor([1, 2])
     image = torch.randn(2, 3, 256, 256, dtype=dtype)
@@ -85,23 +87,29 @@ def _workloads(dtype):
     for apply_drop in (False, True):
         ops.topk_pool(scores, 16, seed, 0.1, 0.3, apply_drop)
     ops.random_k_pool(scores, 16, seed)
+    wide = torch.randn(1, 2, 256, 256, dtype=dtype)
+    ops.topk_pool(wide, MAX_KERNEL_K, seed, 0.1, 0.3, True)
+    ops.random_k_pool(wide, MAX_KERNEL_K, seed)
     idx = torch.zeros(2, 64, 16, dtype=torch.int64)
     keep = torch.ones(2, 64, 16, dtype=torch.uint8)
     ops.scatter_rows(torch.randn(2, 64, 16, dtype=dtype), idx, keep, 1.25, [2, 64, 30, 30])
     feat = torch.randn(2, 512, 30, 30, dtype=dtype)
     weight = torch.randn(64, 512, 1, 1, dtype=dtype)
-    ops.score_topk(feat, weight, 16, seed, 0.1, 0.3, True)
-    ops.score_topk_backward(torch.randn(2, 64, 16, dtype=dtype), feat, weight, idx, keep, 1.25)
-    # SNet at 256x256: stem (NPR, 3 -> 64), a middle block (128 -> 256), the head (256 -> 512 -> 64).
-    for x, cout, npr in ((image, 64, True), (torch.randn(2, 128, 63, 63, dtype=dtype), 256, False)):
-        w = torch.randn(cout, x.shape[1], 2, 2)
-        vec = torch.ones(cout)
-        ops.snet_block_eval(x, w, vec, True, npr, "tf32")
-        out, argmax, mean, var = ops.snet_block_train(x, w, vec, vec, vec, vec, vec, 1e-5, True, True, npr, "tf32")
-        grad = torch.randn(out.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        ops.snet_block_backward(grad, x, w, vec, vec, vec, vec, vec, argmax, 1e-5, True, True, npr, "tf32", True)
     block3 = torch.randn(2, 256, 31, 31, dtype=dtype)
-    ops.snet_head_eval(block3, torch.randn(512, 256, 2, 2), torch.ones(512), weight, 16, "tf32")
+    vec = torch.ones(512)
+    for precision in PRECISIONS if dtype == torch.float32 else ("tf32",):
+        ops.score_topk(feat, weight, 16, seed, 0.1, 0.3, True, precision)
+        ops.score_topk_backward(torch.randn(2, 64, 16, dtype=dtype), feat, weight, idx, keep, 1.25, precision)
+        # SNet at 256x256: stem (NPR, 3 -> 64), a middle block (128 -> 256), the head (256 -> 512 -> 64).
+        for x, cout, npr in ((image, 64, True), (torch.randn(2, 128, 63, 63, dtype=dtype), 256, False)):
+            w = torch.randn(cout, x.shape[1], 2, 2)
+            v = vec[:cout]
+            ops.snet_block_eval(x, w, v, v, v, v, v, 1e-5, True, npr, precision, dtype)
+            out, argmax, mean, var = ops.snet_block_train(x, w, v, v, v, v, v, 1e-5, True, True, npr, precision, dtype)
+            grad = torch.randn(out.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            ops.snet_block_backward(grad, x, w, v, v, v, v, v, argmax, 1e-5, True, True, npr, precision, dtype, True)
+        ops.snet_head_eval(block3, torch.randn(512, 256, 2, 2), vec, vec, vec, vec, vec, 1e-5, weight, 16, precision,
+                           dtype)
 
 
 def package_kernels():

@@ -1,13 +1,12 @@
 """nn.Module drop-ins for the fused ops, for use inside any PyTorch model."""
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
-from .backend import check_backend_name, check_drop
+from .backend import check_backend_name, check_drop, check_precision
 from .npr_residual import npr_residual
 from .random_k_pool import random_k_pool
 from .score_topk import score_topk
-from .snet import fold_batchnorm, snet_block
+from .snet import snet_block
 from .topk_pool import topk_pool
 
 
@@ -75,19 +74,19 @@ class SNetBlock(nn.Module):
     """[abs-NPR ->] Conv2d(k=2) -> BatchNorm2d -> ReLU [-> MaxPool2d(2)], fused (lfm_kernels.snet_block).
 
     Its children are named "0" (Conv2d), "1" (BatchNorm2d) and "2" (ReLU), as in
-    nn.Sequential(conv, bn, relu), so it loads that Sequential's state_dict. In eval mode the
-    BatchNorm-folded weights are cached and recomputed when a parameter or buffer changes.
+    nn.Sequential(conv, bn, relu), so it loads that Sequential's state_dict. Nothing derived from the
+    parameters is cached: every call reads them as they are.
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool = True, npr: bool = False,
-                 input_precision: str = "tf32", backend=None):
+                 input_precision=None, backend=None):
         super().__init__()
         self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size=2))
         self.add_module("1", nn.BatchNorm2d(out_channels))
         self.add_module("2", nn.ReLU(inplace=True))
+        check_precision(input_precision)
         self.pool, self.npr, self.input_precision = pool, npr, input_precision
         self.backend = backend if backend is None else check_backend_name(backend)
-        self._fold_cache = None
 
     @property
     def conv(self) -> nn.Conv2d:
@@ -102,17 +101,6 @@ class SNetBlock(nn.Module):
         conv, bn = self.conv, self.bn
         return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
 
-    def folded(self):
-        """Conv weight and bias with eval-mode BatchNorm folded in, cached by the tensors' versions."""
-        if torch.compiler.is_compiling() or isinstance(self.conv.weight, FakeTensor):  # no storage to key on
-            return fold_batchnorm(*self.tensors(), self.bn.eps)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in self.tensors())
-        key += (self.bn.eps,)
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            with torch.no_grad():
-                self._fold_cache = (key, fold_batchnorm(*self.tensors(), self.bn.eps))
-        return self._fold_cache[1]
-
     def batchnorm_mode(self):
         """(use batch statistics, momentum) as nn.BatchNorm2d decides them; counts tracked batches."""
         bn = self.bn
@@ -126,8 +114,7 @@ class SNetBlock(nn.Module):
     def forward(self, x):
         training, momentum = self.batchnorm_mode()
         return snet_block(x, *self.tensors(), eps=self.bn.eps, momentum=momentum, training=training, pool=self.pool,
-                          npr=self.npr, input_precision=self.input_precision, backend=self.backend,
-                          folded=None if training else self.folded())
+                          npr=self.npr, input_precision=self.input_precision, backend=self.backend)
 
     def extra_repr(self):
         return f"pool={self.pool}, npr={self.npr}, input_precision={self.input_precision!r}"

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import check_float_tensor, check_kernel_dtype, resolve_backend
+from .backend import check_float_tensor, check_kernel_dtype, on_input_device, resolve_backend
 
 
 def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = True) -> torch.Tensor:
@@ -98,6 +98,7 @@ def _launch(kernel, x, *tensors_and_out, factor, absolute):
 
 
 @torch.library.custom_op("lfm::npr_residual", mutates_args=())
+@on_input_device
 def _npr_residual_op(x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(_npr_residual_fwd_kernel, x, x, out, factor=factor, absolute=absolute)
@@ -110,6 +111,7 @@ def _(x, factor, absolute):
 
 
 @torch.library.custom_op("lfm::npr_residual_backward", mutates_args=())
+@on_input_device
 def _npr_residual_backward_op(grad: torch.Tensor, x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(_npr_residual_bwd_kernel, x, grad.contiguous(), x, dx, factor=factor, absolute=absolute)

@@ -9,8 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import check_float_tensor, check_k, check_kernel_dtype, draw_seed, resolve_backend
-from .topk_pool import _EMPTY, _INT_MAX, _pop_max, _sortable_key, rows_per_program, select_chunks
+from .backend import check_float_tensor, check_k, check_kernel_dtype, check_kernel_k, draw_seed, on_input_device, \
+    resolve_backend
+from .topk_pool import _EMPTY, _INT_MAX, _pop_max, _sortable_key, reduce_candidates, rows_per_program, select_chunks
 
 
 def random_k_pool_reference(x, k, *, return_indices=False):
@@ -61,14 +62,17 @@ def _random_k_merge_kernel(
 
 
 @torch.library.custom_op("lfm::random_k_pool", mutates_args=())
+@on_input_device
 def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = x.shape
     out = torch.empty((B, C, k), dtype=x.dtype, device=x.device)
     idx = torch.empty((B, C, k), dtype=torch.int64, device=x.device)
-    cand_key, cand_pos = select_chunks(x, k, seed=seed)
+    cand_key, cand_pos = reduce_candidates(*select_chunks(x, k, seed=seed), k)
     M = cand_key.shape[1]
     block_m = triton.next_power_of_2(M)
     block_r = rows_per_program(block_m)
+    if not B * C:
+        return out, idx
     _random_k_merge_kernel[(triton.cdiv(B * C, block_r),)](
         cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k),
@@ -104,5 +108,6 @@ def random_k_pool(x, k, *, return_indices=False, backend=None):
     if resolve_backend(backend, x) == "torch":
         return random_k_pool_reference(x, k, return_indices=return_indices)
     check_kernel_dtype("x", x)
+    check_kernel_k(k)
     values, idx = torch.ops.lfm.random_k_pool(x, k, draw_seed(x.device))
     return (values, idx) if return_indices else values

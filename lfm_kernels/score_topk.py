@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
-                      dot_args, draw_seed, dropout_scale, resolve_backend, tile_size)
+from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
+                      check_precision, check_same_device, dot_args, draw_seed, dropout_scale, on_input_device,
+                      resolve_backend, resolve_precision, tile_size)
 from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
                         topk_pool_reference)
 
@@ -26,7 +27,7 @@ def _score_topk_chunk_kernel(
     feat_ptr, w_ptr, cand_key_ptr, cand_pos_ptr,
     Cout, Cin, N, W, sfb, sfc, sfh, sfw, swo, swi, k, M,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Stage 1. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cout, BLOCK_CO)).
 
@@ -48,7 +49,8 @@ def _score_topk_chunk_kernel(
         f = tl.load(feat_base + ci[:, None] * sfc, mask=ci_live[:, None] & col_live[None, :], other=0.0)
         w = tl.load(w_ptr + co[:, None] * swo + ci[None, :] * swi,
                     mask=co_live[:, None] & ci_live[None, :], other=0.0)
-        acc = tl.dot(w.to(DOT_DTYPE), f.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(w.to(OPERAND_DTYPE).to(DOT_DTYPE), f.to(OPERAND_DTYPE).to(DOT_DTYPE), acc,
+                     input_precision=PRECISION)
     live = co_live[:, None] & col_live[None, :]
     keys = tl.where(live, _sortable_key(acc), _EMPTY)
     pos = tl.where(live, cols[None, :] + tl.zeros([BLOCK_CO, BLOCK_N], tl.int32), _INT_MAX)
@@ -59,7 +61,7 @@ def _score_topk_chunk_kernel(
 def _score_topk_dfeat_kernel(
     ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, swo, swi,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward to feat. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cin, BLOCK_CI)).
 
@@ -79,7 +81,8 @@ def _score_topk_dfeat_kernel(
                      mask=co_live[:, None] & col_live[None, :], other=0.0)
         wt = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi,
                      mask=ci_live[:, None] & co_live[None, :], other=0.0)
-        acc = tl.dot(wt.to(DOT_DTYPE), ds.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot(wt.to(OPERAND_DTYPE).to(DOT_DTYPE), ds.to(OPERAND_DTYPE).to(DOT_DTYPE), acc,
+                     input_precision=PRECISION)
     tl.store(dfeat_ptr + (b.to(tl.int64) * Cin + ci[:, None]) * N + cols[None, :],
              acc.to(dfeat_ptr.dtype.element_ty), mask=ci_live[:, None] & col_live[None, :])
 
@@ -114,14 +117,10 @@ def _score_topk_dweight_kernel(
     tl.store(dw_ptr + co * Cin + ci, acc.to(dw_ptr.dtype.element_ty), mask=ci_live)
 
 
-def _dot_args(t: torch.Tensor) -> dict:
-    # Full fp32 products for float32: the scores decide a selection, and this GEMM is small.
-    return dot_args(t.dtype, "ieee")
-
-
 @torch.library.custom_op("lfm::score_topk", mutates_args=())
+@on_input_device
 def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch.Tensor, pmin: float,
-                   pmax: float, apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   pmax: float, apply_drop: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     block_n, block_co = tile_size(N, 128), tile_size(Cout, 64)
@@ -129,10 +128,11 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
     M = n_chunks * k
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
-    _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
-        feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
-        k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
-    )
+    if B:
+        _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
+            feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
+            k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **dot_args(feat.dtype, precision), num_warps=8,
+        )
     out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
     idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
                                  drop=(pmin, pmax) if apply_drop else None)
@@ -140,15 +140,16 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
 
 
 @_score_topk_op.register_fake
-def _(feat, weight, k, seed, pmin, pmax, apply_drop):
+def _(feat, weight, k, seed, pmin, pmax, apply_drop, precision):
     B, Cout = feat.shape[0], weight.shape[0]
     return (feat.new_empty((B, Cout, k)), feat.new_empty((B, Cout, k), dtype=torch.int64),
             feat.new_empty((B, Cout, k), dtype=torch.uint8))
 
 
 @torch.library.custom_op("lfm::score_topk_backward", mutates_args=())
+@on_input_device
 def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
-                            keep: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                            keep: torch.Tensor, scale: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
@@ -157,10 +158,12 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     # Full-fp32 (ieee) dots run on FMA units: smaller tiles keep them out of local memory.
     block = 32 if feat.dtype == torch.float32 else 64
     block_n, block_ci = tile_size(N, 64), tile_size(Cin, block)
-    _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
-        dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
-        BLOCK_CI=block_ci, BLOCK_CO=tile_size(Cout, block), BLOCK_N=block_n, **_dot_args(feat), num_warps=8,
-    )
+    if B:
+        _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
+            dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
+            BLOCK_CI=block_ci, BLOCK_CO=tile_size(Cout, block), BLOCK_N=block_n, **dot_args(feat.dtype, precision),
+            num_warps=8,
+        )
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     block_ci = tile_size(Cin, 128)
     _score_topk_dweight_kernel[(Cout, triton.cdiv(Cin, block_ci))](
@@ -171,29 +174,33 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
 
 
 @_score_topk_backward_op.register_fake
-def _(grad, feat, weight, idx, keep, scale):
+def _(grad, feat, weight, idx, keep, scale, precision):
     return torch.empty_like(feat, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    feat, weight, k, seed, pmin, pmax, apply_drop = inputs
+    feat, weight, k, seed, pmin, pmax, apply_drop, precision = inputs
     _, idx, keep = output
     ctx.save_for_backward(feat, weight, idx, keep)
     ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
+    ctx.precision = precision
     ctx.mark_non_differentiable(idx, keep)
 
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):
     feat, weight, idx, keep = ctx.saved_tensors
-    dfeat, dweight = torch.ops.lfm.score_topk_backward(grad, feat, weight, idx, keep, ctx.scale)
-    return dfeat, dweight, None, None, None, None, None
+    dfeat, dweight = torch.ops.lfm.score_topk_backward(grad, feat, weight, idx, keep, ctx.scale, ctx.precision)
+    return dfeat, dweight, None, None, None, None, None, None
 
 
 _score_topk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=False, backend=None):
-    """topk_pool(conv2d(feat, weight), k, ...) for a bias-free 1x1 weight; see the module docstring."""
+def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=False, input_precision=None,
+               backend=None):
+    """topk_pool(conv2d(feat, weight), k, ...) for a bias-free 1x1 weight; see the module docstring.
+    Float32 scores use TF32 when torch allows it for cuDNN convolutions (input_precision=None, as
+    F.conv2d would), or as input_precision ("tf32" or "ieee") says."""
     check_float_tensor("feat", feat, 4)
     check_float_tensor("weight", weight, 4)
     check_same_device(feat=feat, weight=weight)
@@ -202,13 +209,16 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
                          f"{feat.shape[1]} channels, got {tuple(weight.shape)}")
     check_k(k, feat.shape[2] * feat.shape[3])
     drop = check_drop(drop)
+    check_precision(input_precision)
     if resolve_backend(backend, feat) == "torch":
         return score_topk_reference(feat, weight, k, drop=drop, training=training, return_indices=return_indices)
     feat = feat.to(autocast_dtype(feat) or feat.dtype)  # as F.conv2d under autocast
     check_kernel_dtype("feat", feat)
     check_kernel_dtype("weight", weight)
+    check_kernel_k(k)
     apply_drop = drop is not None and bool(training)
     seed = draw_seed(feat.device) if apply_drop else feat.new_zeros(2, dtype=torch.int64)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)
-    values, idx, _ = torch.ops.lfm.score_topk(feat, weight, k, seed, pmin, pmax, apply_drop)
+    values, idx, _ = torch.ops.lfm.score_topk(feat, weight, k, seed, pmin, pmax, apply_drop,
+                                              resolve_precision(input_precision))
     return (values, idx) if return_indices else values

@@ -6,29 +6,29 @@ LFM's block 4 and its 1x1 scoring conv, the 512-channel map never written.
 
 The conv is an implicit GEMM on tensor cores (tl.dot, fp32 accumulation). Programs own "groups":
 2x2 cells of conv outputs, i.e. one max-pool window, so the pool happens in registers and only
-conv outputs that a window uses are computed. Inference folds BatchNorm into the conv weights and
-bias. Training runs a statistics pass (per-program partial count/mean/M2, merged in a fixed order:
-deterministic, no atomics), then a pass that normalizes, activates, pools and records the window
-argmax. The forward saves only the block input, the batch statistics and the argmax; the backward
-recomputes the conv. Kernels:
-  _snet_block_fwd_kernel    forward, MODE 0 folded eval / 1 batch statistics / 2 normalize with given stats
-  _snet_block_bwd_kernel    backward through pool, ReLU and BN: STAGE 0 partial sums, STAGE 1 writes d(conv out)
+conv outputs that a window uses are computed. BatchNorm is applied in the kernel as a per-channel
+scale and shift computed there from the conv bias, gamma, beta, mean and variance (Cout values),
+so no folded copy of the weights exists that a parameter update could leave stale. Training runs
+a statistics pass first (per-program partial count/mean/M2, merged in a fixed order: deterministic,
+no atomics). The forward saves only the block input, the statistics and a uint8 window argmax; the
+backward recomputes the conv. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
+  _snet_block_fwd_kernel    forward: STATS_PASS writes partial statistics, else normalize/ReLU/pool/write
+  _snet_block_bwd_kernel    backward through pool, ReLU and BN: SUMS_PASS partial sums, else writes d(conv out)
   _conv2x2_dx_kernel        d(conv input) from d(conv out): implicit GEMM over the 4 taps
   _conv2x2_dw_kernel        d(conv weight): split-K GEMM, partials summed in a fixed order
-  _snet_head_kernel         block 4 (folded) + ReLU + 1x1 scoring + per-chunk Top-K candidates
+  _snet_head_kernel         block 4 + BatchNorm + ReLU + 1x1 scoring + per-chunk Top-K candidates
 """
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_same_device,
-                      dot_args, interpreter_enabled, resolve_backend, tile_size)
+from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
+                      check_precision, check_same_device, dot_args, interpreter_tiles, on_input_device,
+                      resolve_backend, resolve_precision, tile_size)
 from .npr_residual import npr_residual_reference
 from .score_topk import score_topk
 from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
-
-PRECISIONS = ("tf32", "ieee")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,18 +51,11 @@ def snet_head_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_m
                                return_indices=return_indices)
 
 
-def fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
-    """Conv weight and bias with eval-mode BatchNorm folded in (float32)."""
-    scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
-    bias = conv_bias.float() if conv_bias is not None else torch.zeros_like(scale)
-    return conv_weight.float() * scale[:, None, None, None], (bias - running_mean.float()) * scale + bn_bias.float()
-
-
 # ---------------------------------------------------------------------------------------------
 # Triton helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _inputtile_size(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
+def _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
     """[rows, BLOCK_CI] of the block input at pixels (rr, cc); with NPR, |x - x[2*(rr//2), 2*(cc//2)]|."""
     ok = (live & (rr < H) & (cc < W))[:, None] & ci_live[None, :]
     at = x_ptr + base[:, None] + ci[None, :] * sxc
@@ -74,24 +67,51 @@ def _inputtile_size(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw,
 
 
 @triton.jit
-def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset):
-    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap."""
-    return tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
-                   mask=ci_live[:, None] & co_live[None, :], other=0.0)
+def _operand(v, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A tile as tl.dot takes it: rounded to the conv's dtype (autocast's under autocast), then in DOT_DTYPE."""
+    return v.to(OPERAND_DTYPE).to(DOT_DTYPE)
+
+
+@triton.jit
+def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset, OPERAND_DTYPE: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap, as a dot operand."""
+    w = tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
+                mask=ci_live[:, None] & co_live[None, :], other=0.0)
+    return _operand(w, OPERAND_DTYPE, DOT_DTYPE)
 
 
 @triton.jit
 def _tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
-    xt = _inputtile_size(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR).to(DOT_DTYPE)
-    return tl.dot(xt, w, acc, input_precision=PRECISION)
+    xt = _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+    return tl.dot(_operand(xt, OPERAND_DTYPE, DOT_DTYPE), w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _relu(v):
+    """max(v, 0) with NaN kept, as torch.relu (tl.maximum alone returns the non-NaN operand)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live):
+    """[1, BLOCK_CO] scale and shift with conv(x) * scale + shift == batchnorm(conv(x) + bias), from Cout
+    values of each vector (float32, correctly rounded)."""
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)
+    scale = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
+    return scale[None, :], ((bias - mean) * scale + beta)[None, :]
 
 
 @triton.jit
 def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
                     NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Conv outputs of BLOCK_G 2x2 groups with top-left conv pixel (r0, c0): four [BLOCK_G, BLOCK_CO]
     fp32 accumulators, one per position in the group. Tap by tap, each weight slice is loaded once
     and applied to the 4 positions; input tiles are consumed as soon as they are loaded (the 9
@@ -106,15 +126,15 @@ def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sx
         for tap in tl.static_range(4):
             ky = tap // 2
             kx = tap % 2
-            w = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww).to(DOT_DTYPE)
+            w = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE, DOT_DTYPE)
             a00 = _tap_product(a00, x_ptr, base, r0 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, DOT_DTYPE, PRECISION)
+                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
             a01 = _tap_product(a01, x_ptr, base, r0 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, DOT_DTYPE, PRECISION)
+                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
             a10 = _tap_product(a10, x_ptr, base, r0 + 1 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, DOT_DTYPE, PRECISION)
+                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
             a11 = _tap_product(a11, x_ptr, base, r0 + 1 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw,
-                               w, NPR, DOT_DTYPE, PRECISION)
+                               w, NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
     return a00, a01, a10, a11
 
 
@@ -130,7 +150,8 @@ def _group_coords(pid, GH, GW, BLOCK_G: tl.constexpr, n_groups):
 @triton.jit
 def _block_program_conv(x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw,
                         swo, swi, swh, sww, NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr,
-                        BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """What every block-kernel program starts with: its groups (b, gh, gw), its output channels and
     the four conv accumulators of its [BLOCK_G, BLOCK_CO] tile, plus the conv bias as a row."""
     live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
@@ -138,7 +159,7 @@ def _block_program_conv(x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout
     co_live = co < Cout
     a00, a01, a10, a11 = _conv2x2_groups(
         x_ptr, w_ptr, b.to(tl.int64) * sxb, gh * 2, gw * 2, live, co, co_live, Cin, H, W, sxc, sxh, sxw,
-        swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+        swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
     bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     return live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias
 
@@ -177,7 +198,7 @@ def _store_dz(dz_ptr, dy, zhat, g, c1, c2, b, r, c, Hc, Wc, Cout, co, co_live, v
 
 @triton.jit
 def _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live, Hc, Wc, Cout, swo, swi, swh, sww,
-            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+            OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """acc += dz[b, i-ky, j-kx, co] @ weight[co, ci, ky, kx] for one tap (zero outside the conv output)."""
     r = i - ky
     c = j - kx
@@ -186,7 +207,8 @@ def _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live,
     d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
     wt = tl.load(w_ptr + ky * swh + kx * sww + co[:, None] * swo + ci[None, :] * swi,
                  mask=co_live[:, None] & ci_live[None, :], other=0.0)
-    return tl.dot(d.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return tl.dot(_operand(d, OPERAND_DTYPE, DOT_DTYPE), _operand(wt, OPERAND_DTYPE, DOT_DTYPE), acc,
+                  input_precision=PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,31 +216,31 @@ def _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live,
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _snet_block_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, argmax_ptr, count_ptr, mean_ptr, m2_ptr,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, argmax_ptr,
+    part_count_ptr, part_mean_ptr, part_m2_ptr, eps,
     n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc,
     sxb, sxc, sxh, sxw, swo, swi, swh, sww, sob, soc, soh, sow,
-    MODE: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr,
+    STATS_PASS: tl.constexpr, SAVE_ARGMAX: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward of one SNet block. Grid: (cdiv(n_groups, BLOCK_G), cdiv(Cout, BLOCK_CO)).
 
     Groups are 2x2 cells of conv outputs (B*GH*GW of them). Reads the block input x (any strides;
-    the image with NPR) and the weight; then by MODE:
-      0: y = conv + bias (BatchNorm already folded into w and bias); ReLU; pool or not; writes out.
-      1: writes this program's valid-position count and per-channel mean and M2 of conv + bias
-         to count[pid], mean[pid, :], m2[pid, :] (merged later in a fixed order).
-      2: y = conv * scale + shift (BatchNorm with given statistics, conv bias inside shift); ReLU;
-         pool; writes out and the uint8 window argmax (0..3, first max wins as in max_pool2d).
+    the image with NPR) and the weight, then:
+      STATS_PASS: writes this program's valid-position count and per-channel mean and M2 of
+         conv + bias to part_count[pid], part_mean[pid, :], part_m2[pid, :] (merged later in a fixed order).
+      else: y = relu(batchnorm(conv + bias)) with the given mean and var, pooled or not; writes out
+         and, with SAVE_ARGMAX, the uint8 window argmax (0..3, first max wins, NaN wins as in max_pool2d).
     """
     pid = tl.program_id(0)
     live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
         x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
     r0 = gh * 2
     c0 = gw * 2
     v00, v01, v10, v11 = _group_valid(live, r0, c0, Hc, Wc)
-    if MODE == 1:
+    if STATS_PASS:
         a00 += bias
         a01 += bias
         a10 += bias
@@ -233,36 +255,29 @@ def _snet_block_fwd_kernel(
         d11 = a11 - mean[None, :]
         m2 = (_masked_stats(d00 * d00, v00) + _masked_stats(d01 * d01, v01) + _masked_stats(d10 * d10, v10)
               + _masked_stats(d11 * d11, v11))
-        tl.store(count_ptr + pid, n)
-        tl.store(mean_ptr + pid * Cout + co, mean, mask=co_live)
-        tl.store(m2_ptr + pid * Cout + co, m2, mask=co_live)
+        tl.store(part_count_ptr + pid, n)
+        tl.store(part_mean_ptr + pid * Cout + co, mean, mask=co_live)
+        tl.store(part_m2_ptr + pid * Cout + co, m2, mask=co_live)
     else:
-        if MODE == 0:
-            a00 = tl.maximum(a00 + bias, 0.0)
-            a01 = tl.maximum(a01 + bias, 0.0)
-            a10 = tl.maximum(a10 + bias, 0.0)
-            a11 = tl.maximum(a11 + bias, 0.0)
-        else:
-            scale = tl.load(scale_ptr + co, mask=co_live, other=0.0)[None, :]
-            shift = tl.load(shift_ptr + co, mask=co_live, other=0.0)[None, :]
-            a00 = tl.maximum(a00 * scale + shift, 0.0)
-            a01 = tl.maximum(a01 * scale + shift, 0.0)
-            a10 = tl.maximum(a10 * scale + shift, 0.0)
-            a11 = tl.maximum(a11 * scale + shift, 0.0)
+        scale, shift = _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
+        a00 = _relu(a00 * scale + shift)
+        a01 = _relu(a01 * scale + shift)
+        a10 = _relu(a10 * scale + shift)
+        a11 = _relu(a11 * scale + shift)
         at = b.to(tl.int64)[:, None] * sob + co[None, :] * soc
         if POOL:
             best = a00
             arg = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.int32)
-            arg = tl.where(a01 > best, 1, arg)
-            best = tl.maximum(best, a01)
-            arg = tl.where(a10 > best, 2, arg)
-            best = tl.maximum(best, a10)
-            arg = tl.where(a11 > best, 3, arg)
-            best = tl.maximum(best, a11)
+            arg = tl.where((a01 > best) | (a01 != a01), 1, arg)
+            best = tl.maximum(best, a01, propagate_nan=tl.PropagateNan.ALL)
+            arg = tl.where((a10 > best) | (a10 != a10), 2, arg)
+            best = tl.maximum(best, a10, propagate_nan=tl.PropagateNan.ALL)
+            arg = tl.where((a11 > best) | (a11 != a11), 3, arg)
+            best = tl.maximum(best, a11, propagate_nan=tl.PropagateNan.ALL)
             ok = live[:, None] & co_live[None, :]
             pix = (gh * soh + gw * sow)[:, None]
             tl.store(out_ptr + at + pix, best.to(out_ptr.dtype.element_ty), mask=ok)
-            if MODE == 2:  # argmax has out's strides
+            if SAVE_ARGMAX:  # argmax has out's strides
                 tl.store(argmax_ptr + at + pix, arg.to(tl.uint8), mask=ok)
         else:
             ok = co_live[None, :]
@@ -274,27 +289,30 @@ def _snet_block_fwd_kernel(
                      mask=v11[:, None] & ok)
 
 
+_NO_WINDOW_POSITION = tl.constexpr(4)  # argmax of a masked-off window: matches none of positions 0..3
+
+
 @triton.jit
 def _snet_block_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, grad_ptr, argmax_ptr, c1_ptr, c2_ptr,
     sdy_ptr, sdyz_ptr, dz_ptr,
     n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, Hp, Wp,
     sxb, sxc, sxh, sxw, swo, swi, swh, sww, sgb, sgc, sgh, sgw, sab, sac, sah, saw,
-    STAGE: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr, BATCH_STATS: tl.constexpr,
+    SUMS_PASS: tl.constexpr, POOL: tl.constexpr, NPR: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward through pool, ReLU and BatchNorm. Grid: (cdiv(n_groups, BLOCK_G), cdiv(Cout, BLOCK_CO)).
 
     Recomputes the conv of x for B*GH*GW groups (every conv output), routes the output gradient
-    through the saved window argmax (or directly without pool) and the ReLU. STAGE 0 writes this
-    program's per-channel sums of dy and dy*zhat to sdy[pid, :], sdyz[pid, :]. STAGE 1 reads their
-    means c1, c2 and writes d(conv out) as float32 (B, Hc, Wc, Cout) to dz.
+    through the saved window argmax (or directly without pool) and the ReLU. SUMS_PASS writes this
+    program's per-channel sums of dy and dy*zhat to sdy[pid, :], sdyz[pid, :]; the second pass reads
+    their means c1, c2 and writes d(conv out) as float32 (B, Hc, Wc, Cout) to dz.
     """
     pid = tl.program_id(0)
     live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
         x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, DOT_DTYPE, PRECISION)
+        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
     r0 = gh * 2
     c0 = gw * 2
     mean = tl.load(mean_ptr + co, mask=co_live, other=0.0)[None, :]
@@ -307,7 +325,7 @@ def _snet_block_bwd_kernel(
         pooled = (live & (gh < Hp) & (gw < Wp))[:, None] & co_live[None, :]
         dp = tl.load(grad_ptr + gb + (gh * sgh + gw * sgw)[:, None], mask=pooled, other=0.0).to(tl.float32)
         arg = tl.load(argmax_ptr + b.to(tl.int64)[:, None] * sab + co[None, :] * sac + (gh * sah + gw * saw)[:, None],
-                      mask=pooled, other=4).to(tl.int32)
+                      mask=pooled, other=_NO_WINDOW_POSITION).to(tl.int32)
         da00 = tl.where(arg == 0, dp, 0.0)
         da01 = tl.where(arg == 1, dp, 0.0)
         da10 = tl.where(arg == 2, dp, 0.0)
@@ -325,7 +343,7 @@ def _snet_block_bwd_kernel(
     z01, dy01 = _zhat_dy(a01, bias, mean, rstd, gamma, beta, da01, v01)
     z10, dy10 = _zhat_dy(a10, bias, mean, rstd, gamma, beta, da10, v10)
     z11, dy11 = _zhat_dy(a11, bias, mean, rstd, gamma, beta, da11, v11)
-    if STAGE == 0:
+    if SUMS_PASS:
         sdy = tl.sum(dy00 + dy01 + dy10 + dy11, axis=0)
         sdyz = tl.sum(dy00 * z00 + dy01 * z01 + dy10 * z10 + dy11 * z11, axis=0)
         tl.store(sdy_ptr + pid * Cout + co, sdy, mask=co_live)
@@ -344,7 +362,7 @@ def _snet_block_bwd_kernel(
 def _conv2x2_dx_kernel(
     dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, Hc, Wc, swo, swi, swh, sww, sdb, sdc, sdh, sdw,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d(conv input). Grid: (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
 
@@ -364,13 +382,13 @@ def _conv2x2_dx_kernel(
         co = co0 + tl.arange(0, BLOCK_CO)
         co_live = co < Cout
         acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, DOT_DTYPE, PRECISION)
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
     at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
     tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
 
@@ -379,7 +397,7 @@ def _conv2x2_dx_kernel(
 def _conv2x2_dw_kernel(
     dz_ptr, x_ptr, part_ptr, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, sxb, sxc, sxh, sxw,
     NPR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """d(conv weight), split-K over conv positions. Grid: (cdiv(Cout, BLOCK_CO), cdiv(Cin, BLOCK_CI), 4 * splits).
 
@@ -405,26 +423,28 @@ def _conv2x2_dw_kernel(
         b = q // (Wc * Hc)
         d = tl.load(dz_ptr + q.to(tl.int64)[:, None] * Cout + co[None, :], mask=live[:, None] & co_live[None, :],
                     other=0.0)
-        xt = _inputtile_size(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
-        acc = tl.dot(tl.trans(d.to(DOT_DTYPE)), xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        xt = _input_tile(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+        acc = tl.dot(tl.trans(_operand(d, OPERAND_DTYPE, DOT_DTYPE)), _operand(xt, OPERAND_DTYPE, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
     at = ((split * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
     tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
 
 
 @triton.jit
 def _snet_head_kernel(
-    x_ptr, w_ptr, bias_ptr, ws_ptr, cand_key_ptr, cand_pos_ptr,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, ws_ptr, cand_key_ptr, cand_pos_ptr, eps,
     Cin, C4, CS, H, W, Hc, Wc, sxb, sxc, sxh, sxw, swo, swi, swh, sww, sso, ssi, k, M,
     BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C4: tl.constexpr, BLOCK_CS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Block 4 + 1x1 scoring + Top-K candidates. Grid: (B, cdiv(Hc*Wc, BLOCK_P)).
+    """Block 4 + BatchNorm + ReLU + 1x1 scoring + Top-K candidates.
+    Grid: (B, cdiv(Hc*Wc, BLOCK_P), cdiv(CS, BLOCK_CS)).
 
-    For BLOCK_P conv positions of image b: the block-4 conv with BatchNorm folded into w and bias,
-    ReLU, then score[p, cs] += feat[p, c4 block] @ score_weight[cs, c4 block]^T, C4 block by C4
-    block, so the C4-channel feature map stays in registers. Writes each score channel's k best
-    (key, position) to candidate slots [chunk*k, chunk*k + k) of the (B*CS, M) buffers, merged by
-    topk_pool's merge kernel.
+    For BLOCK_P conv positions of image b: the block-4 conv, BatchNorm (running statistics) and ReLU,
+    then score[p, cs] += feat[p, c4 block] @ score_weight[cs, c4 block]^T, C4 block by C4 block, so
+    the C4-channel feature map stays in registers. Writes each score channel's k best (key,
+    position) to candidate slots [chunk*k, chunk*k + k) of the (B*CS, M) buffers, merged by
+    topk_pool's merge. More than BLOCK_CS score channels take more programs (each recomputes the conv).
     """
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -433,7 +453,7 @@ def _snet_head_kernel(
     r = p // Wc
     c = p % Wc
     base = b.to(tl.int64) * sxb + tl.zeros([BLOCK_P], dtype=tl.int64)
-    cs = tl.arange(0, BLOCK_CS)
+    cs = tl.program_id(2) * BLOCK_CS + tl.arange(0, BLOCK_CS)
     cs_live = cs < CS
     score = tl.zeros([BLOCK_P, BLOCK_CS], dtype=tl.float32)
     for c40 in range(0, C4, BLOCK_C4):
@@ -443,23 +463,18 @@ def _snet_head_kernel(
         for ci0 in range(0, Cin, BLOCK_CI):
             ci = ci0 + tl.arange(0, BLOCK_CI)
             ci_live = ci < Cin
-            x00 = _inputtile_size(x_ptr, base, r, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x01 = _inputtile_size(x_ptr, base, r, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x10 = _inputtile_size(x_ptr, base, r + 1, c, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            x11 = _inputtile_size(x_ptr, base, r + 1, c + 1, live, ci, ci_live, H, W, sxc, sxh, sxw, False)
-            acc = tl.dot(x00.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, 0).to(DOT_DTYPE),
-                         acc, input_precision=PRECISION)
-            acc = tl.dot(x01.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, sww).to(DOT_DTYPE),
-                         acc, input_precision=PRECISION)
-            acc = tl.dot(x10.to(DOT_DTYPE), _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, swh).to(DOT_DTYPE),
-                         acc, input_precision=PRECISION)
-            acc = tl.dot(x11.to(DOT_DTYPE),
-                         _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, swh + sww).to(DOT_DTYPE),
-                         acc, input_precision=PRECISION)
-        bias = tl.load(bias_ptr + c4, mask=c4_live, other=0.0)
-        feat = tl.maximum(acc + bias[None, :], 0.0)
+            for tap in tl.static_range(4):
+                ky = tap // 2
+                kx = tap % 2
+                w = _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE,
+                                DOT_DTYPE)
+                acc = _tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
+                                   False, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        scale, shift = _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c4, c4_live)
+        feat = _relu(acc * scale + shift)
         ws = tl.load(ws_ptr + c4[:, None] * ssi + cs[None, :] * sso, mask=c4_live[:, None] & cs_live[None, :], other=0.0)
-        score = tl.dot(feat.to(DOT_DTYPE), ws.to(DOT_DTYPE), score, input_precision=PRECISION)
+        score = tl.dot(_operand(feat, OPERAND_DTYPE, DOT_DTYPE), _operand(ws, OPERAND_DTYPE, DOT_DTYPE), score,
+                       input_precision=PRECISION)
     ok = live[:, None] & cs_live[None, :]
     keys = tl.trans(tl.where(ok, _sortable_key(score), _EMPTY))
     pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), _INT_MAX))
@@ -469,58 +484,104 @@ def _snet_head_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# The interpreter pays per operation, not per element, so it gets much larger tiles; results
-# never depend on tiling. GPU tiles are the ones the compile report checks for spills.
-_BLOCK_G = 1024 if interpreter_enabled() else 32  # 2x2 groups per program
-_BLOCK_P = 512 if interpreter_enabled() else 64  # pixels per program in the backward GEMMs and the head
+def _group_tile() -> int:
+    """2x2 groups per program (the interpreter's tiles are larger; results never depend on tiling)."""
+    return 1024 if interpreter_tiles() else 32
+
+
+def _pixel_tile() -> int:
+    """Pixels per program in the backward GEMMs and the head."""
+    return 512 if interpreter_tiles() else 64
 
 
 def _conv_tiles(Cin: int, Cout: int, dtype: torch.dtype) -> dict:
     # Full-fp32 dots run on FMA units with fp32 operands: narrower channel blocks keep them in registers.
     wide = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_G=_BLOCK_G, BLOCK_CI=tile_size(Cin, 16), BLOCK_CO=tile_size(Cout, wide), num_warps=8)
+    return dict(BLOCK_G=_group_tile(), BLOCK_CI=tile_size(Cin, 16), BLOCK_CO=tile_size(Cout, wide), num_warps=8)
 
 
-def _launch_block_fwd(x, w, bias, *, mode, pool, npr, precision, scale=None, shift=None):
-    """MODE 0/2: returns (out, argmax or None); MODE 1: returns (count, mean, m2) per program."""
+def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, pool, npr, precision, compute_dtype,
+                      save_argmax=False):
+    """Output pass: returns (out, the window argmax with save_argmax and pool, else None). Statistics pass
+    (stats_pass=True; gamma, beta, mean and var unused): returns the per-program (count, mean, M2)."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w.shape[0], H - 1, W - 1
-    whole = mode == 1 or not pool  # every conv output, or only those inside a pool window
+    whole = stats_pass or not pool  # every conv output, or only those inside a pool window
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
-    tiles = _conv_tiles(Cin, Cout, x.dtype)
+    tiles = _conv_tiles(Cin, Cout, compute_dtype)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     dev = x.device
-    if mode == 1:
+    if stats_pass:
         count = torch.empty(grid[0], dtype=torch.float32, device=dev)
-        mean = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
-        m2 = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
+        part_mean = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
+        part_m2 = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
         out = argmax = count
         out_strides = (0, 0, 0, 0)
     else:
         shape = (B, Cout, GH, GW) if pool else (B, Cout, Hc, Wc)
-        out = torch.empty(shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
+        out = torch.empty(shape, dtype=compute_dtype, device=dev, memory_format=torch.channels_last)
         argmax = torch.empty(shape, dtype=torch.uint8, device=dev, memory_format=torch.channels_last) \
-            if mode == 2 and pool else None
-        count = mean = m2 = out
+            if pool and save_argmax else None
+        count = part_mean = part_m2 = out
         out_strides = out.stride()
     if n_groups:
         _snet_block_fwd_kernel[grid](
-            x, w, bias, scale if scale is not None else bias, shift if shift is not None else bias, out,
-            argmax if argmax is not None else out, count, mean, m2,
-            n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
-            MODE=mode, POOL=pool, NPR=npr, **tiles, **dot_args(x.dtype, precision),
+            x, w, bias, gamma, beta, mean, var, out, argmax if argmax is not None else out, count, part_mean, part_m2,
+            eps, n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
+            STATS_PASS=stats_pass, SAVE_ARGMAX=argmax is not None, POOL=pool, NPR=npr, **tiles,
+            **dot_args(compute_dtype, precision),
         )
-    return (count, mean, m2) if mode == 1 else (out, argmax)
+    return (count, part_mean, part_m2) if stats_pass else (out, argmax)
 
 
-def _batch_stats(x, w, bias, npr, precision):
+def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     """Per-channel mean and biased variance of conv(x) + bias, merged from per-program (count, mean, M2)."""
-    count, mean, m2 = _launch_block_fwd(x, w, bias, mode=1, pool=False, npr=npr, precision=precision)
+    count, mean, m2 = _launch_block_fwd(x, w, bias, bias, bias, bias, bias, 0.0, stats_pass=True, pool=False, npr=npr,
+                                        precision=precision, compute_dtype=compute_dtype)
     n = count.sum()
     mu = (count[:, None] * mean).sum(0) / n
     var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
     return mu, var
+
+
+def _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=None):
+    """Without means: the per-program sums of dy and dy*zhat into sdy, sdyz (SUMS_PASS). With their
+    means (c1, c2): d(conv out) into dz."""
+    c1, c2 = means if means is not None else (sdy, sdy)
+    _snet_block_bwd_kernel[grid](*args, c1, c2, sdy, sdyz, dz, *common, SUMS_PASS=means is None, **flags)
+
+
+def _launch_conv_dw(dz, x, Cout, npr, dots):
+    """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
+    partial sums added in a fixed order."""
+    B, Cin, H, W = x.shape
+    Hc, Wc = H - 1, W - 1
+    n_pos, block_p = B * Hc * Wc, _pixel_tile()
+    splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
+    per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
+    splits = max(1, triton.cdiv(n_pos, per_split))
+    part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
+    dw_co, dw_ci = tile_size(Cout, 64), tile_size(Cin, 32)
+    _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
+        dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
+        NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
+    )
+    return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
+
+
+def _launch_conv_dx(dz, x, weight, dots):
+    """d(conv input), x's shape and dtype, channels_last, from d(conv out) (B*Hc*Wc, Cout)."""
+    B, Cin, H, W = x.shape
+    Cout = weight.shape[0]
+    block_p, block_ci, block_co = _pixel_tile(), tile_size(Cin, 16), tile_size(Cout, 32)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if dx.numel():
+        _conv2x2_dx_kernel[(triton.cdiv(B * H * W, block_p), triton.cdiv(Cin, block_ci))](
+            dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(),
+            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots, num_warps=8, num_stages=1,
+        )
+    return dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,114 +593,103 @@ def _out_shape(x, w, pool):
     return (B, w.shape[0], Hc // 2, Wc // 2) if pool else (B, w.shape[0], Hc, Wc)
 
 
-def _fake_out(x, w, pool, dtype=None):
-    return torch.empty(_out_shape(x, w, pool), dtype=dtype or x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
+def _fake_out(x, w, pool, dtype):
+    return torch.empty(_out_shape(x, w, pool), dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("lfm::snet_block_eval", mutates_args=())
-def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: bool, npr: bool,
-                        precision: str) -> torch.Tensor:
-    """Inference: weight and bias carry the folded BatchNorm (float32)."""
-    return _launch_block_fwd(x, weight, bias, mode=0, pool=pool, npr=npr, precision=precision)[0]
+@on_input_device
+def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                        beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
+                        precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
+    return _launch_block_fwd(x, weight, bias, gamma, beta, mean, var, eps, stats_pass=False, pool=pool, npr=npr,
+                             precision=precision, compute_dtype=compute_dtype)[0]
 
 
 @_snet_block_eval_op.register_fake
-def _(x, weight, bias, pool, npr, precision):
-    return _fake_out(x, weight, pool)
+def _(x, weight, bias, gamma, beta, mean, var, eps, pool, npr, precision, compute_dtype):
+    return _fake_out(x, weight, pool, compute_dtype)
 
 
 @torch.library.custom_op("lfm::snet_block_train", mutates_args=())
+@on_input_device
 def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                          beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
-                         pool: bool, npr: bool, precision: str
+                         pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
     (out, window argmax or an empty tensor, mean used, biased variance used)."""
     if batch_stats:
-        mean_used, var_used = _batch_stats(x, weight, bias, npr, precision)
+        mean_used, var_used = _batch_stats(x, weight, bias, npr, precision, compute_dtype)
     else:
         mean_used, var_used = mean.float().clone(), var.float().clone()
-    scale = gamma.float() * torch.rsqrt(var_used + eps)
-    shift = (bias.float() - mean_used) * scale + beta.float()
-    out, argmax = _launch_block_fwd(x, weight, bias, mode=2, pool=pool, npr=npr, precision=precision,
-                                    scale=scale, shift=shift)
+    out, argmax = _launch_block_fwd(x, weight, bias, gamma, beta, mean_used, var_used, eps, stats_pass=False,
+                                    pool=pool, npr=npr, precision=precision, compute_dtype=compute_dtype,
+                                    save_argmax=True)
     if argmax is None:
         argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
     return out, argmax, mean_used, var_used
 
 
 @_snet_block_train_op.register_fake
-def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision):
+def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision, compute_dtype):
     argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
     stats = x.new_empty(weight.shape[0], dtype=torch.float32)
-    return _fake_out(x, weight, pool), argmax, stats, torch.empty_like(stats)
+    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("lfm::snet_block_backward", mutates_args=())
+@on_input_device
 def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                             argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
-                            precision: str, need_dx: bool
+                            precision: str, compute_dtype: torch.dtype, need_dx: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta)."""
+    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): two passes through pool, ReLU and
+    BatchNorm to d(conv out), then its weight and input gradients."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
-    dev = x.device
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
-    tiles = _conv_tiles(Cin, Cout, x.dtype)
-    dots = dot_args(x.dtype, precision)
+    tiles = _conv_tiles(Cin, Cout, compute_dtype)
+    dots = dot_args(compute_dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
-    sdy = torch.empty((grid[0], Cout), dtype=torch.float32, device=dev)
-    sdyz = torch.empty_like(sdy)
-    dz = torch.empty((n_pos, Cout), dtype=torch.float32, device=dev)
-    a_strides = argmax.stride() if pool else (0, 0, 0, 0)
+    sdy = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+    sdyz = torch.zeros_like(sdy)
+    dz = torch.empty((n_pos, Cout), dtype=torch.float32, device=x.device)
     args = (x, weight, bias, mean, rstd, gamma, beta, grad, argmax if pool else grad)
     common = (n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, Hc // 2, Wc // 2, *x.stride(), *weight.stride(),
-              *grad.stride(), *a_strides)
+              *grad.stride(), *(argmax.stride() if pool else (0, 0, 0, 0)))
     flags = dict(POOL=pool, NPR=npr, BATCH_STATS=batch_stats, **tiles, **dots)
-    _snet_block_bwd_kernel[grid](*args, sdy, sdy, sdy, sdyz, dz, *common, STAGE=0, **flags)
+    if n_groups:
+        _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz)
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
-    _snet_block_bwd_kernel[grid](*args, dbeta / n_pos, dgamma / n_pos, sdy, sdyz, dz, *common, STAGE=1, **flags)
-
-    block_p, block_ci, block_co = _BLOCK_P, tile_size(Cin, 16), tile_size(Cout, 32)
-    splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
-    per_split = triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p
-    splits = triton.cdiv(n_pos, per_split)
-    part = torch.empty((splits, 4, Cout, Cin), dtype=torch.float32, device=dev)
-    dw_co, dw_ci = tile_size(Cout, 64), tile_size(Cin, 32)
-    _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
-        dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
-        NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
-    )
-    dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2).to(weight.dtype)
+    if n_groups:
+        _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=(dbeta / n_pos, dgamma / n_pos))
+    dweight = _launch_conv_dw(dz, x, Cout, npr, dots).to(weight.dtype)
     dbias = dz.sum(0).to(bias.dtype)
-
     dx = x.new_empty(0)
     if need_dx:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=torch.channels_last)
-        _conv2x2_dx_kernel[(triton.cdiv(B * H * W, block_p), triton.cdiv(Cin, block_ci))](
-            dz, weight, dx, B * H * W, Cin, Cout, H, W, Hc, Wc, *weight.stride(), *dx.stride(),
-            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots, num_warps=8, num_stages=1,
-        )
+        dx = _launch_conv_dx(dz, x, weight, dots)
         if npr:  # dx so far is the gradient at the residual
             dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
     return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
 
 
 @_snet_block_backward_op.register_fake
-def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, need_dx):
+def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, compute_dtype,
+      need_dx):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision = inputs
+    x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision, compute_dtype = inputs
     _, argmax, mean_used, var_used = output
     ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
-    ctx.options = (eps, batch_stats, pool, npr, precision)
+    ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
     ctx.mark_non_differentiable(argmax, mean_used, var_used)
 
 
@@ -647,38 +697,42 @@ def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
     need_dx = ctx.needs_input_grad[0]
     dx, dweight, dbias, dgamma, dbeta = torch.ops.lfm.snet_block_backward(
         grad.contiguous(memory_format=torch.channels_last), *ctx.saved_tensors, *ctx.options, need_dx)
-    return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None
+    return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None, None
 
 
 _snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("lfm::snet_head_eval", mutates_args=())
-def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, score_weight: torch.Tensor, k: int,
-                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference of block 4 (folded BatchNorm) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
+@on_input_device
+def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                       beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                       score_weight: torch.Tensor, k: int, precision: str, compute_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference of block 4 (running statistics) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
-    block_p = _BLOCK_P
+    block_p = _pixel_tile()
+    block_cs = tile_size(CS, 64)
     n_chunks = triton.cdiv(Hc * Wc, block_p)
     M = n_chunks * k
     cand_key = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
-    _snet_head_kernel[(B, n_chunks)](
-        x, weight, bias, score_weight, cand_key, cand_pos, Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(),
-        score_weight.stride(0), score_weight.stride(1), k, M,
-        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=tile_size(C4, 32 if x.dtype == torch.float32 else 64),
-        BLOCK_CS=tile_size(CS, 64), **dot_args(x.dtype, precision), num_warps=8, num_stages=1,
+    _snet_head_kernel[(B, n_chunks, triton.cdiv(CS, block_cs))](
+        x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, eps,
+        Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1), k, M,
+        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=tile_size(C4, 32 if compute_dtype == torch.float32 else 64),
+        BLOCK_CS=block_cs, **dot_args(compute_dtype, precision), num_warps=8, num_stages=1,
     )
-    out = torch.empty((B, CS, k), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, CS, k), dtype=compute_dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)
     return out, idx.view(B, CS, k)
 
 
 @_snet_head_eval_op.register_fake
-def _(x, weight, bias, score_weight, k, precision):
+def _(x, weight, bias, gamma, beta, mean, var, eps, score_weight, k, precision, compute_dtype):
     B, CS = x.shape[0], score_weight.shape[0]
-    return x.new_empty((B, CS, k)), x.new_empty((B, CS, k), dtype=torch.int64)
+    return x.new_empty((B, CS, k), dtype=compute_dtype), x.new_empty((B, CS, k), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,46 +760,53 @@ def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, ru
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f"x must be at least {min_size}x{min_size} for a 2x2 conv{' and pool' if pool else ''}, "
                          f"got {x.shape[2]}x{x.shape[3]}")
-    if input_precision not in PRECISIONS:
-        raise ValueError(f"input_precision must be one of {PRECISIONS}, got {input_precision!r}")
+    check_precision(input_precision)
 
 
-def _kernel_input(x):
-    """x as the kernels take it: in autocast's dtype under autocast, as F.conv2d would run (statistics
-    and accumulation stay float32), and of a kernel dtype."""
-    x = x.to(autocast_dtype(x) or x.dtype)
+def _kernel_input(x, npr):
+    """(x as the kernels take it, the dtype the conv computes in). Under autocast the conv computes in
+    autocast's dtype, as F.conv2d would (accumulation and statistics stay float32); the stem keeps the
+    image in its own dtype, so the neighbor-pixel residual is taken before rounding, as the reference does."""
+    compute_dtype = autocast_dtype(x) or x.dtype
+    if not npr:
+        x = x.to(compute_dtype)
     check_kernel_dtype("x", x)
-    return x
+    return x, compute_dtype
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _conv_bias(conv_weight, conv_bias):
+    return conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+
+
 def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5, momentum=0.1,
-               training=False, pool=True, npr=False, input_precision="tf32", backend=None, folded=None):
+               training=False, pool=True, npr=False, input_precision=None, backend=None):
     """maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))), fused; see the module docstring.
 
     nn.BatchNorm2d semantics: in training, batch statistics, and running statistics (when given)
-    updated in place with `momentum` and the unbiased variance. Float32 inputs use TF32 tensor
-    cores unless input_precision="ieee". `folded` may carry a cached fold_batchnorm(...) result.
+    updated in place with `momentum` and the unbiased variance (not on an empty batch). Float32 inputs
+    use TF32 tensor cores when torch allows them for cuDNN convolutions (input_precision=None), or as
+    input_precision ("tf32" or "ieee") says.
     """
     _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
                  input_precision)
     if resolve_backend(backend, x) == "torch":
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
-    x = _kernel_input(x)
+    x, compute_dtype = _kernel_input(x, npr)
+    precision = resolve_precision(input_precision)
+    bias = _conv_bias(conv_weight, conv_bias)
     if not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
-        weight, fbias = folded or fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                 running_var, eps)
-        return torch.ops.lfm.snet_block_eval(x, weight, fbias, pool, npr, input_precision)
-    bias = conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+        return torch.ops.lfm.snet_block_eval(x, conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                             pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
     out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
-                                                       bool(training), pool, npr, input_precision)
-    if training and running_mean is not None:
-        n = x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1)
+                                                       bool(training), pool, npr, precision, compute_dtype)
+    n = x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1)
+    if training and running_mean is not None and n > 0:  # an empty batch leaves them alone, as nn.BatchNorm2d
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_((var * n / max(n - 1, 1)).to(running_var.dtype), alpha=momentum)
@@ -753,11 +814,11 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
 
 
 def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, score_weight, k, *, eps=1e-5,
-              momentum=0.1, drop=None, training=False, return_indices=False, input_precision="tf32", backend=None,
-              folded=None):
+              momentum=0.1, drop=None, training=False, return_indices=False, input_precision=None, backend=None):
     """score_topk(snet_block(x, ..., pool=False), score_weight, k, ...): LFM's block 4, 1x1 scoring and
     Top-K. In inference on the triton backend one kernel computes block 4 and the scores tile by
-    tile, so the block-4 map never reaches memory; otherwise it is the composition of the two ops."""
+    tile, so the block-4 map never reaches memory; otherwise it is the composition of the two ops.
+    The scoring uses the block's precision either way, so eval and training pick the same Top-K."""
     _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
                  input_precision)
     check_float_tensor("score_weight", score_weight, 4)
@@ -771,10 +832,12 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     if not fused:
         feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                           momentum=momentum, training=training, pool=False, input_precision=input_precision,
-                          backend=backend, folded=folded)
-        return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
                           backend=backend)
-    weight, fbias = folded or fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-                                             eps)
-    values, idx = torch.ops.lfm.snet_head_eval(_kernel_input(x), weight, fbias, score_weight, k, input_precision)
+        return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
+                          input_precision=input_precision, backend=backend)
+    check_kernel_k(k)
+    x, compute_dtype = _kernel_input(x, False)
+    values, idx = torch.ops.lfm.snet_head_eval(x, conv_weight, _conv_bias(conv_weight, conv_bias), bn_weight, bn_bias,
+                                               running_mean, running_var, eps, score_weight, k,
+                                               resolve_precision(input_precision), compute_dtype)
     return (values, idx) if return_indices else values

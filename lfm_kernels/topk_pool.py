@@ -3,21 +3,25 @@
 For each (b, c) of a (B, C, H, W) map: the k largest of the H*W values, sorted descending,
 shape (B, C, k). Ties go to the lower flat position; NaN ranks as the largest value (as in
 torch.topk). With drop=(pmin, pmax) in training, the value at rank r (0 = largest) is zeroed
-with probability pmax - (pmax - pmin) * r / (k - 1) and survivors are scaled by 1 / (1 - mean p).
+with probability pmax - (pmax - pmin) * r / (k - 1) and survivors are scaled by 1 / (1 - mean p);
+as in F.dropout, out = value * keep * scale, so a dropped inf or NaN gives NaN.
 
-Kernels (also used by random_k_pool and score_topk):
-  _topk_chunk_kernel  stage 1: per (row, chunk of positions) the chunk's k best as candidates
-  _topk_merge_kernel  stage 2: per row the k best candidates, dropout, final write
+Kernels (also used by random_k_pool, score_topk and snet_head):
+  _topk_chunk_kernel   stage 1: per (row, chunk of positions) the chunk's k best as candidates
+  _topk_reduce_kernel  between the stages while a row holds more candidates than one merge tile:
+                       per (row, group of candidates) the group's k best, as fewer candidates
+  _topk_merge_kernel   stage 2: per row the k best candidates, dropout, final write
   _scatter_rows_kernel backward: the gradient of a row gather, written at the selected positions
 Selection is k rounds of "max, lowest position among ties, remove" on order-preserving int32
-keys of the float32 values, so ties and NaN are exact and no sort is needed (k is small).
+keys of the float32 values, so ties and NaN are exact and no sort is needed (k is small; the
+triton backend takes k <= MAX_KERNEL_K, so that merge tiles stay bounded).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .backend import (check_drop, check_float_tensor, check_k, check_kernel_dtype, draw_seed,
-                      dropout_scale, interpreter_enabled, rank_drop_probs, resolve_backend)
+from .backend import (MAX_KERNEL_K, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
+                      draw_seed, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs, resolve_backend)
 
 _EMPTY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
 _INT_MAX = tl.constexpr(2147483647)  # key of NaN; position of "nothing"
@@ -131,6 +135,28 @@ def _topk_chunk_kernel(
 
 
 @triton.jit
+def _topk_reduce_kernel(
+    cand_key_ptr, cand_pos_ptr, next_key_ptr, next_pos_ptr, n_rows, M, M_next, k,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Candidate reduction. Grid: (cdiv(B*C, BLOCK_R), cdiv(M, BLOCK_M)).
+
+    Reads candidate slots [g*BLOCK_M, (g+1)*BLOCK_M) of each row of the (B*C, M) buffers and writes
+    their k best to slots [g*k, g*k + k) of the (B*C, M_next) buffers (BLOCK_M >= 2k, so each pass
+    at least halves the candidates and tiles stay bounded for any supported k).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    group = tl.program_id(1)
+    slots = group * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_live = rows < n_rows
+    live = row_live[:, None] & (slots < M)[None, :]
+    at = rows.to(tl.int64)[:, None] * M + slots[None, :]
+    keys = tl.load(cand_key_ptr + at, mask=live, other=_EMPTY)
+    pos = tl.load(cand_pos_ptr + at, mask=live, other=_INT_MAX)
+    _write_candidates(keys, pos, next_key_ptr, next_pos_ptr, rows.to(tl.int64), row_live, group * k, M_next, k)
+
+
+@triton.jit
 def _topk_merge_kernel(
     cand_key_ptr, cand_pos_ptr, out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr,
     n_rows, C, M, k, scale,
@@ -156,7 +182,7 @@ def _topk_merge_kernel(
         if APPLY_DROP:
             u = tl.random.uint_to_uniform_float(_philox_uint(seed_ptr, rows // C, rows % C, rows * 0 + r))
             keep = u >= tl.load(probs_ptr + r)
-            value = tl.where(keep, value * scale, 0.0)
+            value = value * keep.to(tl.float32) * scale
         tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
         tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
         tl.store(keep_ptr + rows * k + r, keep.to(tl.uint8), mask=row_live)
@@ -186,14 +212,38 @@ def _scatter_rows_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Elements per [rows, positions] tile. The interpreter pays per operation, not per element, so
-# it gets larger tiles; results never depend on tiling (Philox keys on logical indices).
-_TILE = 16384 if interpreter_enabled() else 1024
+def tile_elements() -> int:
+    """Elements per [rows, positions] tile. The interpreter pays per operation, not per element, so it
+    gets larger tiles; results never depend on tiling (Philox keys on logical indices)."""
+    return 16384 if interpreter_tiles() else 1024
+
+
+def merge_slots() -> int:
+    """Most candidates one merge program holds per row: 2 * MAX_KERNEL_K, so a reduction pass always
+    halves them; with one row per program this stays in registers."""
+    return max(2 * MAX_KERNEL_K, tile_elements())
 
 
 def rows_per_program(width: int) -> int:
-    """Rows per program so that a tile holds about _TILE elements."""
-    return max(1, min(_TILE // 64, _TILE // width))
+    """Rows per program so that a tile holds about tile_elements() elements."""
+    tile = tile_elements()
+    return max(1, min(tile // 64, tile // width))
+
+
+def reduce_candidates(cand_key, cand_pos, k):
+    """Reduction passes until each row's candidates fit one merge tile; returns the (B*C, M') buffers."""
+    n_rows, M = cand_key.shape
+    group = merge_slots()
+    block_r = rows_per_program(group)
+    while M > group:
+        groups = triton.cdiv(M, group)
+        next_key = torch.empty((n_rows, groups * k), dtype=torch.int32, device=cand_key.device)
+        next_pos = torch.empty_like(next_key)
+        if n_rows:
+            _topk_reduce_kernel[(triton.cdiv(n_rows, block_r), groups)](
+                cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group)
+        cand_key, cand_pos, M = next_key, next_pos, groups * k
+    return cand_key, cand_pos
 
 
 def chunk_size(n: int) -> int:
@@ -203,6 +253,7 @@ def chunk_size(n: int) -> int:
 
 def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k)."""
+    cand_key, cand_pos = reduce_candidates(cand_key, cand_pos, k)
     n_rows, M = cand_key.shape
     idx = torch.empty((n_rows, k), dtype=torch.int64, device=out.device)
     keep = torch.empty((n_rows, k), dtype=torch.uint8, device=out.device)
@@ -210,6 +261,8 @@ def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
     block_m = triton.next_power_of_2(M)
     block_r = rows_per_program(block_m)
+    if not n_rows:
+        return idx, keep
     _topk_merge_kernel[(triton.cdiv(n_rows, block_r),)](
         cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
         n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
@@ -228,6 +281,8 @@ def select_chunks(x, k, *, seed=None):
     cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     block_r = rows_per_program(block_n)
+    if not B * C:
+        return cand_key, cand_pos
     _topk_chunk_kernel[(triton.cdiv(B * C, block_r), n_chunks)](
         x, cand_key, cand_pos, seed if seed is not None else cand_key,
         B * C, C, N, W, *x.stride(), k, M,
@@ -237,6 +292,7 @@ def select_chunks(x, k, *, seed=None):
 
 
 @torch.library.custom_op("lfm::topk_pool", mutates_args=())
+@on_input_device
 def _topk_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor, pmin: float, pmax: float,
                   apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C = x.shape[:2]
@@ -255,6 +311,7 @@ def _(x, k, seed, pmin, pmax, apply_drop):
 
 
 @torch.library.custom_op("lfm::scatter_rows", mutates_args=())
+@on_input_device
 def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, scale: float,
                      shape: list[int]) -> torch.Tensor:
     """Gradient of a per-row gather: grad (B, C, k) placed at idx in a zero (B, C, *rest) tensor."""
@@ -301,6 +358,7 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     if resolve_backend(backend, x) == "torch":
         return topk_pool_reference(x, k, drop=drop, training=training, return_indices=return_indices)
     check_kernel_dtype("x", x)
+    check_kernel_k(k)
     apply_drop = drop is not None and bool(training)
     seed = draw_seed(x.device) if apply_drop else x.new_zeros(2, dtype=torch.int64)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)

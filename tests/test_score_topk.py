@@ -76,7 +76,7 @@ def test_devices_must_match():
 
 def test_opcheck():
     feat, w = (t.float().requires_grad_() for t in _inputs(2, 16, 4, 5, 8))
-    torch.library.opcheck(torch.ops.lfm.score_topk.default, (feat, w, 4, torch.tensor([3, 4]), 0.1, 0.3, True))
+    torch.library.opcheck(torch.ops.lfm.score_topk.default, (feat, w, 4, torch.tensor([3, 4]), 0.1, 0.3, True, "ieee"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

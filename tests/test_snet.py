@@ -112,7 +112,7 @@ def test_head_matches_block_then_score_topk():
     assert torch.equal(idx, ref_idx)
 
 
-def test_snet_block_module_loads_sequential_state_dict_and_caches_the_fold():
+def test_snet_block_module_loads_sequential_state_dict():
     seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16), nn.ReLU())
     seq[1].running_mean.normal_()
     block = SNetBlock(8, 16, pool=False, input_precision="ieee", backend="triton")
@@ -120,12 +120,6 @@ def test_snet_block_module_loads_sequential_state_dict_and_caches_the_fold():
     seq.eval(), block.eval()
     x = torch.randn(2, 8, 6, 7)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), seq(x), atol=1e-5, rtol=1e-5)
-        first = block.folded()
-        assert block.folded() is first  # cached
-        block.bn.running_var.mul_(2)  # an in-place update invalidates the cache
-        seq[1].running_var.mul_(2)
-        assert block.folded() is not first
         torch.testing.assert_close(block(x), seq(x), atol=1e-5, rtol=1e-5)
 
 
@@ -163,8 +157,10 @@ def test_opcheck():
     x = torch.randn(2, 4, 6, 7, requires_grad=True)
     w, b, g, beta, mean, var = [t.requires_grad_(i < 4) for i, t in enumerate(_block_params(4, 16))]
     torch.library.opcheck(torch.ops.lfm.snet_block_train.default,
-                          (x, w, b, g, beta, mean, var, 1e-5, True, True, False, "ieee"))
-    torch.library.opcheck(torch.ops.lfm.snet_block_eval.default, (x.detach(), w.detach(), b.detach(), True, True, "ieee"))
+                          (x, w, b, g, beta, mean, var, 1e-5, True, True, False, "ieee", torch.float32))
+    torch.library.opcheck(torch.ops.lfm.snet_block_eval.default,
+                          tuple(t.detach() for t in (x, w, b, g, beta, mean, var)) + (1e-5, True, True, "ieee",
+                                                                                      torch.float32))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -235,8 +231,6 @@ def test_lfm_triton_eval_is_at_most_6_launches(official, monkeypatch):
     model.load_state_dict(official["state_dict"])
     x = official["outputs"]["x224"][:1, :, :64, :64]
     with torch.no_grad():
-        model(x)  # warm the folded-weight cache
-        launches.clear()
         with CountComputeOps():
             logits = model(x)
     assert len(launches) <= 6, launches

@@ -95,7 +95,7 @@ def test_mask_does_not_depend_on_tiling(monkeypatch):
     x = distinct_map(3, 5, 6, 7)
     torch.manual_seed(7)
     a = topk_pool(x, 5, drop=(0.1, 0.3), training=True, backend="triton")
-    monkeypatch.setattr(tp, "_TILE", 64)
+    monkeypatch.setattr(tp, "tile_elements", lambda: 64)
     monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
     torch.manual_seed(7)
     b = topk_pool(x, 5, drop=(0.1, 0.3), training=True, backend="triton")
