@@ -237,8 +237,10 @@ class ImageDataset(Dataset):
     Sample with `error` set. The rng of a sample is keyed on (seed, epoch, index): set `epoch` before
     each pass, and augmentation is the same whatever the number of workers or ranks."""
 
-    def __init__(self, items, transform, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
+    def __init__(self, items, transform, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
+                 exif_transpose: bool = False):
         self.items, self.transform, self.max_pixels, self.seed = list(items), transform, max_pixels, seed
+        self.exif_transpose = exif_transpose
         self.epoch = 0
 
     def __len__(self):
@@ -248,7 +250,7 @@ class ImageDataset(Dataset):
         item = self.items[index]
         rng = np.random.default_rng((self.seed, self.epoch, index))
         try:
-            image = self.transform(read_rgb(item.path, self.max_pixels), rng)
+            image = self.transform(read_rgb(item.path, self.max_pixels, self.exif_transpose), rng)
         except UnusableImage as err:
             return Sample(None, item.label, index, str(err))
         return Sample(image, item.label, index)

@@ -3,7 +3,13 @@ import sys
 
 
 class UsageError(Exception):
-    """A bad path, data layout or option: the command line prints the message and exits with code 2."""
+    """A bad path, data layout, option or weights file: the command line prints the message and exits
+    with code 2."""
+
+
+class CommandFailed(Exception):
+    """A command that cannot go on for a reason other than its input (e.g. a model that scores NaN):
+    the command line prints the message and exits with code 1."""
 
 
 def warn(command: str, message: str):

@@ -7,19 +7,19 @@ GANGen-Detection, which the authors score at their native size). Writes results.
 import csv
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 
 from .data import describe_failures, find_test_subsets
-from .errors import warn
+from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
-from .inference import score_items
+from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, score_items
 from .metrics import METRICS, binary_metrics, format_table, mean_metrics
 from .runtime import session
-from .weights import load_model, write_json, write_text
+from .weights import load_model, prepare_output_folder, write_json, write_text
 
 CSV_COLUMNS = ("subset", "n", "n_real", "n_fake") + METRICS
+DEFAULT_OUT = "runs/eval"
 
 
 def subset_metrics(subsets: dict, prob_fake: np.ndarray) -> dict:
@@ -57,18 +57,25 @@ def predictions_csv(subsets: dict, prob_fake: np.ndarray) -> str:
                       for name, item, p in zip(names, items, prob_fake)])
 
 
-def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, batch_size=64, workers=2,
-             device="auto", precision="float32", backend="auto", max_pixels=DEFAULT_MAX_PIXELS,
-             out="runs/eval", progress=None, log=print):
+def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, batch_size=DEFAULT_BATCH_SIZE,
+             workers=DEFAULT_WORKERS, device="auto", precision="float32", backend="auto",
+             max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, out=DEFAULT_OUT, progress=None, log=print):
     """Score every test subset under `roots`; on rank 0 print the table, write `out`/results.{csv,json}
-    and return the report (other ranks return None)."""
+    and predictions.csv and return the report (other ranks return None)."""
+    check_loading_options(batch_size, workers, max_pixels)
     subsets = find_test_subsets(roots, depth)
+    out = prepare_output_folder(out, "--out")
     items = [item for subset in subsets.values() for item in subset]
-    with session(device) as ctx:
-        model, config = load_model(weights, model_name, backend=backend)
+    with session(device, backend) as ctx:
+        model, config = load_model(weights, model_name, backend=backend, command="eval")
         scores = score_items(model.to(ctx.device), items, EvalTransform(resize), ctx, batch_size=batch_size,
-                             workers=workers, precision=precision, max_pixels=max_pixels, progress=progress,
-                             desc="evaluating")
+                             workers=workers, precision=precision, max_pixels=max_pixels,
+                             exif_transpose=exif_transpose, progress=progress, desc="evaluating")
+    paths = [item.path for item in items]
+    if scores.failures and ctx.is_main:
+        warn("eval", describe_failures(scores.failures, paths))
+    if np.isnan(scores.prob_fake).all():
+        raise UsageError(f"no image could be scored among the {len(items)} file(s) under {', '.join(map(str, roots))}")
     if not ctx.is_main:
         return None
     rows = subset_metrics(subsets, scores.prob_fake)
@@ -78,15 +85,12 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
         "subsets": rows, "mean": mean,
         "skipped": [{"path": str(items[i].path), "reason": reason} for i, reason in scores.failures],
     }
-    out = Path(out)
     write_text(out / "results.csv", results_csv(rows, mean))
     write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
     write_json(out / "results.json", _nan_to_none(report))
     log(format_table(rows, mean))
     log(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'predictions.csv'}")
-    if scores.failures:
-        warn("eval", describe_failures(scores.failures, [item.path for item in items]))
     return report
 
 

@@ -11,12 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
+
+from .errors import UsageError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 TEST_SIZE = 256
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit, about 89.5 M pixels
+# Pillow refuses to open anything above twice its limit, so no --max-pixels above this can work.
+MAX_PIXELS_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -42,8 +46,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file to an RGB PIL image, or raise UnusableImage saying why it cannot be used."""
+def check_max_pixels(max_pixels: int):
+    if not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
+        raise UsageError(f"--max-pixels must lie in [1, {MAX_PIXELS_LIMIT}] (Pillow refuses larger images), "
+                         f"got {max_pixels}")
+
+
+def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False) -> Image.Image:
+    """Decode an image file to an RGB PIL image, or raise UnusableImage saying why it cannot be used.
+
+    EXIF orientation is ignored, as in the authors' pipeline, unless `exif_transpose` (then the image
+    is turned upright first)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
@@ -56,12 +69,16 @@ def read_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"refused: {width}x{height} = {width * height} pixels is above the limit of "
-                                f"{max_pixels} (a possible decompression bomb; raise it with --max-pixels)")
+                                f"{max_pixels} (a possible decompression bomb{_raise_hint(max_pixels)})")
         try:
             img.load()
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
         except Exception as err:  # noqa: BLE001 - truncated or corrupt data
             raise UnusableImage(f"cannot decode ({err})") from None
+
+
+def _raise_hint(max_pixels: int) -> str:
+    return f"; raise it with --max-pixels, up to {MAX_PIXELS_LIMIT}" if max_pixels < MAX_PIXELS_LIMIT else ""
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:

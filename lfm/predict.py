@@ -2,59 +2,74 @@
 
 Preprocessing is the authors' test pipeline (PIL open -> convert('RGB') -> resize to 256x256 bilinear
 -> /255 -> ImageNet normalize -> model in eval -> sigmoid), so their checkpoint gives their numbers.
+Results are printed (and heatmaps written) as soon as each batch is scored, in input order.
 """
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .data import Item, describe_failures, expand_paths
 from .errors import UsageError, warn
-from .heatmap import overlay, topk_heat
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, read_rgb
-from .inference import score_items
+from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, scored_in_order
 from .runtime import session
-from .weights import atomic_write, load_model
+from .weights import atomic_write, load_model, prepare_output_folder
+
+# Tab-separated output: characters that would break a line or a column are written escaped.
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=64, workers=2, device="auto",
-            precision="float32", backend="auto", max_pixels=DEFAULT_MAX_PIXELS, as_json=False, heatmap_dir=None,
-            progress=None, stream=None):
-    """Print one line per readable image (tab-separated path and prob_fake, or a JSON object with
-    `as_json`) and return the results; with `heatmap_dir`, also write a Top-K heatmap PNG per image."""
+def tsv_field(text: str) -> str:
+    return text.translate(_TSV_ESCAPES)
+
+
+def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEFAULT_BATCH_SIZE,
+            workers=DEFAULT_WORKERS, device="auto", precision="float32", backend="auto",
+            max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, as_json=False, heatmap_dir=None, progress=None,
+            stream=None):
+    """Print one line per readable image as soon as it is scored (tab-separated path, prob_fake and, with
+    `heatmap_dir`, the heatmap PNG written for it; or a JSON object with `as_json`) and return the
+    results. Raises UsageError when no image could be scored."""
     stream = stream or sys.stdout
+    check_loading_options(batch_size, workers, max_pixels)
     files = expand_paths(paths)
+    if heatmap_dir is not None:
+        heatmap_dir = prepare_output_folder(heatmap_dir, "--heatmap")
     items = [Item(path) for path in files]
     transform = EvalTransform(resize)
-    with session(device) as ctx:
-        model, config = load_model(weights, model_name, backend=backend)
+    results, failures, heatmap_names = [], [], set()
+    with session(device, backend) as ctx:
+        model, config = load_model(weights, model_name, backend=backend, command="predict")
         if heatmap_dir is not None and config["model"] != "lfm":
             raise UsageError(f"--heatmap shows LFM's Top-K positions; a {config['model']!r} model has none")
         model.to(ctx.device)
-        scores = score_items(model, items, transform, ctx, batch_size=batch_size, workers=workers,
-                             precision=precision, max_pixels=max_pixels, progress=progress, desc="predicting")
-    if not ctx.is_main:
-        return []
-    results = []
-    heatmap_names = set()
-    for item, prob in zip(items, scores.prob_fake):
-        if np.isnan(prob):
-            continue
-        result = {"path": str(item.path), "prob_fake": float(prob)}
-        if heatmap_dir is not None:
-            result["heatmap"] = str(write_heatmap(model, item.path, transform, Path(heatmap_dir), heatmap_names,
-                                                  ctx.device, max_pixels))
-        results.append(result)
-        print(json.dumps(result) if as_json else f"{result['path']}\t{prob:.6g}", file=stream, flush=True)
-    if scores.failures:
-        warn("predict", describe_failures(scores.failures, files))
-    return results
+        for index, prob, reason in scored_in_order(model, items, transform, ctx, batch_size=batch_size,
+                                                   workers=workers, precision=precision, max_pixels=max_pixels,
+                                                   exif_transpose=exif_transpose, progress=progress,
+                                                   desc="predicting"):
+            if reason is not None:
+                failures.append((index, reason))
+                continue
+            result = {"path": str(files[index]), "prob_fake": prob}
+            if ctx.is_main:
+                if heatmap_dir is not None:
+                    result["heatmap"] = str(write_heatmap(model, files[index], transform, heatmap_dir, heatmap_names,
+                                                          ctx.device, max_pixels, exif_transpose))
+                fields = [result["path"], f"{prob:.6g}"] + ([result["heatmap"]] if heatmap_dir is not None else [])
+                print(json.dumps(result) if as_json else "\t".join(map(tsv_field, fields)), file=stream, flush=True)
+            results.append(result)
+    if failures and ctx.is_main:
+        warn("predict", describe_failures(failures, files))
+    if not results:
+        raise UsageError(f"no image could be scored among the {len(files)} file(s) given")
+    return results if ctx.is_main else []
 
 
-def write_heatmap(model, path: Path, transform, folder: Path, taken: set, device, max_pixels) -> Path:
+def write_heatmap(model, path: Path, transform, folder: Path, taken: set, device, max_pixels, exif_transpose) -> Path:
     """Overlay the Top-K heat of one image on it, at its own size, as folder/<name>.png (names made unique)."""
-    img = read_rgb(path, max_pixels)
+    from .heatmap import overlay, topk_heat
+
+    img = read_rgb(path, max_pixels, exif_transpose)
     heat = topk_heat(model, transform(img).unsqueeze(0).to(device))
     name, n = path.stem, 1
     while name in taken:

@@ -5,6 +5,9 @@ each takes one device (cuda:LOCAL_RANK on GPU) and they talk through gloo on CPU
 A plain `lfm ...` is a world of one, and every collective below is then a no-op.
 """
 import os
+import signal
+import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -48,11 +51,22 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+def check_backend(backend: str | None, device: torch.device):
+    """Refuse a backend that cannot run on `device` before any image is read."""
+    from lfm_kernels.backend import interpreter_enabled
+
+    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise UsageError(f"--backend triton needs a CUDA device (device is {device}; on CPU only with "
+                         "TRITON_INTERPRET=1); use --backend auto or torch")
+
+
 @contextmanager
-def session(device_name: str | None = None):
-    """Yield the Context of this process, joining (and finally leaving) the process group under torchrun."""
+def session(device_name: str | None = None, backend: str | None = None):
+    """Yield the Context of this process, joining (and finally leaving) the process group under torchrun.
+    The device and the backend are checked first."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    check_backend(backend, device)
     if world_size == 1:
         yield Context(device=device)
         return
@@ -104,3 +118,41 @@ def bar_disabled(progress: bool | None, ctx: Context):
     if not ctx.is_main:
         return True
     return None if progress is None else not progress
+
+
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def interrupt_guard():
+    """Make Ctrl-C stick. A KeyboardInterrupt raised where Python cannot propagate it (an at-fork hook
+    while the data loader starts its workers) is swallowed; the flag set here lets the loops stop at
+    their next `raise_if_interrupted`, and the swallowed one is not printed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    previous_handler, previous_hook = signal.signal(signal.SIGINT, _on_sigint), sys.unraisablehook
+
+    def quiet_interrupts(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupts
+    _interrupted.clear()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        sys.unraisablehook = previous_hook
+        _interrupted.clear()
+
+
+def raise_if_interrupted():
+    """Raise KeyboardInterrupt if Ctrl-C came while in interrupt_guard, even if it was swallowed."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt

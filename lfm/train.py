@@ -15,9 +15,12 @@ the data seen per step does not depend on N (BatchNorm statistics are per rank, 
 """
 import csv
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +34,18 @@ from tqdm import tqdm
 from .data import ImageDataset, describe_failures, make_loader, training_items
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
-from .inference import score_items
+from .inference import check_loading_options, score_items
 from .metrics import binary_metrics
 from .model import DROPOUT_MODES
 from .runtime import (PRECISIONS, Context, all_gather, any_rank, autocast, bar_disabled, broadcast_buffers,
-                      session)
-from .weights import MODEL_NAMES, atomic_write, build_model, save_weights, write_json
+                      raise_if_interrupted, session)
+from .weights import (DEFAULT_K, MODEL_NAMES, atomic_write, build_model, prepare_output_folder, read_torch_file,
+                      save_weights, write_json)
 
 OPTIONS_FILE, LOG_FILE, RESUME_FILE = "options.json", "log.csv", "resume.pt"
 LAST_WEIGHTS, BEST_WEIGHTS = "last.safetensors", "best.safetensors"
+LOCK_FILE = ".lock"  # holds the pid of the training process while the folder is in use
+RUN_FILES = (OPTIONS_FILE, LOG_FILE, RESUME_FILE, LAST_WEIGHTS, BEST_WEIGHTS)
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_ap", "val_real_acc", "val_fake_acc", "seconds")
 # Options that may differ when a run is resumed: they do not change what is computed.
 RESUME_OVERRIDES = ("epochs", "workers", "progress", "device")
@@ -51,7 +57,7 @@ class TrainOptions:
     out: str = "runs/train"
     classes: list | None = None
     model: str = "lfm"
-    k: int = 16
+    k: int = DEFAULT_K
     dropout: str = "released"
     pmin: float = 0.1
     pmax: float = 0.3
@@ -77,23 +83,37 @@ class TrainOptions:
     workers: int = 2
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
 
     def check(self):
+        """Refuse options that cannot work, naming the option and its value, before any work."""
         def need(condition, message):
             if not condition:
                 raise UsageError(message)
+
+        def number(name, fits, expected):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and fits(value), f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
 
         need(self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}")
         need(self.dropout in DROPOUT_MODES, f"--dropout must be one of {', '.join(DROPOUT_MODES)}")
         need(self.random_k_weight == 0 or self.model == "lfm", "--random-k-weight applies to --model lfm only")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
-        need(self.epochs >= 1 and self.batch_size >= 1, "--epochs and --batch-size must be >= 1")
-        need(self.lr_step >= 1 and self.patience >= 0, "--lr-step must be >= 1 and --patience >= 0")
+        for name in ("k", "epochs", "lr_step"):
+            number(name, lambda value: value >= 1, "an integer >= 1")
+        for name in ("patience", "random_k_weight", "min_delta", "lr"):
+            number(name, lambda value: value >= 0, "a finite number >= 0")
+        number("lr_gamma", lambda value: value > 0, "a finite number > 0")
+        number("pmin", lambda value: 0 <= value < 1, "in [0, 1)")
+        number("pmax", lambda value: self.pmin <= value < 1, "in [pmin, 1)")
+        need(all(0 <= beta < 1 for beta in self.betas), f"--betas must lie in [0, 1), got {self.betas}")
+        check_loading_options(self.batch_size, self.workers, self.max_pixels)
         need(not (self.resize and self.crop and self.crop > self.resize), "--crop must not exceed --resize")
         need(0 <= self.blur_prob <= 1 and 0 <= self.jpeg_prob <= 1, "augmentation probabilities must lie in [0, 1]")
         need(1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100, "--jpeg-quality needs 1 <= low <= high <= 100")
-        need(0 <= self.blur_sigma[0] <= self.blur_sigma[1], "--blur-sigma needs 0 <= low <= high")
+        need(0 <= self.blur_sigma[0] <= self.blur_sigma[1] < math.inf, "--blur-sigma needs 0 <= low <= high")
 
     def model_config(self) -> dict:
         config = {"model": self.model}
@@ -111,11 +131,15 @@ class TrainOptions:
         return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
 
 
-def train(opts: TrainOptions, resume: bool = False, log=print) -> dict | None:
+def train(opts: TrainOptions, resume: bool = False, force: bool = False, log=print) -> dict | None:
     """Train (or, with resume, continue the run in opts.out); returns a summary of the run on rank 0
-    (None on the other ranks)."""
+    (None on the other ranks). The run folder is locked while training; a new run refuses a folder that
+    holds anything but a run of ours that never finished an epoch, unless `force`."""
     opts.check()
-    with session(opts.device) as ctx:
+    run_dir = prepare_output_folder(opts.out, "--out")
+    with session(opts.device, opts.backend) as ctx, locked_run_folder(run_dir, ctx):
+        if not (resume or force):
+            check_new_run_folder(run_dir)
         summary = Trainer(opts, ctx, log).run(resume)
     return summary if ctx.is_main else None
 
@@ -124,7 +148,68 @@ def read_options(run_dir) -> TrainOptions:
     path = Path(run_dir) / OPTIONS_FILE
     if not path.is_file():
         raise UsageError(f"nothing to resume in {run_dir}: no {OPTIONS_FILE}")
-    return TrainOptions.from_json(json.loads(path.read_text()))
+    try:
+        return TrainOptions.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"cannot read {path}: not the options of a run of ours ({err})") from None
+
+
+def check_new_run_folder(run_dir: Path):
+    """A new run goes into an empty folder, or one holding a run of ours that never finished an epoch."""
+    if (run_dir / RESUME_FILE).exists():
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, choose another --out, "
+                         "or pass --force to start over")
+    names = sorted(entry.name for entry in run_dir.iterdir() if entry.name != LOCK_FILE)
+    ours = OPTIONS_FILE in names and set(names) <= set(RUN_FILES)
+    if names and not ours:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(f"{run_dir} is not empty ({shown}) and holds no run of ours; choose another --out or pass "
+                         "--force to write into it")
+
+
+def _take_lock(run_dir: Path) -> int:
+    """An open descriptor holding an exclusive flock on run_dir/.lock, which records our pid. The kernel
+    drops the lock when its process dies, so a lock file left by a killed run is stale and taken over."""
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"{run_dir} is in use by another lfm train (process {holder}; lock {path})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file meanwhile: lock the new one
+    stale = os.read(fd, 32).decode(errors="replace").strip()
+    if stale:
+        warn("train", f"{path}: process {stale} ended without releasing the lock; taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextmanager
+def locked_run_folder(run_dir: Path, ctx: Context):
+    """Hold an exclusive lock on the run folder (taken by rank 0; every rank fails if it cannot)."""
+    fd, problem = None, None
+    if ctx.is_main:
+        try:
+            fd = _take_lock(run_dir)
+        except UsageError as err:
+            problem = err
+    if any_rank(problem is not None, ctx):
+        raise problem or UsageError(f"{run_dir} is in use by another lfm train")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            os.close(fd)
 
 
 class Trainer:
@@ -137,11 +222,17 @@ class Trainer:
             raise UsageError(f"--batch-size {opts.batch_size} is not divisible by the {ctx.world_size} processes")
         train_items = training_items(opts.data, "train", opts.classes)
         self.val_items = training_items(opts.data, "val", opts.classes)
+        for split, items in (("train", train_items), ("val", self.val_items)):
+            labels = {item.label for item in items}
+            if len(labels) == 1 and ctx.is_main:
+                warn("train", f"the {split} set holds only {'fake' if labels == {1} else 'real'} images "
+                              f"({len(items)}); its accuracy and AP say little")
         self.train_paths = [item.path for item in train_items]
         augment = TrainTransform(opts.resize, opts.crop, opts.flip, opts.blur_prob, opts.blur_sigma,
                                  opts.jpeg_prob, opts.jpeg_quality)
         self.val_transform = EvalTransform(opts.resize, opts.crop)
-        self.train_set = ImageDataset(train_items, augment, opts.max_pixels, seed=opts.seed)
+        self.train_set = ImageDataset(train_items, augment, opts.max_pixels, seed=opts.seed,
+                                     exif_transpose=opts.exif_transpose)
         self.sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=opts.seed)
         self.loader = make_loader(self.train_set, self.sampler, opts.batch_size // ctx.world_size, opts.workers,
@@ -199,9 +290,11 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.net.train()
         total, count, failures = 0.0, 0, []
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", leave=False,
-                   disable=bar_disabled(self.opts.progress, self.ctx))
-        for batch in bar:
+        bar = tqdm(total=len(self.sampler), desc=f"epoch {self.epoch + 1}/{self.opts.epochs}", unit="img",
+                   leave=False, disable=bar_disabled(self.opts.progress, self.ctx))
+        for batch in self.loader:
+            raise_if_interrupted()
+            bar.update(sum(len(labels) for _, labels, _ in batch.groups) + len(batch.failures))
             failures += batch.failures
             if len(batch.groups) > 1:
                 raise UsageError("training images differ in size after preprocessing; set --resize or --crop")
@@ -212,6 +305,7 @@ class Trainer:
                              labels.to(self.ctx.device, dtype=torch.float32).unsqueeze(1))
             total, count = total + loss * len(labels), count + len(labels)
             bar.set_postfix(loss=f"{loss:.4f}")
+        bar.close()
         totals = all_gather((total, count, failures), self.ctx)
         self.report_failures([f for _, _, rank_failures in totals for f in rank_failures], self.train_paths)
         count = sum(c for _, c, _ in totals)
@@ -238,7 +332,7 @@ class Trainer:
         scores = score_items(self.model, self.val_items, self.val_transform, self.ctx,
                              batch_size=self.opts.batch_size, workers=self.opts.workers,
                              precision=self.opts.precision, max_pixels=self.opts.max_pixels,
-                             progress=self.opts.progress, desc="validation")
+                             exif_transpose=self.opts.exif_transpose, progress=self.opts.progress, desc="validation")
         self.report_failures(scores.failures, [item.path for item in self.val_items], split="val")
         scored = ~np.isnan(scores.prob_fake)
         if not scored.any():
@@ -254,9 +348,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def start_run_dir(self):
-        if (self.run_dir / RESUME_FILE).exists():
-            raise UsageError(f"{self.run_dir} already holds a run: continue it with --resume {self.run_dir} "
-                             "or choose another --out")
         if self.ctx.is_main:
             write_json(self.run_dir / OPTIONS_FILE, self.opts.to_json())
             with open(self.run_dir / LOG_FILE, "w", newline="") as f:
@@ -287,14 +378,18 @@ class Trainer:
         path = self.run_dir / RESUME_FILE
         if not path.is_file():
             raise UsageError(f"nothing to resume in {self.run_dir}: no {RESUME_FILE}")
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        if state["world_size"] != self.ctx.world_size:
-            raise UsageError(f"{self.run_dir} was trained on {state['world_size']} process(es); resume it on as many "
-                             f"(now {self.ctx.world_size}) to continue exactly")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        cpu_rng, cuda_rng = state["rng"][self.ctx.rank]
+        state = read_torch_file(path, "the resume state")
+        try:
+            if state["world_size"] != self.ctx.world_size:
+                raise UsageError(f"{self.run_dir} was trained on {state['world_size']} process(es); resume it on as "
+                                 f"many (now {self.ctx.world_size}) to continue exactly")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            cpu_rng, cuda_rng = state["rng"][self.ctx.rank]
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+            detail = " ".join(str(err).split())[:200]
+            raise UsageError(f"{path} is not a resume state of this run ({type(err).__name__}: {detail})") from None
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.ctx.device)

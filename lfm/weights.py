@@ -6,20 +6,23 @@ CPU; and our `.safetensors`, whose metadata records the architecture so it loads
 Every write is atomic: a temporary file in the same folder, flushed to disk, then renamed over the
 target, so an interrupted run never leaves a half-written file behind.
 """
+import inspect
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import UsageError, warn
 from .model import LFM, LFMGAP, SCORE_CHANNELS
 from .npr import NPR
 
 MODEL_NAMES = ("lfm", "lfm-gap", "npr")
 CONFIG_KEY = "lfm_config"  # safetensors metadata entry: JSON of the architecture and its options
 LFM_OPTIONS = ("k", "dropout", "pmin", "pmax", "random_k_weight")
+DEFAULT_K = inspect.signature(LFM).parameters["k"].default  # the released model's Top-K
 
 
 def build_model(config: dict, backend=None) -> nn.Module:
@@ -48,6 +51,21 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
+def prepare_output_folder(path, option: str) -> Path:
+    """Create the folder an option names, if needed, and check that files can be written there: done
+    before any work, so a bad target never costs a run."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot create the folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: the folder is not writable")
+    return path
+
+
 def write_text(path, text: str):
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -67,42 +85,102 @@ def save_weights(model: nn.Module, path, config: dict, **metadata):
     atomic_write(path, lambda tmp: tmp.write_bytes(save(state, metadata=header)))
 
 
+def _torch_load_problem(err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one short sentence."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if found:
+        return (f"it holds a pickled {found.group(1)} object, not plain tensors (such files are never unpickled; "
+                "save a state_dict)")
+    if "zip archive" in str(err):
+        return "the file is truncated or corrupt"
+    return "not a PyTorch checkpoint, or a truncated one"
+
+
+def read_torch_file(path, what: str):
+    """torch.load(path, weights_only=True) on CPU, or a UsageError naming the file and what is wrong."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - corrupt files or pickles that are not plain tensors
+        raise UsageError(f"cannot read {what} {path}: {_torch_load_problem(err)}") from None
+
+
+def _read_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {name: f.get_tensor(name) for name in f.keys()}
+            config = (f.metadata() or {}).get(CONFIG_KEY)
+    except Exception as err:  # noqa: BLE001 - not a safetensors file, or a damaged one
+        raise UsageError(f"cannot read weights {path}: not a safetensors file, or a damaged one "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if config is None:
+        return state, None
+    try:
+        config = json.loads(config)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict) or config.get("model", "lfm") not in MODEL_NAMES:
+        raise UsageError(f"{path} records an architecture that is not one of ours in its {CONFIG_KEY!r} metadata")
+    return state, config
+
+
 def read_state_dict(path):
     """(state_dict, config or None) from a .safetensors or a .pth/.pt file."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such weights file: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                state = {name: f.get_tensor(name) for name in f.keys()}
-                config = (f.metadata() or {}).get(CONFIG_KEY)
-            return state, (json.loads(config) if config else None)
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - corrupt files or pickles that are not plain tensors
-        raise UsageError(f"cannot read weights {path}: {str(err).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path} holds no state_dict (expected a dict of tensors, bare or under 'model')")
-    if state and all(name.startswith("module.") for name in state):
-        state = {name[len("module."):]: t for name, t in state.items()}
-    return state, None
+    if path.suffix == ".safetensors":
+        state, config = _read_safetensors(path)
+    else:
+        state, config = read_torch_file(path, "weights"), None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{path} holds no state_dict (expected a dict of tensors, bare or under 'model')")
+        if state and all(name.startswith("module.") for name in state):
+            state = {name[len("module."):]: t for name, t in state.items()}
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise UsageError(f"{path} holds NaN or infinite values in {', '.join(broken[:3])}"
+                         f"{' and more' if len(broken) > 3 else ''}")
+    return state, config
 
 
-def load_model(path, model_name: str | None = None, backend=None):
+def infer_k(state: dict, path, command: str) -> int:
+    """LFM's K from the width of a bare checkpoint's head, 1 x (64 * K); a K other than the released 16
+    is reported."""
+    head = state.get("fc1.weight")
+    if head is None:
+        return DEFAULT_K  # the strict load names the missing keys
+    if head.dim() != 2 or head.shape[0] != 1 or head.shape[1] == 0 or head.shape[1] % SCORE_CHANNELS:
+        raise UsageError(f"{path}: the head fc1.weight has shape {tuple(head.shape)}, not 1 x (64 * K), so it is no "
+                         "LFM checkpoint; choose the architecture with --model")
+    k = head.shape[1] // SCORE_CHANNELS
+    if k != DEFAULT_K:
+        warn(command, f"{path}: K = {k} inferred from its head fc1.weight {tuple(head.shape)} (the released model has "
+                      f"K = {DEFAULT_K})")
+    return k
+
+
+def load_model(path, model_name: str | None = None, backend=None, command: str = "predict"):
     """(model in eval mode, config) from a weights file. Our safetensors name their architecture;
     other files are `model_name` ("lfm" by default, K read from the head's width)."""
     state, config = read_state_dict(path)
     if config is None:
         config = {"model": model_name or "lfm"}
-        if config["model"] == "lfm" and "fc1.weight" in state:
-            config["k"] = max(1, state["fc1.weight"].shape[1] // SCORE_CHANNELS)
+        if config["model"] == "lfm":
+            config["k"] = infer_k(state, path, command)
     elif model_name is not None and model_name != config["model"]:
         raise UsageError(f"{path} holds a {config['model']!r} model, not {model_name!r}")
-    model = build_model(config, backend=backend)
+    try:
+        model = build_model(config, backend=backend)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{path} records an architecture that cannot be built ({config}): {err}") from None
+    head = state.get("fc1.weight")
+    if isinstance(model, LFM) and head is not None and head.shape != model.fc1.weight.shape:
+        raise UsageError(f"{path}: its head fc1.weight is {tuple(head.shape)}, but its architecture ({config}) "
+                         f"needs {tuple(model.fc1.weight.shape)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -185,7 +185,7 @@ def test_unexpected_errors_are_one_line(monkeypatch, weights, tmp_path, capsys):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(lfm.predict, "score_items", boom)
+    monkeypatch.setattr(lfm.predict, "scored_in_order", boom)
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
     assert main(["predict", "--weights", str(weights), str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err == "lfm predict: error: RuntimeError: boom (LFM_DEBUG=1 shows the traceback)\n"
