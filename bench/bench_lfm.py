@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import (DEVICE, INFERENCE_BATCHES, SIZES, TRAIN_BATCH, TRAIN_SIZE, Work, check_budget, count_flops,
+from bench.harness import (DEVICE, INFERENCE_BATCHES, SIZES, TRAIN_BATCH, TRAIN_SIZE, Work, count_flops,
                            input_rotation, measure, timed_fn, total_bytes)
 from bench.providers import build_model
 from bench.report import INFERENCE_GROUP, TRAINING_GROUP
@@ -29,7 +29,6 @@ def flops_per_image(size: int, training: bool) -> int:
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("batch", INFERENCE_BATCHES)
 def test_inference(benchmark, provider, dtype, batch, size):
-    check_budget()
     model = build_model(provider, dtype, DEVICE)
     input_sets = input_rotation(lambda: (torch.randn(batch, 3, size, size, device=DEVICE, dtype=dtype),))
     # Minimal traffic: the images and every parameter and buffer read once, the logits written once.
@@ -41,7 +40,6 @@ def test_inference(benchmark, provider, dtype, batch, size):
 
 
 def test_training_step(benchmark, provider, dtype):
-    check_budget()
     model = build_model(provider, dtype, DEVICE, training=True)
     forward = timed_fn(provider, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)

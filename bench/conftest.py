@@ -1,32 +1,33 @@
 """pytest glue for the benchmarks: collects bench_*.py, parametrizes providers and dtypes, installs the
-device clock as pytest-benchmark's timer, prints the tables at the end and saves them on request.
+device clock as pytest-benchmark's timer, orders the cases by the GPU run's tiers and prints the tables
+at the end. The GPU run (bench.gpu_suite) runs one tier per process (`--suite-tier`) and saves rows.
 
     python -m pytest bench                               # the device's default providers and dtypes
     python -m pytest bench --bench-providers eager,triton -k inference
-    python -m pytest bench --bench-save bench/results    # + <device>-<date>.json, .md and .png
 """
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from bench import harness
-from bench.providers import PROVIDERS, dtype_name, reference_state_dict
-from bench.report import format_goals, format_tables, save
+from bench import harness, results
+from bench.gpu_suite import BENCH_TIERS
+from bench.providers import PROVIDERS, dtype_name
+from bench.report import GOAL_SIZE, format_goals, format_tables
+from bench.suite_plugin import time_left
 
-SKIPPED = []  # {"test", "reason"} of every skipped benchmark, saved with the results
 STARTED = time.time()
+# Compile seconds of a compile-* case, used to skip a compilation the budget cannot finish. Guesses for an
+# H100/H200 (Inductor on LFM's few convs; max-autotune benchmarks Triton GEMM templates for each conv),
+# replaced for max-autotune by this factor times the compile-default warm-up measured on the same case.
+COMPILE_S_GUESS = {"compile-default": 30.0, "compile-max-autotune": 150.0}
+MAX_AUTOTUNE_OVER_DEFAULT = 5.0
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("lfm benchmarks")
     group.addoption("--bench-providers", default=",".join(harness.DEFAULT_PROVIDERS),
                     help=f"comma-separated, from {', '.join(PROVIDERS)} (default: this device's)")
-    group.addoption("--bench-save", default=None, metavar="DIR",
-                    help="write <device>-<date>.json, .md and .png of the results to DIR")
-    group.addoption("--bench-deadline", type=float, default=None, metavar="EPOCH_S",
-                    help="skip the cases that would start after this time.time()")
 
 
 def pytest_collect_file(file_path, parent):
@@ -43,7 +44,6 @@ def pytest_configure(config):
     unknown = set(config.getoption("bench_providers").split(",")) - set(PROVIDERS)
     if unknown:
         raise pytest.UsageError(f"--bench-providers: unknown {sorted(unknown)}; choose from {PROVIDERS}")
-    harness.DEADLINE = config.getoption("bench_deadline")
     # Fixed shapes: let cuDNN pick its fastest algorithms, as a tuned eager deployment would.
     torch.backends.cudnn.benchmark = True
 
@@ -56,28 +56,61 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", harness.DTYPES, ids=dtype_name)
 
 
-BENCH_DIR = Path(__file__).parent
+def _params(item) -> dict:
+    return item.callspec.params if hasattr(item, "callspec") else {}
 
 
-def run_priority(item) -> int:
-    """Lower runs first, so that a time budget cuts the least telling cases: the peaks, end-to-end
-    inference at 256x256 (the goals), the training step, the per-op rows of eager and our backends,
-    end-to-end at 224x224, and last the per-op torch.compile rows (each compiles afresh). Tests from
-    outside bench/ collected in the same run go first."""
-    params = item.callspec.params if hasattr(item, "callspec") else {}
-    if item.path.parent != BENCH_DIR:
-        return -1
-    if item.path.stem == "bench_peaks":
-        return 0
-    if item.originalname == "test_inference":
-        return 1 if params["size"] == 256 else 4
-    if item.originalname == "test_training_step":
-        return 2
-    return 5 if params.get("provider", "").startswith("compile-") else 3
+def suite_tier(item):
+    """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out
+    (end to end at 224x224): the peaks and inference at 256x256 (the goals), the training step, the
+    per-op rows, each for our backends and eager, then every case again per torch.compile mode."""
+    params = _params(item)
+    provider = params.get("provider", "")
+    if item.originalname == "test_inference" and params["size"] != GOAL_SIZE:
+        return None
+    if provider.startswith("compile-"):
+        return provider
+    if item.path.stem == "bench_peaks" or item.originalname == "test_inference":
+        return "inference"
+    return "training" if item.originalname == "test_training_step" else "ops"
 
 
-def pytest_collection_modifyitems(items):
+def run_priority(item):
+    """Sort key: by tier, then the peaks, end to end, the training step and the per-op rows within one;
+    tests collected from outside bench/ go first."""
+    if not item.path.stem.startswith("bench_"):
+        return (-1, 0)
+    tier = suite_tier(item)
+    within = {"bench_peaks": 0, "bench_lfm": 1 if item.originalname == "test_inference" else 2}.get(item.path.stem, 3)
+    return (BENCH_TIERS.index(tier) if tier else len(BENCH_TIERS), within)
+
+
+def pytest_collection_modifyitems(config, items):
+    tier = config.getoption("suite_tier", None)
+    if tier is not None:
+        deselected = [item for item in items if item.path.stem.startswith("bench_") and suite_tier(item) != tier]
+        items[:] = [item for item in items if item not in deselected]
+        config.hook.pytest_deselected(items=deselected)
     items.sort(key=run_priority)  # stable: file and parameter order within a tier
+
+
+def estimated_compile_s(item) -> float:
+    provider = _params(item)["provider"]
+    if provider == "compile-max-autotune":
+        rows = results.load(results.ACTIVE_FILE)["rows"] if results.ACTIVE_FILE else harness.RESULTS
+        default_case = item.nodeid.replace("compile-max-autotune", "compile-default")
+        measured = [r["warmup_s"] for r in rows if r["test"] == default_case]
+        if measured:
+            return MAX_AUTOTUNE_OVER_DEFAULT * measured[0]
+    return COMPILE_S_GUESS[provider]
+
+
+def pytest_runtest_setup(item):
+    if not _params(item).get("provider", "").startswith("compile-"):
+        return
+    needed, left = estimated_compile_s(item), time_left(item.config)
+    if needed > left:
+        pytest.skip(f"its compilation takes about {needed:.0f} s (estimated), {left:.0f} s of the budget are left")
 
 
 @pytest.fixture(autouse=True)
@@ -85,12 +118,6 @@ def _release_device_memory():
     yield
     if harness.ON_GPU:
         torch.cuda.empty_cache()
-
-
-def pytest_runtest_logreport(report):
-    if report.skipped and report.when in ("setup", "call") and report.nodeid.startswith("bench/"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        SKIPPED.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -102,7 +129,3 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line("")
     terminalreporter.write_line(format_goals(rows))
     terminalreporter.write_line(f"\n{len(rows)} rows in {time.time() - STARTED:.0f} s")
-    directory = config.getoption("bench_save")
-    if directory:
-        path = save(rows, SKIPPED, reference_state_dict()[1], directory)
-        terminalreporter.write_line(f"saved {path} and its .md and .png")

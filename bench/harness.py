@@ -6,7 +6,8 @@ calls is timed on the device from an idle queue to the end of its last kernel. L
 the time whenever the host is the bottleneck, as it is in real use. Every call takes the next of a
 rotation of input sets that together exceed twice the L2 cache, so no call reads what the previous
 one left there. Warm-up calls (torch.compile, autotuning, cuDNN's algorithm search) come before the
-timed rounds; rows report the median over rounds.
+timed rounds, and their wall time is in the row (warmup_s: about the compile time of a compile-*
+provider). Rows report the median over rounds and its interquartile range (q1_s, q3_s).
 
 Work. Each row carries the minimal work of what it computes, so that the report can turn a time
 into GB/s and TFLOP/s and compare them with the GPU's measured peaks:
@@ -21,10 +22,10 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import results
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS, LFM_BACKENDS, compiled, dtype_name
 
 ON_GPU = torch.cuda.is_available()
@@ -47,8 +48,7 @@ MIN_ROUNDS, MAX_ROUNDS = (5, 100) if ON_GPU else (3, 10)
 # recording happen in the first calls (a CUDA graph is recorded on the second).
 WARMUP_CALLS = 3 if ON_GPU else 1
 
-RESULTS = []  # every row measured in this process, in order
-DEADLINE = None  # time.time() after which remaining cases are skipped (make gpu-suite's 8 minutes)
+RESULTS = []  # every row measured in this process, in order (also appended to the run's results file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,14 +88,15 @@ def total_bytes(tensors) -> int:
 
 
 def input_rotation(make_inputs):
-    """Input sets, each a tuple from make_inputs(), enough that together they exceed 2x the GPU's L2 cache
-    (2 to 64 sets): every call reads its inputs from memory, as a stream of new images would. On CPU, two
-    sets (CPU runs only compare our reference backend with eager code, and stay short)."""
+    """Input sets, each a tuple from make_inputs(), at least two and together more than twice the GPU's L2
+    cache at every size (batch 1 at 256x256 in bfloat16 takes about 300 sets on an H200): every call reads
+    its inputs from memory, as a stream of new images would. On CPU, two sets (CPU runs only compare our
+    reference backend with eager code, and stay short)."""
     first = make_inputs()
     count = 2
     if ON_GPU:
         l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
-        count = min(64, max(2, math.ceil(2 * l2 / max(total_bytes(first), 1))))
+        count = max(2, 2 * l2 // max(total_bytes(first), 1) + 1)
     return [first] + [make_inputs() for _ in range(count - 1)]
 
 
@@ -111,11 +112,6 @@ class Work:
     images: int
 
 
-def check_budget():
-    if DEADLINE is not None and time.time() > DEADLINE:
-        pytest.skip("the suite's time budget is spent (make gpu-suite stays under 8 minutes)")
-
-
 def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:
     """Time `step(*inputs)` over the rotating `input_sets` with pytest-benchmark and record the row.
 
@@ -127,6 +123,7 @@ def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:
     def call():
         step(*next(sets))
 
+    warmup_start = time.perf_counter()
     for _ in range(WARMUP_CALLS):
         call()
     reset_device_clock()
@@ -134,6 +131,7 @@ def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:
     for _ in range(len(input_sets)):  # still warm-up (each set once), timed to size the rounds
         call()
     per_call = (device_clock() - start) / len(input_sets)
+    warmup_s = time.perf_counter() - warmup_start
     iterations = max(1, round(ROUND_S / max(per_call, 1e-9)))
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(CASE_S / (per_call * iterations))))
     benchmark.group = labels["group"]
@@ -141,9 +139,11 @@ def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:
     stats = benchmark.stats.stats
     labels = {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in labels.items()}
     row = dict(labels, **asdict(work), median_s=stats.median, q1_s=stats.q1, q3_s=stats.q3, rounds=rounds,
-               iterations=iterations)
+               iterations=iterations, warmup_s=round(warmup_s, 3))
     benchmark.extra_info.update(row)
+    row["test"] = benchmark.fullname
     RESULTS.append(row)
+    results.record("row", **row)
     return row
 
 
@@ -181,7 +181,6 @@ def bench_op(benchmark, *, op: str, provider: str, dtype, mode: str, eager, fuse
     forward_bytes(inputs, out): the forward's minimal bytes when they are not "read every input and
     parameter once, write the output once" (an op that needs only part of its input).
     """
-    check_budget()
     backward = mode == FORWARD_BACKWARD
     input_sets = input_rotation(make_inputs)
     if backward and input_grad:

@@ -24,16 +24,23 @@ CPU_PROVIDERS = ("eager", "torch")
 LFM_BACKENDS = ("torch", "triton")
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT = Path("lfm_official") / "bs_model.pth"
+AUTHORS_FILES, CHECKPOINT = "lfm_official", "bs_model.pth"
+
+
+def authors_files():
+    """The folder of the authors' files (lfm_official/, holding bs_model.pth) under the first of $LFM_SHARED,
+    ./shared and ../shared (beside the checkout) that has it, or None."""
+    roots = [os.environ.get("LFM_SHARED"), REPO / "shared", REPO.parent / "shared"]
+    for root in filter(None, roots):
+        if (Path(root) / AUTHORS_FILES / CHECKPOINT).is_file():
+            return Path(root) / AUTHORS_FILES
+    return None
 
 
 def checkpoint_path():
-    """The authors' checkpoint from $LFM_SHARED, ./shared or ../shared, or None."""
-    roots = [os.environ.get("LFM_SHARED"), REPO / "shared", REPO.parent / "shared"]
-    for root in filter(None, roots):
-        if (Path(root) / CHECKPOINT).is_file():
-            return Path(root) / CHECKPOINT
-    return None
+    """The authors' checkpoint, or None."""
+    folder = authors_files()
+    return folder / CHECKPOINT if folder else None
 
 
 @functools.cache
@@ -41,10 +48,11 @@ def reference_state_dict():
     """(state_dict, where it came from) shared by every provider; loaded once."""
     path = checkpoint_path()
     if path is not None:
-        return torch.load(path, weights_only=True, map_location="cpu"), f"authors' checkpoint {path.name}"
+        return torch.load(path, weights_only=True, map_location="cpu"), f"authors' checkpoint {path}"
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return AuthorsLFM().state_dict(), "random init (seed 0): the authors' checkpoint was not found"
+        return AuthorsLFM().state_dict(), ("random init (seed 0): the authors' checkpoint is not under "
+                                           "$LFM_SHARED, ./shared or ../shared")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,24 +1,19 @@
-"""The one table writer: benchmark rows -> Markdown tables, the goals check, a throughput plot, saved results.
+"""The one table writer: results -> Markdown tables, the goals check, a throughput plot.
 
-Each row (bench.harness.measure) holds its labels, its minimal work (bytes, flops, images) and its median
-time. The peaks come from the same run: the device-to-device copy row gives the copy bandwidth, the large
-matmul rows give the matmul peak per dtype (TF32 for float32). From them every row gets images/s, GB/s,
-TFLOP/s, the share of each peak, and which of the two bounds it (the roofline of its minimal work).
+Each row (bench.harness.measure) holds its labels, its minimal work (bytes, flops, images), its median
+time and interquartile range. The peaks come from the same run: the device-to-device copy row gives the
+copy bandwidth, the large matmul rows give the matmul peak per dtype (TF32 for float32). From them every
+row gets images/s, GB/s, TFLOP/s, the share of each peak, and which of the two bounds it (the roofline of
+its minimal work).
 
-    python -m bench.report bench/results/<gpu>-<date>.json    # re-renders the .md and .png beside it
+    python -m bench.report bench/results/<gpu>-<date>-<time>.jsonl    # (re)writes the .md and .png beside it
 """
 import argparse
-import datetime
-import json
-import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from bench import results
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 INFERENCE_GROUP = "lfm inference"
 TRAINING_GROUP = "lfm training step"
 PEAK_GROUP = "peak"
@@ -78,15 +73,15 @@ def format_tables(rows) -> str:
     groups = dict.fromkeys(r["group"] for r in rows if r["group"] != PEAK_GROUP)
     for group in groups:
         out += ["", f"### {group}", "",
-                "| op | mode | dtype | batch | size | provider | ms | images/s | x eager | GB/s | % copy BW "
-                "| TFLOP/s | % matmul peak | % roofline | bound |",
-                "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| op | mode | dtype | batch | size | provider | ms (median) | IQR ms | images/s | x eager | GB/s "
+                "| % copy BW | TFLOP/s | % matmul peak | % roofline | bound |",
+                "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in rows if r["group"] == group):
             d = derived(r, peaks)
             base = eager.get(case_key(r))
             out.append("| " + " | ".join([
                 r["op"], r["mode"], r["dtype"], str(r["batch"]), str(r["size"]), r["provider"],
-                f"{d['ms']:.3f}", _fmt(d["images_s"], ",.0f"), _fmt(base and base / r["median_s"], ".2f"),
+                f"{d['ms']:.3f}", f"{(r['q3_s'] - r['q1_s']) * 1e3:.3f}", _fmt(d["images_s"], ",.0f"), _fmt(base and base / r["median_s"], ".2f"),
                 f"{d['gb_s']:.1f}", _fmt(d["bw_share"] and 100 * d["bw_share"], ".0f"), f"{d['tflop_s']:.2f}",
                 _fmt(d["flop_share"] and 100 * d["flop_share"], ".0f"),
                 _fmt(d["roofline"] and 100 * d["roofline"], ".0f"), d["bound"] or "-"]) + " |")
@@ -174,66 +169,60 @@ def plot_throughput(rows, path, title):
     return path
 
 
-def environment() -> dict:
-    """Device, versions and settings that the numbers depend on."""
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS_DIR.parent, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    on_gpu = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name() if on_gpu else f"CPU {platform.processor() or platform.machine()}",
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": commit,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-    }
+def format_tests(tests) -> str:
+    """The smoke tier's outcomes, failures first."""
+    order = {"failed": 0, "timeout": 0, "crashed": 0, "started": 1, "skipped": 2, "passed": 3}
+    lines = ["| test | outcome | s | detail |", "|---|---|---:|---|"]
+    for t in sorted(tests, key=lambda t: order.get(t["outcome"], 1)):
+        lines.append(f"| `{t['test']}` | {t['outcome']} | {t.get('duration_s', 0):.1f} | {t.get('reason', '')} |")
+    return "\n".join(lines)
 
 
-def render(results: dict) -> str:
-    """The Markdown report of saved results: environment, goals, tables, what was skipped."""
-    env = results["environment"]
-    lines = [f"## {env['device']}, {env['date']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}, "
-             f"commit {env['commit'] or '?'}; weights: {results.get('weights', '?')}; cuDNN benchmark mode "
-             f"{'on' if env['cudnn_benchmark'] else 'off'}, cuDNN TF32 {'on' if env['cudnn_allow_tf32'] else 'off'}.",
-             "", "### Goals", "", format_goals(results["rows"]), "", format_tables(results["rows"])]
-    if results.get("skipped"):
-        lines += ["", "### Not measured", ""] + [f"- `{s['test']}`: {s['reason']}" for s in results["skipped"]]
+def format_tiers(tiers) -> str:
+    """How long each tier took, or why it did not run."""
+    done = [f"{t['tier']} {t['duration_s']:.0f} s" if t["status"] == "done" else f"{t['tier']} skipped ({t['reason']})"
+            for t in tiers]
+    return "Tiers: " + (", ".join(done) if done else "none finished (the run was stopped during its first).")
+
+
+def render(loaded: dict) -> str:
+    """The Markdown report of a loaded results file (bench.results.load): environment, weights, the smoke
+    tier, goals, tables, tiers and what was not measured."""
+    header, rows = loaded["header"], loaded["rows"]
+    env = header["environment"]
+    tests = list(loaded["tests"].values())
+    lines = [f"## {env['device']}, {env['date']}", ""]
+    if header.get("random_weights"):
+        lines += [f"> **WARNING: {header['weights']}**", ""]
+    lines += [f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}, "
+              f"commit {env['commit']}; weights: {header['weights']}; cuDNN benchmark mode "
+              f"{'on' if env['cudnn_benchmark'] else 'off'}, cuDNN TF32 {'on' if env['cudnn_allow_tf32'] else 'off'}; "
+              f"budget {header['budget_s']:.0f} s.", "", format_tiers(loaded["tiers"])]
+    smoke = [t for t in tests if t.get("tier") == "smoke"]
+    if smoke:
+        lines += ["", "### Correctness smoke (real kernels against the PyTorch reference)", "", format_tests(smoke)]
+    lines += ["", "### Goals", "", format_goals(rows), "", format_tables(rows)]
+    missing = [t for t in tests if t.get("tier") != "smoke" and t["outcome"] != "passed"]
+    if missing:
+        lines += ["", "### Not measured", ""] + [f"- `{t['test']}`: {t['outcome']}: {t.get('reason', '')}"
+                                                  for t in missing]
     return "\n".join(lines) + "\n"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def save(rows, skipped, weights, directory=RESULTS_DIR):
-    """Write <device>-<date>.json, .md and .png under `directory`; returns the JSON path."""
-    env = environment()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{slug(env['device'])}-{env['date']}.json"
-    results = {"environment": env, "weights": weights, "rows": rows, "skipped": skipped}
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    write_report(path)
-    return path
-
-
-def write_report(json_path):
-    """(Re)write the .md and .png beside a results JSON."""
-    json_path = Path(json_path)
-    results = json.loads(json_path.read_text())
-    json_path.with_suffix(".md").write_text(render(results))
-    env = results["environment"]
-    plot_throughput(results["rows"], json_path.with_suffix(".png"), f"LFM end to end, {env['device']}")
+def write_report(path):
+    """(Re)write the .md and .png beside a results file."""
+    path = Path(path)
+    loaded = results.load(path)
+    path.with_suffix(".md").write_text(render(loaded))
+    try:
+        plot_throughput(loaded["rows"], path.with_suffix(".png"), f"LFM end to end, {loaded['header']['environment']['device']}")
+    except ImportError:  # matplotlib is an optional dependency (the demo's)
+        sys.stderr.write("bench.report: matplotlib is not installed, no .png\n")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Re-render the Markdown table and plot of saved results.")
-    parser.add_argument("results", nargs="+", help="bench/results/<gpu>-<date>.json")
+    parser = argparse.ArgumentParser(description="Re-render the Markdown report and plot of saved results.")
+    parser.add_argument("results", nargs="+", help="bench/results/<gpu>-<date>-<time>.jsonl")
     for path in parser.parse_args(argv).results:
         write_report(path)
         sys.stdout.write(Path(path).with_suffix(".md").read_text())

@@ -1,15 +1,15 @@
-"""The benchmark report (bench/report.py): derived figures, goal verdicts, tables, saved results, plot."""
-import json
-
+"""The benchmark report (bench/report.py): derived figures, goal verdicts, tables, rendering a results file."""
 import pytest
 
-from bench.report import INFERENCE_GROUP, PEAK_GROUP, derived, format_tables, goal_checks, measured_peaks, save
+from bench import results
+from bench.report import INFERENCE_GROUP, PEAK_GROUP, derived, format_tables, goal_checks, measured_peaks, write_report
 
 
 def row(group, op, provider, dtype, median_s, bytes=0, flops=0, batch=32, size=256, mode="inference"):
     return dict(group=group, op=op, provider=provider, dtype=dtype, batch=batch, size=size, mode=mode,
                 bytes=bytes, flops=flops, images=batch if group != PEAK_GROUP else 0, median_s=median_s,
-                q1_s=median_s, q3_s=median_s, rounds=5, iterations=1)
+                q1_s=0.9 * median_s, q3_s=1.2 * median_s, rounds=5, iterations=1, warmup_s=1.0,
+                test=f"bench/bench_x.py::test[{provider}-{dtype}-{batch}]")
 
 
 ROWS = [
@@ -54,17 +54,37 @@ def test_goals_without_rows_are_not_measured():
     assert verdicts == {"NOT MEASURED"}
 
 
-def test_tables_show_speedup_over_eager():
+def test_tables_show_speedup_over_eager_and_the_interquartile_range():
     table = format_tables(ROWS)
     assert "Measured peaks: copy 2000 GB/s, float32 matmul 100.0 TFLOP/s, bfloat16 matmul 200.0 TFLOP/s" in table
     triton = next(line for line in table.splitlines() if "| lfm | inference | float32 | 32 | 256 | triton |" in line)
-    assert "| 6.67 |" in triton and "| 21,333 |" in triton
+    assert "| 1.500 | 0.450 | 21,333 | 6.67 |" in triton  # median ms, IQR ms, images/s, x eager
 
 
-def test_save_writes_json_markdown_and_plot(tmp_path):
-    path = save(ROWS, [{"test": "bench/bench_lfm.py::x", "reason": "budget"}], "random init", tmp_path)
-    results = json.loads(path.read_text())
-    assert results["rows"] == ROWS and results["weights"] == "random init"
+HEADER = dict(kind="header", weights="RANDOM WEIGHTS: not found", random_weights=True, budget_s=450,
+              environment=dict(device="NVIDIA H200", date="2026-12-01", torch="2.11", triton="3.6", cuda="13.0",
+                               python="3.12", commit="abc1234", cudnn_benchmark=True, cudnn_allow_tf32=True))
+
+
+def test_report_of_a_results_file(tmp_path):
+    path = tmp_path / "nvidia-h200-2026-12-01-120000.jsonl"
+    results.append(path, HEADER)
+    results.append(path, dict(kind="test", test="tests/test_gpu.py::test_a", tier="smoke", outcome="failed",
+                              reason="AssertionError: norm-relative error", duration_s=1.5))
+    results.append(path, dict(kind="tier", tier="smoke", status="done", duration_s=80.2))
+    for r in ROWS:
+        results.append(path, dict(kind="row", **r))
+    results.append(path, dict(kind="test", test="bench/bench_x.py::test[compile-max-autotune]", tier="compile-max-autotune",
+                              outcome="skipped", reason="its compilation takes about 150 s (estimated)"))
+    results.append(path, dict(kind="tier", tier="compile-max-autotune", status="skipped", reason="the budget is spent"))
+    with open(path, "a") as f:
+        f.write('{"kind": "row", "op": "cut by a ki')  # a kill in the middle of a write
+    loaded = results.load(path)
+    assert loaded["rows"] == ROWS and loaded["header"]["budget_s"] == 450
+    write_report(path)
     markdown = path.with_suffix(".md").read_text()
-    assert "### Goals" in markdown and "### lfm inference" in markdown and "`bench/bench_lfm.py::x`: budget" in markdown
+    assert markdown.index("**WARNING: RANDOM WEIGHTS: not found**") < markdown.index("### Goals")
+    assert "commit abc1234" in markdown and "smoke 80 s, compile-max-autotune skipped (the budget is spent)" in markdown
+    assert "| `tests/test_gpu.py::test_a` | failed | 1.5 | AssertionError: norm-relative error |" in markdown
+    assert "- `bench/bench_x.py::test[compile-max-autotune]`: skipped: its compilation takes about 150 s" in markdown
     assert path.with_suffix(".png").stat().st_size > 1000
