@@ -79,7 +79,7 @@ class Log:
 
 
 def pytest_command(tier: Tier, results_file, deadline: float, extra=()) -> list:
-    return [sys.executable, "-m", "pytest", *tier.pytest_args, "-v", "-rfE", "-p", "bench.suite_plugin",
+    return [sys.executable, "-m", "pytest", *tier.pytest_args, "-p", "bench.suite_plugin",
             "-p", "no:cacheprovider", "--suite-tier", tier.name, *(["--suite-results", str(results_file)] if
             results_file else []), "--suite-deadline", f"{deadline:.3f}", "--suite-test-timeout", str(TEST_TIMEOUT_S),
             *extra]
@@ -113,7 +113,8 @@ def run_tier(tier: Tier, results_file, env, log: Log, deadline: float, kill_at: 
     """Run one tier, in new processes after a test that timed out or crashed; False on an error of pytest."""
     finished = []
     while True:
-        command = pytest_command(tier, results_file, deadline, [f"--deselect={test}" for test in finished])
+        # -v: one line per test in the log, with its outcome; -rfEs: failures and skip reasons at the end.
+        command = pytest_command(tier, results_file, deadline, ["-v", "-rfEs", *(f"--deselect={t}" for t in finished)])
         code, killed = run_process(command, env, log, kill_at)
         tests = {t: r for t, r in results.load(results_file)["tests"].items() if r.get("tier") == tier.name}
         unfinished = [t for t, r in tests.items() if r["outcome"] == "started"]

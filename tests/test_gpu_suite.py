@@ -1,0 +1,144 @@
+"""The GPU run (bench/gpu_suite.py) without a GPU: what it would run and in which order (the device query
+faked), that it needs neither the network nor a missing file, that a kill at any moment keeps every row
+measured before it, that a hung or crashing test costs only itself, and that it ends by itself."""
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_suite, results
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_CUDA = '''
+import socket
+import torch
+
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda *args, **kwargs: "NVIDIA H200 (faked)"
+
+
+def no_network(*args, **kwargs):
+    raise OSError("the GPU run tried to reach the network")
+
+
+socket.socket.connect = no_network
+'''
+KERNEL_SMOKE = ("npr_residual", "topk_pool", "topk_pool_rank_dropout", "random_k_pool", "score_topk", "snet_head")
+
+
+def suite(*args, env=None, timeout=None):
+    return subprocess.run([sys.executable, "-m", "bench.gpu_suite", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def gpu_plan(tmp_path_factory):
+    """[(tier, test)] of the GPU run as collected with torch.cuda faked (and sockets that refuse to connect),
+    the authors' files nowhere to be found."""
+    folder = tmp_path_factory.mktemp("fake_cuda")
+    (folder / "fake_cuda.py").write_text(FAKE_CUDA)
+    out = suite("--collect-only", env={"PYTEST_ADDOPTS": "-p fake_cuda", "PYTHONPATH": f"{folder}{os.pathsep}{REPO}",
+                                       "LFM_SHARED": str(folder)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [tuple(line.split(" ", 1)) for line in out.stdout.splitlines()]
+
+
+def test_gpu_run_order(gpu_plan):
+    tiers = [tier for tier, _ in gpu_plan]
+    assert list(dict.fromkeys(tiers)) == [t.name for t in gpu_suite.TIERS]  # every tier, each in one piece
+    tests = [test for _, test in gpu_plan]
+
+    smoke = [test for tier, test in gpu_plan if tier == "smoke"]
+    for op in KERNEL_SMOKE:
+        assert {f"tests/test_gpu.py::test_{op}_full_size[{d}]" for d in ("float32", "bfloat16")} <= set(smoke), op
+    assert sum("test_snet_blocks_full_size" in t for t in smoke) == 8  # 4 blocks x 2 dtypes
+    assert "tests/test_gpu.py::test_lfm_parity_with_authors_checkpoint_on_gpu" in smoke
+    assert smoke[-1] == "tests/test_gpu.py::test_lfm_compiles_on_gpu"  # compilation last in the tier
+
+    inference = [test for tier, test in gpu_plan if tier == "inference"]
+    assert inference[0] == "bench/bench_peaks.py::test_copy_bandwidth"
+    assert {f"bench/bench_lfm.py::test_inference[{p}-{d}-{b}-256]" for p in ("eager", "triton")
+            for d in ("float32", "bfloat16") for b in (1, 32, 256)} == {t for t in inference if "test_inference" in t}
+    assert {f"bench/bench_lfm.py::test_training_step[{p}-{d}]" for p in ("eager", "triton")
+            for d in ("float32", "bfloat16")} == {test for tier, test in gpu_plan if tier == "training"}
+
+    triton_end_to_end = [i for i, t in enumerate(tests) if "test_inference[triton-" in t]
+    compile_cases = [i for i, t in enumerate(tests) if "[compile-" in t]
+    assert max(triton_end_to_end) < min(compile_cases)
+    first_max_autotune = min(i for i, t in enumerate(tests) if "compile-max-autotune" in t)
+    assert all("compile-max-autotune" in t for t in tests[first_max_autotune:])
+    assert all("-224]" not in t for t in tests)  # end to end at 224x224 is not part of the run
+    assert all("[torch-" not in t and "ledger" not in t for t in tests)  # no CPU-only reference, no ledger
+
+
+def test_gpu_command_installs_nothing():
+    recipe = subprocess.run(["make", "-n", "gpu-suite"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert recipe.strip() == "bash bench/gpu_suite.sh"  # no venv, no pip: .venv is used only if it is there
+    commands = [line for line in (REPO / "bench" / "gpu_suite.sh").read_text().splitlines()
+                if not line.lstrip().startswith("#")]
+    assert not re.search(r"\b(pip|conda|apt-get|curl|wget)\b|-m venv|://", "\n".join(commands))
+
+
+def test_without_a_gpu_it_says_so():
+    out = suite(timeout=120)
+    assert out.returncode == 1 and "no CUDA GPU visible" in out.stderr
+
+
+def test_a_tiny_budget_ends_by_itself_and_says_what_it_skipped(tmp_path):
+    out = suite("--allow-cpu", "--budget-s", "25", "--out", str(tmp_path), env={"LFM_SHARED": str(tmp_path)},
+                timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
+    (path,) = tmp_path.glob("*.jsonl")
+    loaded = results.load(path)
+    assert loaded["header"]["budget_s"] == 25
+    assert [t["status"] for t in loaded["tiers"]] == ["skipped"] * len(gpu_suite.TIERS)
+    markdown = path.with_suffix(".md").read_text()
+    assert "smoke skipped (the budget is spent" in markdown
+    assert not path.with_suffix(".png").exists()  # no inference rows, nothing to plot
+    assert path.with_suffix(".log").read_text() == out.stdout
+
+
+def test_killed_at_a_random_moment_keeps_every_row_measured(tmp_path):
+    seed = random.randrange(10**6)
+    kill_after_s = random.Random(seed).uniform(8, 20)
+    started = time.time()
+    out = subprocess.run(["timeout", "-s", "KILL", f"{kill_after_s:.1f}", sys.executable, "-m", "bench.gpu_suite",
+                          "--allow-cpu", "--tiers", "inference,training", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    context = f"seed {seed}, killed after {kill_after_s:.1f} s, returned after {time.time() - started:.1f} s"
+    assert out.returncode == -9 or out.returncode == 137, context
+    (path,) = tmp_path.glob("*.jsonl")
+    size = path.stat().st_size
+    time.sleep(1.0)
+    assert path.stat().st_size == size, f"{context}: something still writes after the kill"
+    loaded = results.load(path)  # parses, a cut last line aside
+    assert loaded["header"]["tiers"] == ["inference", "training"], context
+    measured = {row["test"] for row in loaded["rows"]}
+    passed = {line.split(" PASSED")[0] for line in out.stdout.splitlines() if " PASSED" in line}
+    assert passed <= measured, context  # pytest prints PASSED after the row is on disk
+    log = path.with_suffix(".log").read_text()
+    assert all(test in log for test in passed), context
+
+
+def test_a_hung_or_crashing_test_costs_only_itself(tmp_path, monkeypatch):
+    tests = tmp_path / "test_tier.py"
+    tests.write_text("import os, time\n\n"
+                     "def test_a():\n    pass\n\n"
+                     "def test_hangs():\n    time.sleep(60)\n\n"
+                     "def test_crashes():\n    os._exit(3)\n\n"
+                     "def test_b():\n    pass\n")
+    monkeypatch.setattr(gpu_suite, "TEST_TIMEOUT_S", 2)
+    path = tmp_path / "run.jsonl"
+    log = gpu_suite.Log(tmp_path / "run.log")
+    started = time.time()
+    ok = gpu_suite.run_tier(gpu_suite.Tier("smoke", (str(tests),)), path, gpu_suite.child_env(on_gpu=False), log,
+                            deadline=started + 60, kill_at=started + 90)
+    outcomes = {test.rsplit("::", 1)[1]: r["outcome"] for test, r in results.load(path)["tests"].items()}
+    assert ok and outcomes == {"test_a": "passed", "test_hangs": "timeout", "test_crashes": "crashed", "test_b": "passed"}
+    assert "test_hangs" in (tmp_path / "run.log").read_text()  # faulthandler's traceback of where it hung
+    assert time.time() - started < 30
