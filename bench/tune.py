@@ -1,0 +1,199 @@
+"""Launch-option sweep of every Triton kernel of lfm_kernels at LFM's shapes, on a GPU, separate from the GPU run.
+
+    python -m bench.tune [--budget-s 300] [--table bench/results/tuned_configs.json] [--force]
+
+LFM's workloads run once per dtype (inference at batch 256 and 256x256, a training step with rank dropout
+and random-K at batch 32 and 224x224, npr_residual and topk_pool on their own) while every kernel launch is
+recorded (kernel, grid, arguments, constexprs). Each recorded launch is then replayed with each of a few
+launch options (num_warps x num_stages, LAUNCH_OPTIONS), which change neither the grid nor the results,
+timed with CUDA events, and the fastest is written to the table next to the launcher's own time. Tile
+sizes (the BLOCK_* constexprs) are the launchers' choice: they set the grid, so a sweep over them has to go
+through the launchers (see the table format below).
+
+Budgeted and incremental like the GPU run: launches already in the table for this device and triton
+version are skipped (unless --force), the table is rewritten after each launch, and no launch starts
+when its estimated sweep would pass the budget. Needs a CUDA GPU.
+
+Table (JSON): {"format": 1, "entries": [{"device", "triton", "kernel", "dtype", "constexprs",
+"num_warps", "num_stages", "median_ms", "launcher_ms", "launcher_options"}, ...]}; a launcher finds its
+entry by (device name, kernel name, dtype of the kernel's first tensor argument, constexprs).
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.results import RESULTS_DIR
+
+TABLE = RESULTS_DIR / "tuned_configs.json"
+LAUNCH_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
+TIMED_ROUNDS, CALLS_PER_ROUND = 7, 10
+SECONDS_PER_OPTION = 2.0  # compiling one variant (about 1 s) and timing it: the budget's estimate
+
+
+@dataclass
+class Launch:
+    kernel: object  # triton JITFunction
+    grid: object
+    args: tuple
+    kwargs: dict
+
+    @property
+    def dtype(self) -> str:
+        first = next((a for a in self.args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        return str(first.dtype).removeprefix("torch.") if first is not None else "none"
+
+    @property
+    def constexprs(self) -> dict:
+        """The launch's constexprs as JSON values (a tl.dtype by its name)."""
+        names = {p.name for p in self.kernel.params if p.is_constexpr}
+        return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.kwargs.items() if k in names}
+
+    def key(self, device: str, triton_version: str) -> tuple:
+        return device, triton_version, self.kernel.fn.__name__, self.dtype, json.dumps(self.constexprs, sort_keys=True)
+
+
+def entry_key(entry: dict) -> tuple:
+    return entry["device"], entry["triton"], entry["kernel"], entry["dtype"], json.dumps(entry["constexprs"],
+                                                                                          sort_keys=True)
+
+
+@contextlib.contextmanager
+def recording(launches: list):
+    """Run kernels as usual and append each distinct launch (kernel and constexprs, per dtype) to `launches`."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+    seen = set()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launch = Launch(self, grid, args, dict(kwargs))
+        if not warmup and launch.key("", "") not in seen:
+            seen.add(launch.key("", ""))
+            launches.append(launch)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+def workloads(dtype):
+    """LFM's Triton launches at its shapes, in dtype: inference, a training step, and the ops LFM fuses away."""
+    from lfm import LFM
+    from lfm_kernels import npr_residual, topk_pool
+
+    model = LFM(backend="triton", dropout="paper", random_k_weight=0.02).cuda().to(dtype)
+    with torch.no_grad():
+        model.eval()(torch.randn(256, 3, 256, 256, device="cuda", dtype=dtype))
+    logits, aux = model.train()(torch.randn(32, 3, 224, 224, device="cuda", dtype=dtype), return_aux=True)
+    target = torch.randint(0, 2, logits.shape, device="cuda").to(dtype)
+    (F.binary_cross_entropy_with_logits(logits, target) + F.binary_cross_entropy_with_logits(aux, target)).backward()
+    image = torch.randn(256, 3, 256, 256, device="cuda", dtype=dtype, requires_grad=True)
+    npr_residual(image).sum().backward()
+    scores = torch.randn(256, 64, 30, 30, device="cuda", dtype=dtype, requires_grad=True)
+    topk_pool(scores, 16, drop=(0.1, 0.3), training=True).sum().backward()
+    torch.cuda.synchronize()
+
+
+def median_launch_ms(launch: Launch, options: dict) -> float:
+    """Median over rounds of CALLS_PER_ROUND back-to-back launches with `options`, in ms per launch."""
+    from triton.runtime.jit import JITFunction
+
+    kwargs = dict(launch.kwargs, **options)
+
+    def call():
+        JITFunction.run(launch.kernel, *launch.args, grid=launch.grid, warmup=False, **dict(kwargs))
+
+    call()  # compiles this variant
+    times = []
+    for _ in range(TIMED_ROUNDS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(CALLS_PER_ROUND):
+            call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / CALLS_PER_ROUND)
+    return statistics.median(times)
+
+
+def load_table(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"format": 1, "entries": []}
+
+
+def write_table(path: Path, table: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a kill leaves the previous table or the new one
+
+
+def sweep(launch: Launch, device: str, triton_version: str) -> dict:
+    """The launcher's time and the fastest of LAUNCH_OPTIONS for one launch, as a table entry."""
+    launcher_options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    launcher_ms = median_launch_ms(launch, {})
+    timed = []
+    for options in LAUNCH_OPTIONS:
+        try:
+            timed.append((median_launch_ms(launch, options), options))
+        except Exception as error:  # noqa: BLE001 (an option can exceed shared memory or registers: skip it)
+            print(f"  {options}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+    best_ms, best = min(timed, key=lambda t: t[0])
+    return dict(device=device, triton=triton_version, kernel=launch.kernel.fn.__name__, dtype=launch.dtype,
+                constexprs=launch.constexprs, **best, median_ms=round(best_ms, 5), launcher_ms=round(launcher_ms, 5),
+                launcher_options=launcher_options)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole sweep (default 300)")
+    parser.add_argument("--table", type=Path, default=TABLE, help=f"the table to update (default {TABLE})")
+    parser.add_argument("--force", action="store_true", help="sweep launches that the table already has again")
+    args = parser.parse_args(argv)
+    deadline = time.time() + args.budget_s
+    if not torch.cuda.is_available():
+        sys.stderr.write("bench.tune: needs a CUDA GPU (torch.cuda.is_available() is False)\n")
+        return 1
+    import triton
+
+    device, triton_version = torch.cuda.get_device_name(), triton.__version__
+    table = load_table(args.table)
+    for dtype in (torch.float32, torch.bfloat16):
+        launches = []
+        with recording(launches):
+            workloads(dtype)
+        for launch in launches:
+            key = launch.key(device, triton_version)
+            done = [e for e in table["entries"] if entry_key(e) == key]
+            if done and not args.force:
+                continue
+            estimate_s = SECONDS_PER_OPTION * (len(LAUNCH_OPTIONS) + 1)
+            if time.time() + estimate_s > deadline:
+                print(f"bench.tune: budget spent; run again to go on ({args.table} holds what is done)")
+                return 0
+            entry = sweep(launch, device, triton_version)
+            table["entries"] = [e for e in table["entries"] if entry_key(e) != key] + [entry]
+            write_table(args.table, table)
+            print(f"{entry['kernel']} {entry['dtype']} {entry['constexprs']}: launcher {entry['launcher_ms']:.4f} ms "
+                  f"{entry['launcher_options']}, best {entry['median_ms']:.4f} ms num_warps={entry['num_warps']} "
+                  f"num_stages={entry['num_stages']}")
+        del launches
+        torch.cuda.empty_cache()
+    print(f"bench.tune: every launch is in {args.table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
