@@ -240,7 +240,10 @@ def one_line(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a bad option (one line already printed)
+        return done.code
     try:
         with interrupt_guard():
             return args.func(args)

@@ -14,6 +14,7 @@ from lfm_kernels import score_topk
 
 RECEPTIVE_FIELD = 23
 STRIDE = 8
+BAND_PIXELS = 1 << 20  # pixels per band of the overlay
 
 
 def topk_heat(model, x: torch.Tensor) -> np.ndarray:
@@ -33,10 +34,23 @@ def topk_heat(model, x: torch.Tensor) -> np.ndarray:
 
 
 def overlay(img: Image.Image, heat: np.ndarray, strength: float = 0.65) -> Image.Image:
-    """Blend a black-red-yellow-white ramp of `heat` (any grid, stretched to the image) over an RGB image."""
-    stretched = np.asarray(Image.fromarray(heat.astype(np.float32)).resize(img.size, Image.BILINEAR))
-    level = stretched / max(float(stretched.max()), 1e-12)
-    ramp = np.clip(np.stack([3 * level, 3 * level - 1, 3 * level - 2], axis=-1), 0, 1) * 255
-    alpha = strength * level[..., None]
-    blended = (1 - alpha) * np.asarray(img, dtype=np.float32) + alpha * ramp
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    """Blend a black-red-yellow-white ramp of `heat` (any grid, stretched to the image) over an RGB image.
+    Done in bands of rows, so memory beyond the image and the result stays under BAND_PIXELS floats."""
+    width, height = img.size
+    heat_image = Image.fromarray(heat.astype(np.float32))
+    scale_y = heat_image.height / height
+    peak = max(float(heat.max()), 1e-12)
+    rows = max(1, BAND_PIXELS // width)
+    out = Image.new("RGB", img.size)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        # Resampling a box of the heat gives exactly these rows of the whole stretched heat.
+        band = heat_image.resize((width, bottom - top), Image.BILINEAR,
+                                 box=(0, top * scale_y, heat_image.width, bottom * scale_y))
+        level = np.asarray(band) / peak
+        ramp = np.clip(np.stack([3 * level, 3 * level - 1, 3 * level - 2], axis=-1), 0, 1) * 255
+        alpha = strength * level[..., None]
+        pixels = np.asarray(img.crop((0, top, width, bottom)), dtype=np.float32)
+        blended = (1 - alpha) * pixels + alpha * ramp
+        out.paste(Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8)), (0, top))
+    return out

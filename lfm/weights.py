@@ -85,15 +85,16 @@ def save_weights(model: nn.Module, path, config: dict, **metadata):
     atomic_write(path, lambda tmp: tmp.write_bytes(save(state, metadata=header)))
 
 
-def _torch_load_problem(err: Exception) -> str:
+def _torch_load_problem(err: Exception, path: Path) -> str:
     """Why torch.load(weights_only=True) refused a file, in one short sentence."""
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
     if found:
         return (f"it holds a pickled {found.group(1)} object, not plain tensors (such files are never unpickled; "
                 "save a state_dict)")
-    if "zip archive" in str(err):
-        return "the file is truncated or corrupt"
-    return "not a PyTorch checkpoint, or a truncated one"
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # torch.save writes zip archives
+            return "a PyTorch checkpoint that is truncated or corrupt"
+    return "not a PyTorch checkpoint"
 
 
 def read_torch_file(path, what: str):
@@ -101,7 +102,7 @@ def read_torch_file(path, what: str):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - corrupt files or pickles that are not plain tensors
-        raise UsageError(f"cannot read {what} {path}: {_torch_load_problem(err)}") from None
+        raise UsageError(f"cannot read {what} {path}: {_torch_load_problem(err, Path(path))}") from None
 
 
 def _read_safetensors(path: Path):
