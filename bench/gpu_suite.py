@@ -82,17 +82,17 @@ class Log:
 
 
 def pytest_command(tier: Tier, results_file, deadline: float, extra=()) -> list:
-    return [sys.executable, "-m", "pytest", *tier.pytest_args, "-p", "bench.suite_plugin",
-            "-p", "no:cacheprovider", "--suite-tier", tier.name, *(["--suite-results", str(results_file)] if
-            results_file else []), "--suite-deadline", f"{deadline:.3f}", "--suite-test-timeout", str(tier.test_timeout_s),
-            *extra]
+    saving = ["--suite-results", str(results_file)] if results_file else []
+    return [sys.executable, "-m", "pytest", *tier.pytest_args, "-p", "bench.suite_plugin", "-p", "no:cacheprovider",
+            "--suite-tier", tier.name, "--suite-deadline", f"{deadline:.3f}",
+            "--suite-test-timeout", str(tier.test_timeout_s), *saving, *extra]
 
 
 def child_env(on_gpu: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(results.REPO), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
-    env["TRITON_INTERPRET"] = "0" if on_gpu else "1"  # real kernels on a GPU; the CPU check runs none
-    return env
+    """The tiers' environment: the checkout importable, output unbuffered (the log is line by line)."""
+    path = os.pathsep.join(filter(None, [str(results.REPO), os.environ.get("PYTHONPATH")]))
+    # Real kernels on a GPU; the interpreter for the CPU check of the machinery (which runs no kernel).
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0" if on_gpu else "1")
 
 
 def run_process(command, env, log: Log, kill_at: float):
@@ -204,9 +204,8 @@ def main(argv=None) -> int:
     random_weights, weights = weights_line()
     test_deadline = start + args.budget_s - FINAL_RESERVE_S
     kill_at = start + args.budget_s - FINAL_RESERVE_S / 2
-    results.append(results_file, dict(kind="header", environment=environment, weights=weights,
-                                      random_weights=random_weights, budget_s=args.budget_s, started_at=start,
-                                      tiers=[t.name for t in args.tiers]))
+    results.create(results_file, dict(environment=environment, weights=weights, random_weights=random_weights,
+                                      budget_s=args.budget_s, started_at=start, tiers=[t.name for t in args.tiers]))
     banner = "!" * 100
     log.line(f"gpu-suite: {environment['device']}, torch {environment['torch']}, triton {environment['triton']}, "
              f"commit {environment['commit']}; budget {args.budget_s:.0f} s, {time.time() - start:.0f} s spent")

@@ -7,8 +7,9 @@ The first line is the header, then records in the order things happen:
   {"kind": "test", "test": nodeid, "tier": ..., "outcome": ..., "reason": ..., "duration_s": ...}
         outcome "started" before a test runs, then passed, failed, skipped, timeout or crashed
   {"kind": "tier", "tier": ..., "status": "done" | "skipped", "reason": ..., "duration_s": ...}
-Each record is one os.write of one line to a file opened with O_APPEND; `load` ignores a last line
-without its newline, the only thing a kill can cut.
+The file appears with its header (written aside, then renamed). Each record after it is one os.write
+of one line to the file opened with O_APPEND; `load` ignores a last line without its newline, the only
+thing a kill can cut.
 """
 import datetime
 import json
@@ -21,6 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 ACTIVE_FILE = None  # the file this process appends its records to (set by bench.suite_plugin), or None
+
+
+def create(path, header: dict):
+    """A new results file holding its header, created whole (written aside, then renamed)."""
+    path = Path(path)
+    staging = path.with_suffix(".partial")
+    staging.write_text(json.dumps(dict(kind="header", **header)) + "\n")
+    os.replace(staging, path)
 
 
 def append(path, record: dict):

@@ -61,14 +61,14 @@ def test_tables_show_speedup_over_eager_and_the_interquartile_range():
     assert "| 1.500 | 0.450 | 21,333 | 6.67 |" in triton  # median ms, IQR ms, images/s, x eager
 
 
-HEADER = dict(kind="header", weights="RANDOM WEIGHTS: not found", random_weights=True, budget_s=450,
+HEADER = dict(weights="RANDOM WEIGHTS: not found", random_weights=True, budget_s=450,
               environment=dict(device="NVIDIA H200", date="2026-12-01", torch="2.11", triton="3.6", cuda="13.0",
                                python="3.12", commit="abc1234", cudnn_benchmark=True, cudnn_allow_tf32=True))
 
 
 def test_report_of_a_results_file(tmp_path):
     path = tmp_path / "nvidia-h200-2026-12-01-120000.jsonl"
-    results.append(path, HEADER)
+    results.create(path, HEADER)
     results.append(path, dict(kind="test", test="tests/test_gpu.py::test_a", tier="smoke", outcome="failed",
                               reason="AssertionError: norm-relative error", duration_s=1.5))
     results.append(path, dict(kind="tier", tier="smoke", status="done", duration_s=80.2))
