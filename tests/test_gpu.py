@@ -24,8 +24,8 @@ K, DROP = 16, (0.1, 0.3)
 
 
 def cudnn_reference(allow_tf32: bool):
-    """cuDNN on (flags() without enabled=True turns it off), deterministic, without benchmark search."""
-    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=allow_tf32)
+    """cuDNN on (flags() without enabled=True turns it off), its default algorithms (no benchmark search)."""
+    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=allow_tf32)
 
 
 def assert_norm_close(ours, expected, dtype, name=""):
