@@ -26,6 +26,7 @@ A test that runs past its timeout, or whose process dies, is recorded as such an
 new process without it. Exit code 0 when nothing failed; budget skips are not failures.
 """
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -63,6 +64,7 @@ TIERS = (
 )
 BENCH_TIERS = tuple(t.name for t in TIERS if t.pytest_args == BENCH_ARGS)
 FAILED_OUTCOMES = ("failed", "timeout", "crashed")
+REQUIRED_MODULES = ("pytest", "pytest_benchmark", "lfm")  # lfm: with its own dependencies
 
 
 class Log:
@@ -137,6 +139,16 @@ def run_tier(tier: Tier, results_file, env, log: Log, deadline: float, kill_at: 
             return killed or code in (0, 1, 5)  # 1: failed tests, recorded; 5: nothing selected
 
 
+def unimportable(names) -> list:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            missing.append(f"{name} ({error})")
+    return missing
+
+
 def weights_line() -> tuple:
     """(random weights?, what the run loads), printed at the start and in the results' header."""
     from bench.providers import checkpoint_path
@@ -196,6 +208,10 @@ def main(argv=None) -> int:
     if not on_gpu and not args.allow_cpu:
         sys.stderr.write("gpu-suite: no CUDA GPU visible to this Python (torch.cuda.is_available() is False); "
                          f"{sys.executable}, torch {torch.__version__}\n")
+        return 1
+    missing = unimportable(REQUIRED_MODULES)
+    if missing:  # the run installs nothing: say what this Python lacks before spending the budget
+        sys.stderr.write(f"gpu-suite: {sys.executable} cannot import {'; '.join(missing)} (matplotlib is optional)\n")
         return 1
     environment = results.environment()
     args.out.mkdir(parents=True, exist_ok=True)
