@@ -69,6 +69,12 @@ def _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR
 @triton.jit
 def _operand(v, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """A tile as tl.dot takes it: rounded to the conv's dtype (autocast's under autocast), then in DOT_DTYPE."""
+    if OPERAND_DTYPE == tl.bfloat16 and DOT_DTYPE == tl.float32:
+        # Only under the interpreter (see backend.dot_args), whose casts to bfloat16 truncate: round to
+        # nearest even on the float32 bits instead, as the GPU's conversion does.
+        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
     return v.to(OPERAND_DTYPE).to(DOT_DTYPE)
 
 

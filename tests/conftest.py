@@ -34,3 +34,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["interpreter tiles", "gpu tiles"])
+def tiles(request):
+    """Run a test with the interpreter's large tiles and with the tile sizes a GPU gets (more programs,
+    loops over channel blocks, several candidate chunks): results must not depend on them."""
+    from lfm_kernels.backend import gpu_tile_sizes
+
+    if request.param == "gpu tiles":
+        with gpu_tile_sizes():
+            yield request.param
+    else:
+        yield request.param

@@ -150,3 +150,87 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("LFM_BACKEND", "fast")
     with pytest.raises(ValueError, match="'fast'"):
         resolve_backend(None, cpu)
+
+
+def _update_conv_data(model):
+    with torch.no_grad():
+        model.cnn.layer2.conv.weight.data.copy_(torch.randn_like(model.cnn.layer2.conv.weight) * 0.1)
+        model.cnn.layer4.bn.running_var.data.mul_(3.0)
+
+
+def _fused_adam_step(model):
+    # In eval mode (fine-tuning with frozen statistics): no buffer changes that could hide a stale cache.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+    model(torch.randn(2, 3, 40, 40)).sum().backward()
+    optimizer.step()
+
+
+def _load_other_weights(model):
+    model.load_state_dict(LFM(k=4).state_dict())
+
+
+def _round_trip_dtype(model):
+    model.to(torch.bfloat16).to(torch.float32)
+
+
+def _plain_sgd_step(model):
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(torch.randn(2, 3, 40, 40)).sum().backward()
+    optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("update", [_update_conv_data, _fused_adam_step, _load_other_weights, _round_trip_dtype,
+                                    _plain_sgd_step])
+def test_eval_is_never_stale_after_a_parameter_update(update):
+    # Any legal update of parameters or buffers shows in the next eval call: nothing derived from
+    # them (a folded BatchNorm, say) may be cached across calls. Fused Adam and .data writes do not
+    # bump tensor versions, so a cache keyed on versions would miss them.
+    torch.manual_seed(0)
+    model = LFM(k=4, dropout="off", backend="triton", input_precision="ieee").eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        model(x)
+    update(model)
+    reference = LFM(k=4, dropout="off", backend="torch").eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_mode(backend):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 40)
+    model = LFM(k=4, backend=backend).eval()
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected)
+        built_inside = LFM(k=4, backend=backend).eval()  # parameters are inference tensors
+        built_inside.load_state_dict(model.state_dict())
+        torch.testing.assert_close(built_inside(x), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_pixel_gives_nan_logits_as_in_pytorch(backend):
+    torch.manual_seed(0)
+    model = LFM(k=4, backend=backend).eval()
+    x = torch.randn(2, 3, 40, 40)
+    x[1, 0, 5, 7] = float("nan")
+    with torch.no_grad():
+        logits = model(x)
+    assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_runs_on_the_tensors_gpu_not_the_current_one():
+    torch.manual_seed(0)
+    model = LFM(backend="triton").eval().to("cuda:1")
+    reference = LFM(backend="torch").eval().to("cuda:1")
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64, device="cuda:1")
+    with torch.cuda.device(0), torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-3, rtol=1e-3)

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from utils import binomial_sigmas, distinct_map, layouts
@@ -84,3 +86,14 @@ def test_compiles_without_graph_break(backend):
     out = torch.compile(RandomKPool(3, backend=backend), backend="aot_eager", fullgraph=True)(x)
     out.sum().backward()
     assert out.shape == (2, 3, 3) and (x.grad != 0).sum() == 18
+
+
+def test_large_k_merges_in_bounded_tiles(monkeypatch):
+    tp = importlib.import_module("lfm_kernels.topk_pool")
+    monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
+    monkeypatch.setattr(tp, "merge_slots", lambda: 64)
+    x = distinct_map(2, 3, 10, 10)
+    values, idx = random_k_pool(x, 20, return_indices=True, backend="triton")
+    assert all(len(set(row.tolist())) == 20 for row in idx.flatten(0, 1))  # distinct positions
+    torch.testing.assert_close(values, x.flatten(2).gather(-1, idx))
+    assert (values.diff(dim=-1) > 0).all()  # ascending

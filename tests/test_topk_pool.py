@@ -154,3 +154,36 @@ def test_random_shapes(b, c, h, w, data):
     torch.testing.assert_close(values, ref_values)
     assert torch.equal(idx, ref_idx)
     assert math.prod(values.shape) == b * c * k
+
+
+def test_large_k_merges_in_bounded_tiles(monkeypatch):
+    # Candidates beyond one merge tile go through reduction passes (shrunk here so they run on a small
+    # map); every valid k up to the kernels' bound works and matches the reference.
+    tp = importlib.import_module("lfm_kernels.topk_pool")
+    monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
+    monkeypatch.setattr(tp, "merge_slots", lambda: 64)
+    x = distinct_map(2, 3, 10, 10).requires_grad_()
+    values, idx = topk_pool(x, 20, return_indices=True, backend="triton")  # 7 chunks x 20 -> 3 groups -> 60
+    ref_values, ref_idx = topk_pool_reference(x.detach(), 20, return_indices=True)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(idx, ref_idx)
+    (dx,) = torch.autograd.grad(values.sum(), x)
+    assert dx.sum() == values.numel() and torch.equal(dx.flatten(2).gather(-1, idx), torch.ones_like(values))
+
+
+def test_k_beyond_the_kernels_bound_is_refused_before_launch():
+    from lfm_kernels.backend import MAX_KERNEL_K
+
+    x = torch.randn(1, 1, 40, 40)
+    with pytest.raises(ValueError, match=rf"k <= {MAX_KERNEL_K}, got k={MAX_KERNEL_K + 1}.*backend='torch'"):
+        topk_pool(x, MAX_KERNEL_K + 1, backend="triton")
+    assert topk_pool(x, MAX_KERNEL_K + 1, backend="torch").shape == (1, 1, MAX_KERNEL_K + 1)
+
+
+def test_dropped_infinities_give_nan_as_the_reference_and_f_dropout():
+    torch.manual_seed(0)
+    x = torch.full((4, 8, 4, 4), float("inf"))
+    values = topk_pool(x, 6, drop=(0.2, 0.4), training=True, backend="triton")
+    ref = topk_pool_reference(x, 6, drop=(0.2, 0.4), training=True)
+    for out in (values, ref):  # kept: inf * scale; dropped: inf * 0 = nan
+        assert (torch.isinf(out) | torch.isnan(out)).all() and torch.isnan(out).any() and torch.isinf(out).any()

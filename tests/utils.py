@@ -8,7 +8,7 @@ def distinct_map(B, C, H, W, dtype=torch.float32, seed=0):
     """A (B, C, H, W) map whose rows are shuffled aranges: distinct values, unambiguous Top-K indices."""
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randperm(H * W, generator=g) for _ in range(B * C)]
-    return torch.stack(rows).view(B, C, H, W).to(dtype)
+    return torch.stack(rows).view(B, C, H, W).to(dtype) if rows else torch.empty(B, C, H, W, dtype=dtype)
 
 
 def layouts(x):
@@ -23,3 +23,19 @@ def layouts(x):
 def binomial_sigmas(count, n, p):
     """How many standard deviations `count` successes out of n lie from the expected n*p."""
     return abs(count - n * p) / (n * p * (1 - p)) ** 0.5
+
+
+def real_photo_batch(names=("astronaut", "coffee"), size=64):
+    """ImageNet-normalized float32 (len(names), 3, size, size) center crops of photos that ship offline (the
+    demo's sources), box-downscaled by 2 first (JPEG's 4:2:0 chroma leaves a 2x2 trace otherwise)."""
+    from lfm.demo import PHOTO_SOURCES, as_rgb, box_downscale
+
+    crops = []
+    for name in names:
+        image = box_downscale(as_rgb(PHOTO_SOURCES[name]()[0]))
+        top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+        crops.append(torch.from_numpy(image[top:top + size, left:left + size].copy()).permute(2, 0, 1))
+    x = torch.stack(crops).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std
