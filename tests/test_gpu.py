@@ -115,13 +115,13 @@ def test_score_topk_full_size(dtype):
 
 @DTYPES
 def test_snet_head_full_size(dtype):
-    block4 = _params(256, 512, "cuda")
+    block4 = [p.to(dtype) for p in _params(256, 512, "cuda")]
     x = torch.randn(64, 256, 31, 31, device="cuda").abs().to(dtype)
     score_weight = (torch.randn(64, 512, 1, 1, device="cuda") / 512**0.5).to(dtype)
     with torch.no_grad():  # inference: one kernel for block 4, scoring and Top-K candidates
-        ours = snet_head(x, *[p.to(dtype) for p in block4], score_weight, K, input_precision="ieee", backend="triton")
+        ours = snet_head(x, *block4, score_weight, K, input_precision="ieee", backend="triton")
         with cudnn_reference(allow_tf32=False):
-            expected = snet_head_reference(x.float(), *block4, score_weight.float(), K)
+            expected = snet_head_reference(*[t.float() for t in (x, *block4, score_weight)], K)
     assert_norm_close(ours, expected, dtype)
 
 
