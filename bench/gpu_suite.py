@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     log.line(f"gpu-suite: {environment['device']}, torch {environment['torch']}, triton {environment['triton']}, "
              f"commit {environment['commit']}; budget {args.budget_s:.0f} s, {time.time() - start:.0f} s spent")
     log.line(f"gpu-suite: results -> {results_file}")
-    log.line("\n".join([banner, f"gpu-suite: {weights}", banner]) if random_weights else f"gpu-suite: weights: {weights}")
+    log.line(f"{banner}\ngpu-suite: {weights}\n{banner}" if random_weights else f"gpu-suite: weights: {weights}")
     ok = True
     for tier in args.tiers:
         tier_start = time.time()

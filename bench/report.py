@@ -81,7 +81,8 @@ def format_tables(rows) -> str:
             base = eager.get(case_key(r))
             out.append("| " + " | ".join([
                 r["op"], r["mode"], r["dtype"], str(r["batch"]), str(r["size"]), r["provider"],
-                f"{d['ms']:.3f}", f"{(r['q3_s'] - r['q1_s']) * 1e3:.3f}", _fmt(d["images_s"], ",.0f"), _fmt(base and base / r["median_s"], ".2f"),
+                f"{d['ms']:.3f}", f"{(r['q3_s'] - r['q1_s']) * 1e3:.3f}", _fmt(d["images_s"], ",.0f"),
+                _fmt(base and base / r["median_s"], ".2f"),
                 f"{d['gb_s']:.1f}", _fmt(d["bw_share"] and 100 * d["bw_share"], ".0f"), f"{d['tflop_s']:.2f}",
                 _fmt(d["flop_share"] and 100 * d["flop_share"], ".0f"),
                 _fmt(d["roofline"] and 100 * d["roofline"], ".0f"), d["bound"] or "-"]) + " |")
@@ -215,7 +216,8 @@ def write_report(path):
     loaded = results.load(path)
     path.with_suffix(".md").write_text(render(loaded))
     try:
-        plot_throughput(loaded["rows"], path.with_suffix(".png"), f"LFM end to end, {loaded['header']['environment']['device']}")
+        device = loaded["header"]["environment"]["device"]
+        plot_throughput(loaded["rows"], path.with_suffix(".png"), f"LFM end to end, {device}")
     except ImportError:  # matplotlib is an optional dependency (the demo's)
         sys.stderr.write("bench.report: matplotlib is not installed, no .png\n")
 

@@ -56,7 +56,8 @@ class Launch:
     def constexprs(self) -> dict:
         """The launch's constexprs as JSON values (a tl.dtype by its name)."""
         names = {p.name for p in self.kernel.params if p.is_constexpr}
-        return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.kwargs.items() if k in names}
+        return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                for k, v in self.kwargs.items() if k in names}
 
     def key(self, device: str, triton_version: str) -> tuple:
         return device, triton_version, self.kernel.fn.__name__, self.dtype, json.dumps(self.constexprs, sort_keys=True)

@@ -74,8 +74,9 @@ def test_report_of_a_results_file(tmp_path):
     results.append(path, dict(kind="tier", tier="smoke", status="done", duration_s=80.2))
     for r in ROWS:
         results.append(path, dict(kind="row", **r))
-    results.append(path, dict(kind="test", test="bench/bench_x.py::test[compile-max-autotune]", tier="compile-max-autotune",
-                              outcome="skipped", reason="its compilation takes about 150 s (estimated)"))
+    results.append(path, dict(kind="test", test="bench/bench_x.py::test[compile-max-autotune]",
+                              tier="compile-max-autotune", outcome="skipped",
+                              reason="its compilation takes about 150 s (estimated)"))
     results.append(path, dict(kind="tier", tier="compile-max-autotune", status="skipped", reason="the budget is spent"))
     with open(path, "a") as f:
         f.write('{"kind": "row", "op": "cut by a ki')  # a kill in the middle of a write
