@@ -49,8 +49,9 @@ class Launch:
 
     @property
     def dtype(self) -> str:
-        first = next((a for a in self.args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-        return str(first.dtype).removeprefix("torch.") if first is not None else "none"
+        """The dtype of the first tensor argument: with the constexprs, what a launcher knows when it launches."""
+        first = next(a for a in self.args if isinstance(a, torch.Tensor))
+        return str(first.dtype).removeprefix("torch.")
 
     @property
     def constexprs(self) -> dict:
@@ -157,6 +158,26 @@ def sweep(launch: Launch, device: str, triton_version: str) -> dict:
                 launcher_options=launcher_options)
 
 
+def tune(launches, table_path: Path, device: str, triton_version: str, deadline: float, force: bool = False) -> bool:
+    """Sweep each launch the table lacks (all with force), rewriting the table after each; False when the
+    budget stops it first."""
+    table = load_table(table_path)
+    estimate_s = SECONDS_PER_OPTION * (len(LAUNCH_OPTIONS) + 1)
+    for launch in launches:
+        key = launch.key(device, triton_version)
+        if not force and any(entry_key(e) == key for e in table["entries"]):
+            continue
+        if time.time() + estimate_s > deadline:
+            return False
+        entry = sweep(launch, device, triton_version)
+        table["entries"] = [e for e in table["entries"] if entry_key(e) != key] + [entry]
+        write_table(table_path, table)
+        print(f"{entry['kernel']} {entry['dtype']} {entry['constexprs']}: launcher {entry['launcher_ms']:.4f} ms "
+              f"{entry['launcher_options']}, best {entry['median_ms']:.4f} ms num_warps={entry['num_warps']} "
+              f"num_stages={entry['num_stages']}")
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole sweep (default 300)")
@@ -169,28 +190,14 @@ def main(argv=None) -> int:
         return 1
     import triton
 
-    device, triton_version = torch.cuda.get_device_name(), triton.__version__
-    table = load_table(args.table)
     for dtype in (torch.float32, torch.bfloat16):
         launches = []
         with recording(launches):
             workloads(dtype)
-        for launch in launches:
-            key = launch.key(device, triton_version)
-            done = [e for e in table["entries"] if entry_key(e) == key]
-            if done and not args.force:
-                continue
-            estimate_s = SECONDS_PER_OPTION * (len(LAUNCH_OPTIONS) + 1)
-            if time.time() + estimate_s > deadline:
-                print(f"bench.tune: budget spent; run again to go on ({args.table} holds what is done)")
-                return 0
-            entry = sweep(launch, device, triton_version)
-            table["entries"] = [e for e in table["entries"] if entry_key(e) != key] + [entry]
-            write_table(args.table, table)
-            print(f"{entry['kernel']} {entry['dtype']} {entry['constexprs']}: launcher {entry['launcher_ms']:.4f} ms "
-                  f"{entry['launcher_options']}, best {entry['median_ms']:.4f} ms num_warps={entry['num_warps']} "
-                  f"num_stages={entry['num_stages']}")
-        del launches
+        if not tune(launches, args.table, torch.cuda.get_device_name(), triton.__version__, deadline, args.force):
+            print(f"bench.tune: budget spent; run again to go on ({args.table} holds what is done)")
+            return 0
+        del launches  # frees the recorded arguments (activations at batch 256) before the next dtype
         torch.cuda.empty_cache()
     print(f"bench.tune: every launch is in {args.table}")
     return 0
