@@ -80,8 +80,8 @@ def _add_runtime_options(p):
                                     "rank takes cuda:LOCAL_RANK)")
     p.add_argument("--backend", choices=BACKENDS, help="fused ops: triton on CUDA, torch otherwise (auto)")
     p.add_argument("--precision", choices=PRECISIONS, help="float32, or bf16 autocast")
-    p.add_argument("--workers", type=_at_least(0), help=f"data loading processes (default {DEFAULT_WORKERS})")
-    p.add_argument("--max-pixels", type=_at_least(1),
+    p.add_argument("--workers", type=int, help=f"data loading processes (default {DEFAULT_WORKERS})")
+    p.add_argument("--max-pixels", type=int,
                    help=f"skip larger images as possible decompression bombs (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--exif-transpose", action="store_true",
                    help="turn images upright by their EXIF orientation first (the authors' pipeline ignores it)")
@@ -96,7 +96,7 @@ def _add_scoring_options(p):
                    help="architecture of a .pth file (default lfm); our .safetensors record their own")
     p.add_argument("--no-resize", dest="resize", action="store_const", const=None, default=TEST_SIZE,
                    help=f"score images at their own size instead of resizing to {TEST_SIZE}x{TEST_SIZE}")
-    p.add_argument("--batch-size", type=_at_least(1), default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"images per batch (default {DEFAULT_BATCH_SIZE}, the fastest on a 2-core CPU)")
     _add_runtime_options(p)
     p.set_defaults(device="auto", backend="auto", precision="float32", workers=DEFAULT_WORKERS,
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="accuracy and AP per test subset",
                             description="Every folder holding 0_real/1_fake under the roots is a test subset.")
     p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots")
-    p.add_argument("--subset-depth", type=_at_least(0), metavar="N",
+    p.add_argument("--subset-depth", type=int, metavar="N",
                    help="subsets are the folders N levels below a root, merging the labeled folders beneath "
                         "(e.g. 1 for ForenSynths, whose generators hold one folder per class)")
     p.add_argument("--out", default=EVAL_OUT,

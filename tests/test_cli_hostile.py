@@ -250,7 +250,7 @@ def test_max_pixels_cannot_exceed_what_pillow_opens(weights, images, capsys):
     ("--lr", "nan", "--lr must be a finite number >= 0, got nan"),
     ("--k", "0", "--k must be an integer >= 1, got 0"),
     ("--pmin", "1.5", "--pmin must be in [0, 1), got 1.5"),
-    ("--workers", "-1", "argument --workers: expected an integer >= 0, got -1"),
+    ("--workers", "-1", "--workers must be >= 0, got -1"),
     ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
     ("--epochs", "x", "argument --epochs: invalid int value: 'x'"),
 ])
@@ -261,8 +261,9 @@ def test_bad_training_options_exit_2_naming_the_value(option, value, message, da
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["predict", "--weights", "W", "IMAGES", "--batch-size", "0"], "expected an integer >= 1, got 0"),
-    (["eval", "--weights", "W", "--data", "IMAGES", "--subset-depth", "-1"], "expected an integer >= 0, got -1"),
+    (["predict", "--weights", "W", "IMAGES", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["eval", "--weights", "W", "--data", "IMAGES", "--subset-depth", "-1"], "--subset-depth must be >= 0, got -1"),
+    (["predict", "--weights", "W", "IMAGES", "--max-pixels", "0"], "--max-pixels must lie in [1, "),
     (["predict", "--weights", "W", "/dev/null"], "not a regular file or folder: /dev/null"),
 ])
 def test_bad_scoring_options_exit_2(argv, message, weights, images, capsys):
