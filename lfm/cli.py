@@ -97,7 +97,7 @@ def _add_scoring_options(p):
     p.add_argument("--no-resize", dest="resize", action="store_const", const=None, default=TEST_SIZE,
                    help=f"score images at their own size instead of resizing to {TEST_SIZE}x{TEST_SIZE}")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"images per batch (default {DEFAULT_BATCH_SIZE}, the fastest on a 2-core CPU)")
+                   help=f"images loaded per batch (default {DEFAULT_BATCH_SIZE})")
     _add_runtime_options(p)
     p.set_defaults(device="auto", backend="auto", precision="float32", workers=DEFAULT_WORKERS,
                    max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False)

@@ -176,8 +176,8 @@ def matches(parts: tuple, pattern: tuple) -> bool:
 
 def glob_files(spec: str) -> list[Path]:
     """Files matching a glob pattern (`**`: any number of folders), a matching folder giving every file
-    beneath it; hidden entries only where the pattern names them. Walks with `walk`, so it ends on
-    symlink loops."""
+    beneath it. Hidden entries are skipped, except in the part before the first wildcard. Walks with
+    `walk`, so it ends on symlink loops."""
     parts = Path(spec).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     base, pattern = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
