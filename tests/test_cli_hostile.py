@@ -396,7 +396,7 @@ def test_one_class_validation_is_warned(tmp_path, capsys):
 
 
 def test_help_describes_every_option(capsys):
-    for command, needles in (("predict", ["PATH ", "image files, folders", "(default 16,"]),
+    for command, needles in (("predict", ["PATH ", "image files, folders", "per batch (default 16)"]),
                              ("eval", ["predictions.csv"]),
                              ("train", ["--seed SEED", "(0)", "--lr-gamma", "(0.9)", "(32)"]),
                              ("demo", ["training epochs per model", "crops per source photo"])):
