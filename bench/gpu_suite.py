@@ -245,17 +245,17 @@ def main(argv=None) -> int:
 
     write_report(results_file)
     tests = results.load(results_file)["tests"].values()
-    outcomes = [r for r in tests if r["outcome"] in FAILED_OUTCOMES]
-    for r in outcomes:
+    failures = [r for r in tests if r["outcome"] in FAILED_OUTCOMES]
+    for r in failures:
         log.line(f"gpu-suite: {r['outcome'].upper()} {r['test']}: {r['reason']}")
     for r in tests:  # a correctness check that did not run is news (the checkpoint parity without weights)
         if r.get("tier") == "smoke" and r["outcome"] == "skipped":
             log.line(f"gpu-suite: NOT RUN {r['test']}: {r['reason']}")
     if random_weights:
         log.line(f"{banner}\ngpu-suite: {weights}\n{banner}")
-    log.line(f"gpu-suite: {len(results.load(results_file)['rows'])} rows, {len(outcomes)} failures, "
+    log.line(f"gpu-suite: {len(results.load(results_file)['rows'])} rows, {len(failures)} failures, "
              f"{time.time() - start:.0f} s; wrote {results_file} and its .log, .md, .png")
-    return 0 if ok and not outcomes else 1
+    return 0 if ok and not failures else 1
 
 
 if __name__ == "__main__":
