@@ -85,8 +85,10 @@ def labeled_folders(root: Path) -> list[Path]:
 
 def require_folder(path) -> Path:
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise UsageError(f"no such folder: {path}")
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a folder")
     return path
 
 

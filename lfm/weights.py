@@ -129,8 +129,12 @@ def _read_safetensors(path: Path):
 def read_state_dict(path):
     """(state_dict, config or None) from a .safetensors or a .pth/.pt file."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a weights file")
+    if not path.exists():
         raise UsageError(f"no such weights file: {path}")
+    if not path.is_file():
+        raise UsageError(f"cannot read weights {path}: not a regular file")
     if path.suffix == ".safetensors":
         state, config = _read_safetensors(path)
     else:

@@ -265,6 +265,9 @@ def test_bad_training_options_exit_2_naming_the_value(option, value, message, da
     (["eval", "--weights", "W", "--data", "IMAGES", "--subset-depth", "-1"], "--subset-depth must be >= 0, got -1"),
     (["predict", "--weights", "W", "IMAGES", "--max-pixels", "0"], "--max-pixels must lie in [1, "),
     (["predict", "--weights", "W", "/dev/null"], "not a regular file or folder: /dev/null"),
+    (["predict", "--weights", "/dev/null", "IMAGES"], "weights /dev/null: not a regular file"),
+    (["predict", "--weights", "IMAGES", "IMAGES"], "is a folder, not a weights file"),
+    (["eval", "--weights", "W", "--data", "/dev/null"], "/dev/null is not a folder"),
 ])
 def test_bad_scoring_options_exit_2(argv, message, weights, images, capsys):
     names = {"W": weights, "IMAGES": images}
