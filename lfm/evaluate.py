@@ -79,6 +79,9 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
     if not ctx.is_main:
         return None
     rows = subset_metrics(subsets, scores.prob_fake)
+    for name, row in rows.items():
+        if row["n"] == 0:
+            warn("eval", f"subset {name}: no image could be scored; it is left out of the mean")
     mean = mean_metrics(list(rows.values()))
     report = {
         "weights": str(weights), "model": config, "resize": resize, "precision": precision,

@@ -149,6 +149,17 @@ def test_no_scorable_image_is_an_error(weights, tmp_path, capsys):
     assert_error(result, 2, "eval", "no image could be scored among the 2 file(s)")
 
 
+def test_a_subset_with_no_scorable_image_is_warned_about(weights, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    write_labeled(tmp_path / "set" / "good", 1, 1, rng)
+    write_labeled(tmp_path / "set" / "broken", 1, 1, rng)
+    for path in (tmp_path / "set" / "broken").rglob("*.png"):
+        path.write_bytes(b"broken")
+    code, _, err = run(capsys, "eval", "--weights", weights, "--data", tmp_path / "set", "--out", tmp_path / "out",
+                       "--workers", 0)
+    assert code == 0 and "subset broken: no image could be scored; it is left out of the mean" in err
+
+
 def test_a_backend_that_cannot_run_is_a_usage_error(weights, images, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     result = predict(capsys, weights, images, "--backend", "triton", "--device", "cpu")
