@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="ROOT", help="dataset root holding train/ and val/")
     p.add_argument("--out", metavar="RUN", help=f"run folder for the log and checkpoints ({_default('out')}); "
                                                  "locked while training, and it must be empty or a run of ours")
-    p.add_argument("--force", action="store_true", help="start a new run in --out even if it holds other files or a run")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in --out even if it holds other files or a run")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
     p.add_argument("--classes", type=_names, help="comma-separated class folders (default: all)")
     p.add_argument("--model", choices=MODEL_NAMES, help="lfm (default), lfm-gap (ablation) or npr (baseline)")
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--betas", type=_pair(float), help=f"Adam betas ({_default('betas')})")
     p.add_argument("--lr-step", type=int,
                    help=f"multiply the learning rate by --lr-gamma every this many epochs ({_default('lr_step')})")
-    p.add_argument("--lr-gamma", type=float, help=f"learning rate factor every --lr-step epochs ({_default('lr_gamma')})")
+    p.add_argument("--lr-gamma", type=float,
+                   help=f"learning rate factor every --lr-step epochs ({_default('lr_gamma')})")
     p.add_argument("--patience", type=int,
                    help=f"early stopping after this many epochs without gain ({_default('patience')}; 0 = off)")
     p.add_argument("--min-delta", type=float,
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blur-sigma", type=_pair(float), help=f"blur sigma range ({_default('blur_sigma')})")
     p.add_argument("--jpeg-prob", type=float, help=f"probability of JPEG re-compression ({_default('jpeg_prob')})")
     p.add_argument("--jpeg-quality", type=_pair(int), help=f"JPEG quality range ({_default('jpeg_quality')})")
-    p.add_argument("--seed", type=int, help=f"seed of the initial weights, shuffling and augmentation ({_default('seed')})")
+    p.add_argument("--seed", type=int,
+                   help=f"seed of the initial weights, shuffling and augmentation ({_default('seed')})")
     _add_runtime_options(p)
     p.set_defaults(func=run_train)
 

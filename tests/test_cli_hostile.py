@@ -82,7 +82,8 @@ def test_a_glob_through_symlink_loops_ends_and_scores_each_image_once(weights, i
     (loop / "self").symlink_to(".")
     (loop / "parent").symlink_to("../L")
     code, out, _ = predict(capsys, weights, loop / "**" / "*.png")
-    assert code == 0 and [line.split("\t")[0] for line in out.splitlines()] == [str(loop / "a.png"), str(loop / "b.png")]
+    assert code == 0
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(loop / "a.png"), str(loop / "b.png")]
 
 
 # 2. Streaming --------------------------------------------------------------------------------------
