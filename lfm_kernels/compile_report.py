@@ -4,28 +4,30 @@
 
 Each op's launchers run on small CPU tensors at the model's shapes while kernel launches are
 intercepted; every recorded launch (kernel, argument types, constexprs) is compiled with
-triton.compile for each target. One row per kernel variant and target: registers, spill bytes
-(from ptxas -v), shared memory, and whether the SASS holds tensor-core instructions (HMMA,
-HGMMA). Cubins go to OUT_DIR. Exits 1 on a compile error, a spill, or a kernel of the package
-that no workload launched. Must run without TRITON_INTERPRET (kernels must be real JIT functions).
+triton.compile for each target. One row per kernel variant and target, read from the cubin Triton
+built (cuobjdump): registers, stack and local memory per thread, local-memory instructions in the
+SASS (STL/LDL: spills), shared memory, the tensor-core instruction kind (HGMMA, HMMA or none), and
+the CTAs and warps that fit on one SM (H100/H200 for sm_90, A100 for sm_80). Cubins go to OUT_DIR,
+the rows also to OUT_DIR/report.json. Exits 1 on a compile error, any stack, local memory or
+STL/LDL (a spill), or a kernel of the package that no workload launched. Must run without
+TRITON_INTERPRET (kernels must be real JIT functions).
 """
 import argparse
 import contextlib
 import importlib
+import json
 import multiprocessing
 import os
 import pkgutil
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas  # the ptxas triton itself uses for that target
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
@@ -35,7 +37,10 @@ from lfm_kernels.backend import MAX_KERNEL_K, PRECISIONS
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
               torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
-_MMA = re.compile(r"\b(HMMA|HGMMA|IMMA|WGMMA)\b")
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_LOCAL_MEMORY = re.compile(r"\b(STL|LDL)\b")
+# Per SM: (registers, shared memory bytes, warps, CTAs); H100/H200 for sm_90, A100 for sm_80.
+_SM_LIMITS = {90: (65536, 228 * 1024, 64, 32), 80: (65536, 164 * 1024, 64, 32)}
 
 
 @dataclass
@@ -149,41 +154,66 @@ def compile_launch(launch: Launch, cc: int):
                           options=options)
 
 
-def _resources(ptx: str, cc: int):
-    """(registers, spill bytes) from ptxas -v on the PTX."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
-        out = subprocess.run([get_ptxas(cc).path, "-v", f"-arch={arch}", str(src), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return regs, spills
+def _cubin_resources(cubin_path: Path) -> dict:
+    """Registers, stack and local bytes per thread, as cuobjdump reads them from the cubin."""
+    usage = subprocess.run([str(_TOOLS / "cuobjdump"), "--dump-resource-usage", str(cubin_path)],
+                           capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    return {"regs": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"])}
 
 
-def _sass_mma(cubin_path: Path) -> bool:
+def _sass_facts(cubin_path: Path) -> dict:
+    """Local-memory instructions (STL/LDL: spills or stack traffic) and the tensor-core instruction kind."""
     sass = subprocess.run([str(_TOOLS / "cuobjdump"), "--dump-sass", str(cubin_path)],
                           capture_output=True, text=True, check=True).stdout
-    return bool(_MMA.search(sass))
+    kinds = set(_MMA.findall(sass))
+    return {"local_ops": len(_LOCAL_MEMORY.findall(sass)),
+            "mma": "HGMMA" if "HGMMA" in kinds else "HMMA" if kinds else "none"}
+
+
+def occupancy(regs: int, shared: int, num_warps: int, cc: int) -> tuple[int, int]:
+    """(CTAs, active warps) per SM: registers are allocated per warp in units of 256, shared memory per CTA."""
+    max_regs, max_shared, max_warps, max_ctas = _SM_LIMITS[80 if cc < 90 else 90]
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    ctas = min(max_ctas, max_warps // num_warps, max_regs // max(1, regs_per_warp * num_warps),
+               max_shared // shared if shared else max_ctas)
+    return ctas, ctas * num_warps
 
 
 _JOBS = []
 
 
-def _report_row(i: int):
-    """Compile job i of _JOBS; returns (table row, ok). Runs in a worker process."""
+def _report_row(i: int) -> dict:
+    """Compile job i of _JOBS; returns its row (error set on a compile failure). Runs in a worker process."""
     launch, tag, cc, out_dir = _JOBS[i]
-    name = launch.kernel.fn.__name__
+    precision = launch.kwargs.get("PRECISION", "-") if tag.startswith("fp32") else "-"  # 16-bit dots ignore it
+    row = {"kernel": launch.kernel.fn.__name__, "variant": tag, "target": f"sm_{cc}", "precision": precision}
     try:
         compiled = compile_launch(launch, cc)
     except Exception as err:  # report every kernel, then fail
-        return f"{name:34s} {tag:8s} sm_{cc}  COMPILE ERROR: {str(err).splitlines()[0][:200]}", False
-    cubin = out_dir / f"{name}-{tag}-sm_{cc}.cubin"
+        return row | {"error": str(err).splitlines()[0][:200]}
+    cubin = out_dir / f"{row['kernel']}-{tag}-sm_{cc}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    regs, spills = _resources(compiled.asm["ptx"], cc)
-    mma = "yes" if _sass_mma(cubin) else "no"
-    return f"{name:34s} {tag:8s} sm_{cc}  {regs:4d} {spills:5d} {compiled.metadata.shared:7d} {mma:>3s}", spills == 0
+    row |= _cubin_resources(cubin) | _sass_facts(cubin)
+    row |= {"shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps}
+    row["ctas_per_sm"], row["warps_per_sm"] = occupancy(row["regs"], row["shared"], row["warps"], cc)
+    return row
+
+
+def row_ok(row: dict) -> bool:
+    """Compiled, with nothing in local memory: no stack, no local bytes, no STL/LDL."""
+    return "error" not in row and row["stack"] == row["local"] == row["local_ops"] == 0
+
+
+_COLUMNS = (("kernel", 34), ("variant", 8), ("target", 6), ("precision", 9), ("regs", 4), ("stack", 5), ("local", 5),
+            ("local_ops", 9), ("shared", 7), ("mma", 5), ("warps", 5), ("ctas_per_sm", 11), ("warps_per_sm", 12))
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['kernel']:34s} {row['variant']:8s} {row['target']:6s} COMPILE ERROR: {row['error']}"
+    return " ".join(f"{row[name]:<{width}}" if i < 4 else f"{row[name]:>{width}}"
+                    for i, (name, width) in enumerate(_COLUMNS))
 
 
 def main(argv=None) -> int:
@@ -215,12 +245,13 @@ def main(argv=None) -> int:
     _JOBS = jobs  # inherited by the forked workers (kernels don't pickle)
     with multiprocessing.get_context("fork").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
         rows = pool.map(_report_row, range(len(jobs)))
-    header = f"{'kernel':34s} {'variant':8s} {'target':6s} {'regs':>4s} {'spill':>5s} {'shared':>7s} {'mma':>3s}"
+    header = " ".join(f"{name:<{width}}" if i < 4 else f"{name:>{width}}" for i, (name, width) in enumerate(_COLUMNS))
     print(header)
     print("-" * len(header))
-    for line, ok in rows:
-        print(line)
-        failed |= not ok
+    for row in rows:
+        print(format_row(row))
+        failed |= not row_ok(row)
+    (args.out_dir / "report.json").write_text(json.dumps(rows, indent=1))
     return 1 if failed else 0
 
 

@@ -129,9 +129,12 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     if B:
+        # Full-float32 (FMA) dots hold broadcast operands: a narrower reduction block avoids local memory.
+        block_ci = 16 if precision == "ieee" and feat.dtype == torch.float32 else 32
         _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
             feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
-            k, M, BLOCK_CO=block_co, BLOCK_CI=32, BLOCK_N=block_n, **dot_args(feat.dtype, precision), num_warps=8,
+            k, M, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_N=block_n, **dot_args(feat.dtype, precision),
+            num_warps=8,
         )
     out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
     idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,

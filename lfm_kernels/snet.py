@@ -490,20 +490,35 @@ def _snet_head_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _group_tile() -> int:
-    """2x2 groups per program (the interpreter's tiles are larger; results never depend on tiling)."""
-    return 1024 if interpreter_tiles() else 32
-
-
 def _pixel_tile() -> int:
-    """Pixels per program in the backward GEMMs and the head."""
+    """Pixels per program in the backward GEMMs and the head (the interpreter's tiles are larger;
+    results never depend on tiling)."""
     return 512 if interpreter_tiles() else 64
 
 
-def _conv_tiles(Cin: int, Cout: int, dtype: torch.dtype) -> dict:
-    # Full-fp32 dots run on FMA units with fp32 operands: narrower channel blocks keep them in registers.
-    wide = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_G=_group_tile(), BLOCK_CI=tile_size(Cin, 16), BLOCK_CO=tile_size(Cout, wide), num_warps=8)
+# GPU launch configurations of the SNet block kernels, by pass and dot kind: with these every
+# variant compiles for sm_80 and sm_90 with no stack and no local memory (the compile report
+# checks it). Float32 dots keep 16-group tiles and one pipeline stage (32-group TF32 tiles sat at
+# 255 registers and spilled); full-float32 ("ieee") dots run on FMA units with broadcast operands,
+# so the backward, which holds the most live tiles, gets the narrowest reduction block there.
+_BLOCK_CONFIGS = {
+    ("forward", "16-bit"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+    ("forward", "tf32"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+    ("forward", "ieee"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+    ("backward", "16-bit"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+    ("backward", "tf32"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
+    ("backward", "ieee"): dict(BLOCK_G=16, BLOCK_CI=8, BLOCK_CO=16, num_warps=8, num_stages=1),
+}
+
+
+def _conv_tiles(Cin: int, Cout: int, compute_dtype: torch.dtype, precision: str, direction: str) -> dict:
+    """Launch configuration of _snet_block_fwd_kernel ("forward") or _snet_block_bwd_kernel ("backward")."""
+    config = dict(_BLOCK_CONFIGS[direction, precision if compute_dtype == torch.float32 else "16-bit"])
+    if interpreter_tiles():
+        config["BLOCK_G"] = 1024
+    config["BLOCK_CI"] = tile_size(Cin, config["BLOCK_CI"])
+    config["BLOCK_CO"] = tile_size(Cout, config["BLOCK_CO"])
+    return config
 
 
 def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, pool, npr, precision, compute_dtype,
@@ -515,7 +530,7 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
     whole = stats_pass or not pool  # every conv output, or only those inside a pool window
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
-    tiles = _conv_tiles(Cin, Cout, compute_dtype)
+    tiles = _conv_tiles(Cin, Cout, compute_dtype, precision, "forward")
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     dev = x.device
     if stats_pass:
@@ -568,7 +583,8 @@ def _launch_conv_dw(dz, x, Cout, npr, dots):
     per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
     splits = max(1, triton.cdiv(n_pos, per_split))
     part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
-    dw_co, dw_ci = tile_size(Cout, 64), tile_size(Cin, 32)
+    # Full-float32 (FMA) dots hold broadcast operands: a narrower Cout block keeps them out of local memory.
+    dw_co, dw_ci = tile_size(Cout, 32 if dots["PRECISION"] == "ieee" else 64), tile_size(Cin, 32)
     _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
         dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
         NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
@@ -658,7 +674,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
-    tiles = _conv_tiles(Cin, Cout, compute_dtype)
+    tiles = _conv_tiles(Cin, Cout, compute_dtype, precision, "backward")
     dots = dot_args(compute_dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
