@@ -12,7 +12,8 @@ once, which is about what eager PyTorch does on a GPU. torch.compile providers a
 fuses after dispatch, so a dispatch-level count does not describe them.
 
 Counts are of a steady-state call. Inference leaves out weight preprocessing (ops that read only
-parameters and buffers, such as folding BatchNorm into a conv), which a model does once and caches.
+parameters and buffers, such as casting weights or folding BatchNorm into a conv), which a deployment
+can do once; our fused ops do none (they apply BatchNorm inside the kernels).
 A training step is zero_grad, forward, BCE-with-logits, backward and a fused Adam step, counted after
 one uncounted step has created Adam's state. Launches are per call, bytes per image (total / batch).
 
@@ -97,9 +98,8 @@ class TrafficCounter(TorchDispatchMode):
     """Sums `op_traffic` over every op dispatched while active (see the module docstring).
 
     weights: the model's parameters and buffers. An op that reads only these, or what such ops made,
-    is weight preprocessing (folding BatchNorm into a conv, say): a model caches it and runs it once,
-    not per call, so it goes to `weight_traffic`, not `traffic`. (LFM's fold cache keys on storage
-    addresses, which fake tensors lack, so here it would recompute on every call.)
+    is weight preprocessing (folding BatchNorm into a conv, say), which a deployment can do once, not
+    per call, so it goes to `weight_traffic`, not `traffic`.
     """
 
     def __init__(self, weights=()):
