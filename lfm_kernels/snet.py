@@ -27,6 +27,7 @@ from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, c
                       check_precision, check_same_device, dot_args, interpreter_tiles, on_input_device,
                       resolve_backend, resolve_precision, tile_size)
 from .npr_residual import npr_residual_reference
+from . import torch_inference
 from .score_topk import score_topk
 from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
 
@@ -115,17 +116,12 @@ def _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co,
 
 
 @triton.jit
-def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-                    NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Conv outputs of BLOCK_G 2x2 groups with top-left conv pixel (r0, c0): four [BLOCK_G, BLOCK_CO]
-    fp32 accumulators, one per position in the group. Tap by tap, each weight slice is loaded once
-    and applied to the 4 positions; input tiles are consumed as soon as they are loaded (the 9
-    distinct pixels of a group are re-read from L1), which keeps register pressure low."""
-    a00 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
-    a01 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
-    a10 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
-    a11 = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.float32)
+def _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+                OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of BLOCK_M rows: Cin
+    blocks x 4 taps of [BLOCK_M, BLOCK_CI] @ [BLOCK_CI, BLOCK_CO] dots into one accumulator."""
+    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
     for ci0 in range(0, Cin, BLOCK_CI):
         ci = ci0 + tl.arange(0, BLOCK_CI)
         ci_live = ci < Cin
@@ -133,54 +129,21 @@ def _conv2x2_groups(x_ptr, w_ptr, base, r0, c0, live, co, co_live, Cin, H, W, sx
             ky = tap // 2
             kx = tap % 2
             w = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE, DOT_DTYPE)
-            a00 = _tap_product(a00, x_ptr, base, r0 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-            a01 = _tap_product(a01, x_ptr, base, r0 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-            a10 = _tap_product(a10, x_ptr, base, r0 + 1 + ky, c0 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                               NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-            a11 = _tap_product(a11, x_ptr, base, r0 + 1 + ky, c0 + 1 + kx, live, ci, ci_live, H, W, sxc, sxh, sxw,
-                               w, NPR, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    return a00, a01, a10, a11
+            acc = _tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR,
+                               OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    return acc
 
 
 @triton.jit
-def _group_coords(pid, GH, GW, BLOCK_G: tl.constexpr, n_groups):
+def _block_program(pid, n_groups, GH, GW, Cout, BLOCK_G: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """A block-kernel program's groups (2x2 cells of conv outputs: b, gh, gw and which are live) and its
+    output channels (co, co_live)."""
     g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
     gw = g % GW
     gh = (g // GW) % GH
     b = g // (GW * GH)
-    return g < n_groups, b, gh, gw
-
-
-@triton.jit
-def _block_program_conv(x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw,
-                        swo, swi, swh, sww, NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr,
-                        BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    """What every block-kernel program starts with: its groups (b, gh, gw), its output channels and
-    the four conv accumulators of its [BLOCK_G, BLOCK_CO] tile, plus the conv bias as a row."""
-    live, b, gh, gw = _group_coords(pid, GH, GW, BLOCK_G, n_groups)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_live = co < Cout
-    a00, a01, a10, a11 = _conv2x2_groups(
-        x_ptr, w_ptr, b.to(tl.int64) * sxb, gh * 2, gw * 2, live, co, co_live, Cin, H, W, sxc, sxh, sxw,
-        swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    return live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias
-
-
-@triton.jit
-def _group_valid(live, r0, c0, Hc, Wc):
-    """Which of the four conv outputs of each group lie inside the (Hc, Wc) conv output."""
-    return (live & (r0 < Hc) & (c0 < Wc), live & (r0 < Hc) & (c0 + 1 < Wc),
-            live & (r0 + 1 < Hc) & (c0 < Wc), live & (r0 + 1 < Hc) & (c0 + 1 < Wc))
-
-
-@triton.jit
-def _masked_stats(z, valid):
-    """Per-channel sum of z over the valid rows of a [BLOCK_G, BLOCK_CO] tile."""
-    return tl.sum(tl.where(valid[:, None], z, 0.0), axis=0)
+    return g < n_groups, b, gh, gw, co, co < Cout
 
 
 @triton.jit
@@ -240,59 +203,55 @@ def _snet_block_fwd_kernel(
          and, with SAVE_ARGMAX, the uint8 window argmax (0..3, first max wins, NaN wins as in max_pool2d).
     """
     pid = tl.program_id(0)
-    live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
-        x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    r0 = gh * 2
-    c0 = gw * 2
-    v00, v01, v10, v11 = _group_valid(live, r0, c0, Hc, Wc)
-    if STATS_PASS:
-        a00 += bias
-        a01 += bias
-        a10 += bias
-        a11 += bias
-        n = (tl.sum(v00.to(tl.float32), axis=0) + tl.sum(v01.to(tl.float32), axis=0)
-             + tl.sum(v10.to(tl.float32), axis=0) + tl.sum(v11.to(tl.float32), axis=0))
-        mean = (_masked_stats(a00, v00) + _masked_stats(a01, v01) + _masked_stats(a10, v10)
-                + _masked_stats(a11, v11)) / tl.maximum(n, 1.0)
-        d00 = a00 - mean[None, :]
-        d01 = a01 - mean[None, :]
-        d10 = a10 - mean[None, :]
-        d11 = a11 - mean[None, :]
-        m2 = (_masked_stats(d00 * d00, v00) + _masked_stats(d01 * d01, v01) + _masked_stats(d10 * d10, v10)
-              + _masked_stats(d11 * d11, v11))
-        tl.store(part_count_ptr + pid, n)
-        tl.store(part_mean_ptr + pid * Cout + co, mean, mask=co_live)
-        tl.store(part_m2_ptr + pid * Cout + co, m2, mask=co_live)
+    live, b, gh, gw, co, co_live = _block_program(pid, n_groups, GH, GW, Cout, BLOCK_G, BLOCK_CO)
+    base = b.to(tl.int64) * sxb
+    at = b.to(tl.int64)[:, None] * sob + co[None, :] * soc
+    if STATS_PASS:  # running count, mean and M2 over the positions so far (Chan's merge, fixed order)
+        bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+        n = tl.zeros([BLOCK_CO], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_CO], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_CO], dtype=tl.float32)
     else:
         scale, shift = _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
-        a00 = _relu(a00 * scale + shift)
-        a01 = _relu(a01 * scale + shift)
-        a10 = _relu(a10 * scale + shift)
-        a11 = _relu(a11 * scale + shift)
-        at = b.to(tl.int64)[:, None] * sob + co[None, :] * soc
-        if POOL:
-            best = a00
-            arg = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.int32)
-            arg = tl.where((a01 > best) | (a01 != a01), 1, arg)
-            best = tl.maximum(best, a01, propagate_nan=tl.PropagateNan.ALL)
-            arg = tl.where((a10 > best) | (a10 != a10), 2, arg)
-            best = tl.maximum(best, a10, propagate_nan=tl.PropagateNan.ALL)
-            arg = tl.where((a11 > best) | (a11 != a11), 3, arg)
-            best = tl.maximum(best, a11, propagate_nan=tl.PropagateNan.ALL)
-            ok = live[:, None] & co_live[None, :]
-            pix = (gh * soh + gw * sow)[:, None]
-            tl.store(out_ptr + at + pix, best.to(out_ptr.dtype.element_ty), mask=ok)
-            if SAVE_ARGMAX:  # argmax has out's strides
-                tl.store(argmax_ptr + at + pix, arg.to(tl.uint8), mask=ok)
+        best = tl.full([BLOCK_G, BLOCK_CO], -1.0, dtype=tl.float32)  # below any ReLU output
+        arg = tl.zeros([BLOCK_G, BLOCK_CO], dtype=tl.int32)
+    # The four conv outputs of each group (one pool window) one after another, so that a program holds
+    # one accumulator tile rather than four.
+    for pos in range(4):
+        r = gh * 2 + pos // 2
+        c = gw * 2 + pos % 2
+        valid = live & (r < Hc) & (c < Wc)
+        a = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        if STATS_PASS:
+            a += bias
+            n_here = tl.sum(valid.to(tl.float32), axis=0)
+            mean_here = tl.sum(tl.where(valid[:, None], a, 0.0), axis=0) / tl.maximum(n_here, 1.0)
+            d = a - mean_here[None, :]
+            m2_here = tl.sum(tl.where(valid[:, None], d * d, 0.0), axis=0)
+            total = n + n_here
+            delta = mean_here - mean
+            mean += delta * (n_here / tl.maximum(total, 1.0))
+            m2 += m2_here + delta * delta * (n * n_here / tl.maximum(total, 1.0))
+            n = total
         else:
-            ok = co_live[None, :]
-            at = out_ptr + at
-            tl.store(at + (r0 * soh + c0 * sow)[:, None], a00.to(out_ptr.dtype.element_ty), mask=v00[:, None] & ok)
-            tl.store(at + (r0 * soh + (c0 + 1) * sow)[:, None], a01.to(out_ptr.dtype.element_ty), mask=v01[:, None] & ok)
-            tl.store(at + ((r0 + 1) * soh + c0 * sow)[:, None], a10.to(out_ptr.dtype.element_ty), mask=v10[:, None] & ok)
-            tl.store(at + ((r0 + 1) * soh + (c0 + 1) * sow)[:, None], a11.to(out_ptr.dtype.element_ty),
-                     mask=v11[:, None] & ok)
+            y = _relu(a * scale + shift)
+            if POOL:  # first max wins, a NaN always (as max_pool2d)
+                arg = tl.where((y > best) | (y != y), pos, arg)
+                best = tl.maximum(best, y, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                tl.store(out_ptr + at + (r * soh + c * sow)[:, None], y.to(out_ptr.dtype.element_ty),
+                         mask=valid[:, None] & co_live[None, :])
+    if STATS_PASS:
+        tl.store(part_count_ptr + pid, tl.max(n, axis=0))
+        tl.store(part_mean_ptr + pid * Cout + co, mean, mask=co_live)
+        tl.store(part_m2_ptr + pid * Cout + co, m2, mask=co_live)
+    elif POOL:
+        ok = live[:, None] & co_live[None, :]
+        pix = (gh * soh + gw * sow)[:, None]
+        tl.store(out_ptr + at + pix, best.to(out_ptr.dtype.element_ty), mask=ok)
+        if SAVE_ARGMAX:  # argmax has out's strides
+            tl.store(argmax_ptr + at + pix, arg.to(tl.uint8), mask=ok)
 
 
 _NO_WINDOW_POSITION = tl.constexpr(4)  # argmax of a masked-off window: matches none of positions 0..3
@@ -316,52 +275,46 @@ def _snet_block_bwd_kernel(
     their means c1, c2 and writes d(conv out) as float32 (B, Hc, Wc, Cout) to dz.
     """
     pid = tl.program_id(0)
-    live, b, gh, gw, co, co_live, a00, a01, a10, a11, bias = _block_program_conv(
-        x_ptr, w_ptr, bias_ptr, pid, n_groups, GH, GW, Cin, Cout, H, W, sxb, sxc, sxh, sxw, swo, swi, swh, sww,
-        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    r0 = gh * 2
-    c0 = gw * 2
+    live, b, gh, gw, co, co_live = _block_program(pid, n_groups, GH, GW, Cout, BLOCK_G, BLOCK_CO)
+    base = b.to(tl.int64) * sxb
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     mean = tl.load(mean_ptr + co, mask=co_live, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + co, mask=co_live, other=0.0)[None, :]
     gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    v00, v01, v10, v11 = _group_valid(live, r0, c0, Hc, Wc)
     gb = b.to(tl.int64)[:, None] * sgb + co[None, :] * sgc
     if POOL:
         pooled = (live & (gh < Hp) & (gw < Wp))[:, None] & co_live[None, :]
         dp = tl.load(grad_ptr + gb + (gh * sgh + gw * sgw)[:, None], mask=pooled, other=0.0).to(tl.float32)
         arg = tl.load(argmax_ptr + b.to(tl.int64)[:, None] * sab + co[None, :] * sac + (gh * sah + gw * saw)[:, None],
                       mask=pooled, other=_NO_WINDOW_POSITION).to(tl.int32)
-        da00 = tl.where(arg == 0, dp, 0.0)
-        da01 = tl.where(arg == 1, dp, 0.0)
-        da10 = tl.where(arg == 2, dp, 0.0)
-        da11 = tl.where(arg == 3, dp, 0.0)
-    else:
-        ok = co_live[None, :]
-        da00 = tl.load(grad_ptr + gb + (r0 * sgh + c0 * sgw)[:, None], mask=v00[:, None] & ok, other=0.0).to(tl.float32)
-        da01 = tl.load(grad_ptr + gb + (r0 * sgh + (c0 + 1) * sgw)[:, None], mask=v01[:, None] & ok,
-                       other=0.0).to(tl.float32)
-        da10 = tl.load(grad_ptr + gb + ((r0 + 1) * sgh + c0 * sgw)[:, None], mask=v10[:, None] & ok,
-                       other=0.0).to(tl.float32)
-        da11 = tl.load(grad_ptr + gb + ((r0 + 1) * sgh + (c0 + 1) * sgw)[:, None], mask=v11[:, None] & ok,
-                       other=0.0).to(tl.float32)
-    z00, dy00 = _zhat_dy(a00, bias, mean, rstd, gamma, beta, da00, v00)
-    z01, dy01 = _zhat_dy(a01, bias, mean, rstd, gamma, beta, da01, v01)
-    z10, dy10 = _zhat_dy(a10, bias, mean, rstd, gamma, beta, da10, v10)
-    z11, dy11 = _zhat_dy(a11, bias, mean, rstd, gamma, beta, da11, v11)
     if SUMS_PASS:
-        sdy = tl.sum(dy00 + dy01 + dy10 + dy11, axis=0)
-        sdyz = tl.sum(dy00 * z00 + dy01 * z01 + dy10 * z10 + dy11 * z11, axis=0)
-        tl.store(sdy_ptr + pid * Cout + co, sdy, mask=co_live)
-        tl.store(sdyz_ptr + pid * Cout + co, sdyz, mask=co_live)
+        sdy = tl.zeros([BLOCK_CO], dtype=tl.float32)
+        sdyz = tl.zeros([BLOCK_CO], dtype=tl.float32)
     else:
         g = gamma * rstd
         c1 = tl.load(c1_ptr + co, mask=co_live, other=0.0)[None, :]
         c2 = tl.load(c2_ptr + co, mask=co_live, other=0.0)[None, :]
-        _store_dz(dz_ptr, dy00, z00, g, c1, c2, b, r0, c0, Hc, Wc, Cout, co, co_live, v00, BATCH_STATS)
-        _store_dz(dz_ptr, dy01, z01, g, c1, c2, b, r0, c0 + 1, Hc, Wc, Cout, co, co_live, v01, BATCH_STATS)
-        _store_dz(dz_ptr, dy10, z10, g, c1, c2, b, r0 + 1, c0, Hc, Wc, Cout, co, co_live, v10, BATCH_STATS)
-        _store_dz(dz_ptr, dy11, z11, g, c1, c2, b, r0 + 1, c0 + 1, Hc, Wc, Cout, co, co_live, v11, BATCH_STATS)
+    for pos in range(4):  # the group's four conv outputs one after another, as in the forward
+        r = gh * 2 + pos // 2
+        c = gw * 2 + pos % 2
+        valid = live & (r < Hc) & (c < Wc)
+        a = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        if POOL:
+            da = tl.where(arg == pos, dp, 0.0)
+        else:
+            da = tl.load(grad_ptr + gb + (r * sgh + c * sgw)[:, None], mask=valid[:, None] & co_live[None, :],
+                         other=0.0).to(tl.float32)
+        zhat, dy = _zhat_dy(a, bias, mean, rstd, gamma, beta, da, valid)
+        if SUMS_PASS:
+            sdy += tl.sum(dy, axis=0)
+            sdyz += tl.sum(dy * zhat, axis=0)
+        else:
+            _store_dz(dz_ptr, dy, zhat, g, c1, c2, b, r, c, Hc, Wc, Cout, co, co_live, valid, BATCH_STATS)
+    if SUMS_PASS:
+        tl.store(sdy_ptr + pid * Cout + co, sdy, mask=co_live)
+        tl.store(sdyz_ptr + pid * Cout + co, sdyz, mask=co_live)
 
 
 @triton.jit
@@ -465,17 +418,8 @@ def _snet_head_kernel(
     for c40 in range(0, C4, BLOCK_C4):
         c4 = c40 + tl.arange(0, BLOCK_C4)
         c4_live = c4 < C4
-        acc = tl.zeros([BLOCK_P, BLOCK_C4], dtype=tl.float32)
-        for ci0 in range(0, Cin, BLOCK_CI):
-            ci = ci0 + tl.arange(0, BLOCK_CI)
-            ci_live = ci < Cin
-            for tap in tl.static_range(4):
-                ky = tap // 2
-                kx = tap % 2
-                w = _tap_weight(w_ptr, ci, ci_live, c4, c4_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE,
-                                DOT_DTYPE)
-                acc = _tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w,
-                                   False, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        acc = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, c4, c4_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                          False, BLOCK_P, BLOCK_CI, BLOCK_C4, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         scale, shift = _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c4, c4_live)
         feat = _relu(acc * scale + shift)
         ws = tl.load(ws_ptr + c4[:, None] * ssi + cs[None, :] * sso, mask=c4_live[:, None] & cs_live[None, :], other=0.0)
@@ -816,6 +760,9 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
                  input_precision)
     if resolve_backend(backend, x) == "torch":
+        if not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
+            return torch_inference.snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                        running_var, eps=eps, pool=pool, npr=npr)
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
     x, compute_dtype = _kernel_input(x, npr)
@@ -849,8 +796,12 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
                          f"{tuple(score_weight.shape)}")
     check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
     drop = check_drop(drop)
-    fused = (resolve_backend(backend, x) == "triton" and not training
-             and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight))
+    inference = not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
+    if inference and resolve_backend(backend, x) == "torch":
+        return torch_inference.snet_head_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                   running_var, score_weight, k, eps=eps,
+                                                   return_indices=return_indices)
+    fused = resolve_backend(backend, x) == "triton" and inference
     if not fused:
         feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                           momentum=momentum, training=training, pool=False, input_precision=input_precision,

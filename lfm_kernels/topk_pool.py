@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .backend import (MAX_KERNEL_K, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
                       draw_seed, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs, resolve_backend)
+from .torch_inference import topk_pool_inference
 
 _EMPTY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
 _INT_MAX = tl.constexpr(2147483647)  # key of NaN; position of "nothing"
@@ -356,6 +357,8 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     check_k(k, x.shape[2] * x.shape[3])
     drop = check_drop(drop)
     if resolve_backend(backend, x) == "torch":
+        if not (drop is not None and training) and not (torch.is_grad_enabled() and x.requires_grad):
+            return topk_pool_inference(x, k, return_indices=return_indices)
         return topk_pool_reference(x, k, drop=drop, training=training, return_indices=return_indices)
     check_kernel_dtype("x", x)
     check_kernel_k(k)
