@@ -15,19 +15,9 @@ from .errors import CommandFailed, UsageError
 from .evaluate import DEFAULT_OUT as EVAL_OUT
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
-from .model import DROPOUT_MODES
 from .runtime import PRECISIONS, interrupt_guard
 from .train import TrainOptions
 from .weights import MODEL_NAMES
-
-# Train options are not given argparse defaults (a resumed run must tell overrides from its saved
-# options), so their help shows the defaults of TrainOptions.
-TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainOptions)}
-
-
-def _default(name) -> str:
-    value = TRAIN_DEFAULTS[name]
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +64,32 @@ def _at_least(low):
     return parse
 
 
+def _shown(default) -> str:
+    """A default as the command line takes it: pairs as LOW,HIGH."""
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+# How the command line reads an options field of each annotated type (tuples: a pair of their default's type).
+_FIELD_TYPES = {int: int, float: float, str: str, int | None: _size, list | None: _names}
+
+
+def _add_option_fields(p, options_class):
+    """An option per field of the dataclass that carries help metadata: --name (--no-name for a flag that is on
+    by default), parsed by the field's annotation, with the field's default filled in for "{default}" in its
+    help. Defaults stay in the dataclass: the parser does not set them."""
+    for field in dataclasses.fields(options_class):
+        if "help" not in field.metadata:
+            continue
+        settings = dict(field.metadata, help=field.metadata["help"].format(default=_shown(field.default)))
+        flag = field.name.replace("_", "-")
+        if field.type is bool:
+            p.add_argument(f"--no-{flag}", dest=field.name, action="store_false", **settings)
+        elif field.type is tuple:
+            p.add_argument(f"--{flag}", type=_pair(type(field.default[0])), **settings)
+        else:
+            p.add_argument(f"--{flag}", type=_FIELD_TYPES[field.type], **settings)
+
+
 def _add_runtime_options(p):
     """Options every command that runs a model shares."""
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each "
@@ -118,40 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="train a detector (the authors' recipe by default)",
                             description="Train on a CNNDetection layout: ROOT/train and ROOT/val, each "
                                         "[<class>/]{0_real,1_fake}. Defaults are the authors' released recipe.")
-    p.add_argument("--data", metavar="ROOT", help="dataset root holding train/ and val/")
-    p.add_argument("--out", metavar="RUN", help=f"run folder for the log and checkpoints ({_default('out')}); "
-                                                 "locked while training, and it must be empty or a run of ours")
+    _add_option_fields(p, TrainOptions)
     p.add_argument("--force", action="store_true",
                    help="start a new run in --out even if it holds other files or a run")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
-    p.add_argument("--classes", type=_names, help="comma-separated class folders (default: all)")
-    p.add_argument("--model", choices=MODEL_NAMES, help="lfm (default), lfm-gap (ablation) or npr (baseline)")
-    p.add_argument("--k", type=int, help=f"LFM's Top-K ({_default('k')})")
-    p.add_argument("--dropout", choices=DROPOUT_MODES, help="LFM's rank-based dropout (released: plain p=pmin)")
-    p.add_argument("--pmin", type=float, help=f"smallest drop probability ({_default('pmin')})")
-    p.add_argument("--pmax", type=float, help=f"largest drop probability, paper mode ({_default('pmax')})")
-    p.add_argument("--random-k-weight", type=float, help="weight of LFM's random-K auxiliary loss (0 = off; paper 0.02)")
-    p.add_argument("--epochs", type=int, help=f"maximum epochs ({_default('epochs')})")
-    p.add_argument("--batch-size", type=int, help=f"global batch, split over torchrun ranks ({_default('batch_size')})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate ({_default('lr')})")
-    p.add_argument("--betas", type=_pair(float), help=f"Adam betas ({_default('betas')})")
-    p.add_argument("--lr-step", type=int,
-                   help=f"multiply the learning rate by --lr-gamma every this many epochs ({_default('lr_step')})")
-    p.add_argument("--lr-gamma", type=float,
-                   help=f"learning rate factor every --lr-step epochs ({_default('lr_gamma')})")
-    p.add_argument("--patience", type=int,
-                   help=f"early stopping after this many epochs without gain ({_default('patience')}; 0 = off)")
-    p.add_argument("--min-delta", type=float,
-                   help=f"smallest validation accuracy gain that counts ({_default('min_delta')})")
-    p.add_argument("--resize", type=_size, help=f"resize to a square first ({_default('resize')}; 0 = keep size)")
-    p.add_argument("--crop", type=_size, help=f"random crop size ({_default('crop')}; 0 = no crop)")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
-    p.add_argument("--blur-prob", type=float, help=f"probability of a Gaussian blur ({_default('blur_prob')})")
-    p.add_argument("--blur-sigma", type=_pair(float), help=f"blur sigma range ({_default('blur_sigma')})")
-    p.add_argument("--jpeg-prob", type=float, help=f"probability of JPEG re-compression ({_default('jpeg_prob')})")
-    p.add_argument("--jpeg-quality", type=_pair(int), help=f"JPEG quality range ({_default('jpeg_quality')})")
-    p.add_argument("--seed", type=int,
-                   help=f"seed of the initial weights, shuffling and augmentation ({_default('seed')})")
     _add_runtime_options(p)
     p.set_defaults(func=run_train)
 

@@ -250,7 +250,8 @@ def demo_table(results: dict) -> str:
     """Accuracy and AP (percent) per test generator, one column pair per model; held-out generators marked *."""
     rows = [f"{generator}{'*' if generator in HELD_OUT_GENERATORS else ''}" for generator in GENERATORS] + ["mean"]
     keys = list(GENERATORS) + ["mean"]
-    header = f"{'generator (* held out)':<24}" + "".join(f"{model + ' acc':>12}{model + ' AP':>12}" for model in results)
+    columns = "".join(f"{model + ' acc':>12}{model + ' AP':>12}" for model in results)
+    header = f"{'generator (* held out)':<24}" + columns
     lines = [header, "-" * len(header)]
     for label, key in zip(rows, keys):
         cells = "".join(f"{100 * r[key]['acc']:12.1f}{100 * r[key]['ap']:12.1f}" for r in results.values())

@@ -5,6 +5,7 @@ ImageNet normalize. Training adds, after the resize: optional Gaussian blur and 
 a random crop and a horizontal flip. Every random choice comes from a numpy Generator handed in by
 the caller (keyed on seed, epoch and sample index), so results never depend on worker processes.
 """
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
@@ -121,15 +122,21 @@ class EvalTransform:
 
 @dataclass(frozen=True)
 class TrainTransform:
-    """Training preprocessing as released: resize -> (blur, JPEG) -> random crop -> random flip."""
+    """Training preprocessing: resize -> (blur, JPEG) -> random crop -> random flip. Its settings and their
+    defaults (the released recipe) are the fields of the same names of lfm.train.TrainOptions."""
 
-    resize: int | None = TEST_SIZE
-    crop: int | None = 224
-    flip: bool = True
-    blur_prob: float = 0.0
-    blur_sigma: tuple = (0.0, 3.0)
-    jpeg_prob: float = 0.0
-    jpeg_quality: tuple = (30, 100)
+    resize: int | None
+    crop: int | None
+    flip: bool
+    blur_prob: float
+    blur_sigma: tuple
+    jpeg_prob: float
+    jpeg_quality: tuple
+
+    @classmethod
+    def from_options(cls, options) -> "TrainTransform":
+        """The transform of a run's options (any object with these fields, a TrainOptions in practice)."""
+        return cls(**{field.name: getattr(options, field.name) for field in dataclasses.fields(cls)})
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         if self.resize:

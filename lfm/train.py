@@ -34,13 +34,30 @@ from tqdm import tqdm
 from .data import ImageDataset, describe_failures, make_loader, training_items
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
-from .inference import check_loading_options, score_items
+from .inference import DEFAULT_WORKERS, check_loading_options, score_items
 from .metrics import binary_metrics
 from .model import DROPOUT_MODES
-from .runtime import (PRECISIONS, Context, all_gather, any_rank, autocast, bar_disabled, broadcast_buffers,
-                      raise_if_interrupted, session)
-from .weights import (DEFAULT_K, MODEL_NAMES, atomic_write, build_model, prepare_output_folder, read_torch_file,
-                      save_weights, write_json)
+from .runtime import (
+    PRECISIONS,
+    Context,
+    all_gather,
+    any_rank,
+    autocast,
+    bar_disabled,
+    broadcast_buffers,
+    raise_if_interrupted,
+    session,
+)
+from .weights import (
+    DEFAULT_K,
+    MODEL_NAMES,
+    atomic_write,
+    build_model,
+    prepare_output_folder,
+    read_torch_file,
+    save_weights,
+    write_json,
+)
 
 OPTIONS_FILE, LOG_FILE, RESUME_FILE = "options.json", "log.csv", "resume.pt"
 LAST_WEIGHTS, BEST_WEIGHTS = "last.safetensors", "best.safetensors"
@@ -51,37 +68,50 @@ LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_ap", "val_real_acc",
 RESUME_OVERRIDES = ("epochs", "workers", "progress", "device")
 
 
+def _option(default=dataclasses.MISSING, *, help: str, **argparse_settings):
+    """A TrainOptions field that `lfm train` takes as --name: its default, its help text ("{default}" is
+    filled in) and argparse settings beyond the type, which the command line reads from the annotation."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **argparse_settings))
+
+
 @dataclass
 class TrainOptions:
-    data: str
-    out: str = "runs/train"
-    classes: list | None = None
-    model: str = "lfm"
-    k: int = DEFAULT_K
-    dropout: str = "released"
-    pmin: float = 0.1
-    pmax: float = 0.3
-    random_k_weight: float = 0.0
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    lr_step: int = 10
-    lr_gamma: float = 0.9
-    patience: int = 5
-    min_delta: float = 1e-3
-    resize: int | None = TEST_SIZE
-    crop: int | None = 224
-    flip: bool = True
-    blur_prob: float = 0.0
-    blur_sigma: tuple = (0.0, 3.0)
-    jpeg_prob: float = 0.0
-    jpeg_quality: tuple = (30, 100)
+    """Everything a run depends on: the one source of the training defaults (the released recipe), of the
+    augmentation settings (TrainTransform.from_options) and of `lfm train`'s options and their help (built
+    from these fields). Fields without help are the runtime options eval and predict share."""
+
+    data: str = _option(help="dataset root holding train/ and val/", metavar="ROOT")
+    out: str = _option("runs/train", metavar="RUN", help="run folder for the log and checkpoints ({default}); locked "
+                                                         "while training, and it must be empty or a run of ours")
+    classes: list | None = _option(None, help="comma-separated class folders (default: all)")
+    model: str = _option("lfm", choices=MODEL_NAMES, help="lfm, lfm-gap (ablation) or npr (baseline) ({default})")
+    k: int = _option(DEFAULT_K, help="LFM's Top-K ({default})")
+    dropout: str = _option("released", choices=DROPOUT_MODES,
+                           help="LFM's rank-based dropout: paper, released (plain p=pmin) or off ({default})")
+    pmin: float = _option(0.1, help="smallest drop probability ({default})")
+    pmax: float = _option(0.3, help="largest drop probability, paper mode ({default})")
+    random_k_weight: float = _option(0.0,
+                                     help="weight of LFM's random-K auxiliary loss ({default}; 0 = off, paper 0.02)")
+    epochs: int = _option(50, help="maximum epochs ({default})")
+    batch_size: int = _option(32, help="global batch, split over torchrun ranks ({default})")
+    lr: float = _option(1e-4, help="Adam learning rate ({default})")
+    betas: tuple = _option((0.9, 0.999), help="Adam betas ({default})")
+    lr_step: int = _option(10, help="multiply the learning rate by --lr-gamma every this many epochs ({default})")
+    lr_gamma: float = _option(0.9, help="learning rate factor every --lr-step epochs ({default})")
+    patience: int = _option(5, help="early stopping after this many epochs without gain ({default}; 0 = off)")
+    min_delta: float = _option(1e-3, help="smallest validation accuracy gain that counts ({default})")
+    resize: int | None = _option(TEST_SIZE, help="resize to a square first ({default}; 0 = keep size)")
+    crop: int | None = _option(224, help="random crop size ({default}; 0 = no crop)")
+    flip: bool = _option(True, help="no random horizontal flip")  # on by default: the command line has --no-flip
+    blur_prob: float = _option(0.0, help="probability of a Gaussian blur ({default})")
+    blur_sigma: tuple = _option((0.0, 3.0), help="blur sigma range ({default})")
+    jpeg_prob: float = _option(0.0, help="probability of JPEG re-compression ({default})")
+    jpeg_quality: tuple = _option((30, 100), help="JPEG quality range ({default})")
     backend: str = "auto"
     precision: str = "float32"
     device: str = "auto"
-    workers: int = 2
-    seed: int = 0
+    workers: int = DEFAULT_WORKERS
+    seed: int = _option(0, help="seed of the initial weights, shuffling and augmentation ({default})")
     max_pixels: int = DEFAULT_MAX_PIXELS
     exif_transpose: bool = False
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
@@ -228,8 +258,7 @@ class Trainer:
                 warn("train", f"the {split} set holds only {'fake' if labels == {1} else 'real'} images "
                               f"({len(items)}); its accuracy and AP say little")
         self.train_paths = [item.path for item in train_items]
-        augment = TrainTransform(opts.resize, opts.crop, opts.flip, opts.blur_prob, opts.blur_sigma,
-                                 opts.jpeg_prob, opts.jpeg_quality)
+        augment = TrainTransform.from_options(opts)
         self.val_transform = EvalTransform(opts.resize, opts.crop)
         self.train_set = ImageDataset(train_items, augment, opts.max_pixels, seed=opts.seed,
                                      exif_transpose=opts.exif_transpose)
@@ -245,7 +274,8 @@ class Trainer:
             raise UsageError(f"training inputs of {size}x{size} are below the model's minimum {self.model.min_size}")
         self.net = self.model
         if ctx.distributed:
-            self.net = DistributedDataParallel(self.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         torch.manual_seed(opts.seed + ctx.rank)  # dropout and random-K draws differ between ranks
         self.optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad),
                                           lr=opts.lr, betas=tuple(opts.betas))

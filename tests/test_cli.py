@@ -1,5 +1,6 @@
 """`lfm predict` and `lfm eval`, heatmaps, and how the command line reports problems."""
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 from tiny_data import real_image, write_labeled
 
 from lfm import LFM, NPR
-from lfm.cli import main
+from lfm.cli import build_parser, main
 from lfm.heatmap import RECEPTIVE_FIELD, STRIDE, topk_heat
 from lfm.images import EvalTransform
 from lfm.metrics import binary_metrics
+from lfm.train import TrainOptions
 from lfm.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +136,8 @@ def test_eval_table_files_and_consistency_with_predict(weights, tmp_path, capsys
         labels = [1 if "1_fake" in r["path"] else 0 for r in results]
         expected = binary_metrics(labels, [r["prob_fake"] for r in results])
         assert report["subsets"][subset] == pytest.approx(expected)
-    assert report["mean"]["acc"] == pytest.approx((report["subsets"]["gan_a"]["acc"] + report["subsets"]["gan_b"]["acc"]) / 2)
+    subsets = report["subsets"]
+    assert report["mean"]["acc"] == pytest.approx((subsets["gan_a"]["acc"] + subsets["gan_b"]["acc"]) / 2)
 
 
 def _predictions(path):
@@ -198,6 +201,21 @@ def test_python_dash_m_lfm_runs(weights, tmp_path):
     assert done.returncode == 0, done.stderr
     path, prob = done.stdout.strip().split("\t")
     assert path == str(tmp_path / "x.png") and 0 <= float(prob) <= 1
-    bad = subprocess.run([sys.executable, "-m", "lfm", "eval", "--weights", str(weights), "--data", str(tmp_path / "no")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "lfm", "eval", "--weights", str(weights),
+                          "--data", str(tmp_path / "no")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("lfm eval: error: no such folder")
+
+
+def test_train_command_line_sets_every_option_and_states_its_default():
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {action.dest: action for action in train_parser._actions}
+    for field in dataclasses.fields(TrainOptions):
+        assert field.name in options, field.name
+        if "{default}" in field.metadata.get("help", ""):
+            assert "{" not in options[field.name].help and "(" in options[field.name].help, field.name
+    args = build_parser().parse_args(["train", "--data", "d", "--betas", "0.5,0.6", "--resize", "0", "--no-flip",
+                                      "--jpeg-quality", "40,90", "--classes", "car,cat"])
+    assert (args.betas, args.resize, args.flip, args.jpeg_quality, args.classes) == (
+        (0.5, 0.6), None, False, (40, 90), ["car", "cat"])
+    assert "lr" not in args  # defaults stay in TrainOptions, so a resumed run tells overrides from saved options
+

@@ -7,11 +7,32 @@ import torch
 from PIL import Image
 from tiny_data import write_labeled
 
-from lfm.data import (Item, collate_samples, expand_paths, find_test_subsets, ImageDataset, labeled_folders,
-                      training_items)
+from lfm.data import (
+    ImageDataset,
+    Item,
+    collate_samples,
+    expand_paths,
+    find_test_subsets,
+    labeled_folders,
+    training_items,
+)
 from lfm.errors import UsageError
-from lfm.images import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageTooLarge, TrainTransform, UnusableImage,
-                        read_rgb, to_rgb)
+from lfm.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    ImageTooLarge,
+    TrainTransform,
+    UnusableImage,
+    read_rgb,
+    to_rgb,
+)
+from lfm.train import TrainOptions
+
+
+def _augmentation(**options) -> TrainTransform:
+    """The training transform of a run with these options (the rest at their defaults)."""
+    return TrainTransform.from_options(TrainOptions(data="unused", **options))
 
 
 def _png(img: Image.Image, tmp_path, name="x.png"):
@@ -91,7 +112,7 @@ def test_eval_transform_is_the_authors_test_pipeline():
 
 def test_train_transform_is_seeded_by_its_rng():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    augment = TrainTransform(resize=60, crop=48, blur_prob=0.5, jpeg_prob=0.5)
+    augment = _augmentation(resize=60, crop=48, blur_prob=0.5, jpeg_prob=0.5)
     first = augment(img, np.random.default_rng((0, 0, 5)))
     assert first.shape == (3, 48, 48)
     assert torch.equal(first, augment(img, np.random.default_rng((0, 0, 5))))
@@ -105,7 +126,7 @@ def test_train_transform_flip_and_crop_take_pixels_from_the_image():
     plain = EvalTransform(resize=None)(img)
     seen = set()
     for seed in range(20):
-        out = TrainTransform(resize=None, crop=6)(img, np.random.default_rng(seed))
+        out = _augmentation(resize=None, crop=6)(img, np.random.default_rng(seed))
         matches = [(top, left, flip) for top in range(3) for left in range(3) for flip in (False, True)
                    if torch.equal(out, (plain[:, top:top + 6, left:left + 6].flip(2) if flip
                                         else plain[:, top:top + 6, left:left + 6]))]
@@ -116,7 +137,7 @@ def test_train_transform_flip_and_crop_take_pixels_from_the_image():
 
 def test_crop_larger_than_the_image_is_an_unusable_image():
     with pytest.raises(UnusableImage, match="smaller than the crop size 48"):
-        TrainTransform(resize=None, crop=48)(Image.new("RGB", (40, 60)), np.random.default_rng(0))
+        _augmentation(resize=None, crop=48)(Image.new("RGB", (40, 60)), np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _reference_training(data: Path) -> dict:
     torch.manual_seed(opts.seed)
     model = build_model(opts.model_config(), backend="torch").train()
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=LR, betas=opts.betas)
-    dataset = ImageDataset(training_items(data, "train"), TrainTransform(resize=None, crop=None), seed=opts.seed)
+    dataset = ImageDataset(training_items(data, "train"), TrainTransform.from_options(opts), seed=opts.seed)
     samplers = [DistributedSampler(dataset, num_replicas=WORLD, rank=r, shuffle=True, seed=opts.seed)
                 for r in range(WORLD)]
     local = GLOBAL_BATCH // WORLD
