@@ -1,8 +1,9 @@
 """LFM in plain eager PyTorch, computed the way the authors' released code computes it: the eager baseline.
 
 Frozen down/up-sampling convs for the residual, an nn.Sequential SNet with F.max_pool2d, a 1x1
-scoring conv, torch.topk and the Linear head. Deliberately independent of `lfm.model`: when LFM's
-backends change (fused SNet, fused head), this baseline stays what the authors run. Parameter
+scoring conv, torch.topk and the Linear head. Deliberately independent of `lfm.model`'s code (it shares
+only the channel widths): when LFM's backends change (fused SNet, fused head), this baseline stays what the
+authors run. Parameter
 names match the authors' checkpoint, so one state_dict loads into this and into `lfm.LFM`.
 The per-op benchmarks call the same functions, so "eager" means one thing everywhere.
 """
@@ -10,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SNET_CHANNELS = (3, 64, 128, 256, 512)
-SCORE_CHANNELS = 64
+from bench.shapes import SCORE_CHANNELS, SNET_CHANNELS, K
 
 
 def frozen_npr_convs():
@@ -82,7 +82,7 @@ class AuthorsLFM(nn.Module):
     """The authors' LFM: (B, 3, H, W) ImageNet-normalized -> (B, 1) logits; released dropout in training
     (constant p = pmin, as their `linspace(pmin, pmin, K)` does); random-K off, as in their trainer."""
 
-    def __init__(self, k: int = 16, pmin: float = 0.1):
+    def __init__(self, k: int = K, pmin: float = 0.1):
         super().__init__()
         self.k, self.pmin = k, pmin
         self.downsample_conv, self.upsample_conv = frozen_npr_convs()

@@ -6,10 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import (DEVICE, INFERENCE_BATCHES, SIZES, TRAIN_BATCH, TRAIN_SIZE, Work, count_flops,
-                           input_rotation, measure, timed_fn, total_bytes)
+from bench.harness import (
+    DEVICE,
+    INFERENCE_BATCHES,
+    TRAIN_BATCH,
+    Work,
+    count_flops,
+    input_rotation,
+    measure,
+    timed_fn,
+    total_bytes,
+)
 from bench.providers import build_model
 from bench.report import INFERENCE_GROUP, TRAINING_GROUP
+from bench.shapes import SIZES, TRAIN_SIZE
 
 
 @functools.cache

@@ -6,9 +6,8 @@ import torch
 
 from bench.authors import authors_random_k
 from bench.harness import DEVICE, MODES, OP_BATCH, bench_op, total_bytes
+from bench.shapes import SCORE_CHANNELS, SCORE_GRID, K
 from lfm_kernels import random_k_pool
-
-K = 16
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -16,5 +15,5 @@ def test_random_k_pool(benchmark, provider, dtype, mode):
     bench_op(benchmark, op="random_k_pool", provider=provider, dtype=dtype, mode=mode,
              eager=lambda x: authors_random_k(x, K),
              fused=lambda x, backend: random_k_pool(x, K, backend=backend),
-             make_inputs=lambda: (torch.randn(OP_BATCH, 64, 30, 30, device=DEVICE, dtype=dtype),),
+             make_inputs=lambda: (torch.randn(OP_BATCH, SCORE_CHANNELS, *SCORE_GRID, device=DEVICE, dtype=dtype),),
              forward_bytes=lambda inputs, out: 2 * total_bytes([out]))

@@ -1,34 +1,30 @@
 """SNet blocks at LFM's 256x256 input: [abs-NPR residual (block 1) ->] 2x2 conv -> BatchNorm -> ReLU
 [-> 2x2 max-pool (blocks 1-3)], and the head (block 4 + 1x1 scoring + Top-K). Eager is the authors'
-nn.Sequential block and F.max_pool2d; ours is lfm_kernels.snet_block / snet_head (issue 4). Forward
+nn.Sequential block and F.max_pool2d; ours is lfm_kernels.snet_block / snet_head. Forward
 in eval mode (running statistics), forward+backward in training mode (batch statistics); the image
 needs no gradient, as in training."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import lfm_kernels
-from bench.authors import (authors_rank_dropout, authors_residual, authors_snet_block, authors_topk, frozen_npr_convs,
-                           snet_layer)
+from bench.authors import (
+    authors_rank_dropout,
+    authors_residual,
+    authors_snet_block,
+    authors_topk,
+    frozen_npr_convs,
+    snet_layer,
+)
 from bench.harness import DEVICE, FORWARD_BACKWARD, MODES, OP_BATCH, bench_op
-from bench.providers import LFM_BACKENDS
+from bench.shapes import FEATURE_CHANNELS, SCORE_CHANNELS, SNET_BLOCKS, K
+from lfm_kernels import snet_block, snet_head
 
-# block: (input channels, output channels, input side at a 256x256 image)
-BLOCKS = {1: (3, 64, 256), 2: (64, 128, 127), 3: (128, 256, 63), 4: (256, 512, 31)}
-K, DROP = 16, (0.1, 0.1)  # as LFM trains with the released dropout
-
-
-def fused_op(name: str, provider: str):
-    """lfm_kernels.<name>, or a skip when our providers need it and it is not there yet."""
-    op = getattr(lfm_kernels, name, None)
-    if op is None and provider in LFM_BACKENDS:
-        pytest.skip(f"lfm_kernels.{name} is not there yet (the fused SNet of issue 4)")
-    return op
+DROP = (0.1, 0.1)  # as LFM trains with the released dropout
 
 
 def block_case(block: int, dtype, training: bool):
     """The block's layer (Conv2d, BatchNorm2d, ReLU), its op arguments and its rotating input maker."""
-    cin, cout, side = BLOCKS[block]
+    cin, cout, side = SNET_BLOCKS[block]
     layer = snet_layer(cin, cout).to(DEVICE, dtype).train(training)
     conv, bn = layer[0], layer[1]
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -38,9 +34,8 @@ def block_case(block: int, dtype, training: bool):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("block", sorted(BLOCKS))
+@pytest.mark.parametrize("block", sorted(SNET_BLOCKS))
 def test_snet_block(benchmark, provider, dtype, mode, block):
-    snet_block = fused_op("snet_block", provider)
     layer, tensors, options, make_inputs = block_case(block, dtype, mode == FORWARD_BACKWARD)
     pool, npr = block < 4, block == 1
     down, up = (conv.to(DEVICE, dtype) for conv in frozen_npr_convs())
@@ -56,10 +51,10 @@ def test_snet_block(benchmark, provider, dtype, mode, block):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_snet_head(benchmark, provider, dtype, mode):
-    snet_head = fused_op("snet_head", provider)
     training = mode == FORWARD_BACKWARD
     layer, tensors, options, make_inputs = block_case(4, dtype, training)
-    score_weight = (torch.randn(64, 512, 1, 1, device=DEVICE) / 512**0.5).to(dtype).requires_grad_(training)
+    score_weight = torch.randn(SCORE_CHANNELS, FEATURE_CHANNELS, 1, 1, device=DEVICE) / FEATURE_CHANNELS**0.5
+    score_weight = score_weight.to(dtype).requires_grad_(training)
     drop = DROP if training else None
 
     def eager(x):

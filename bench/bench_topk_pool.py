@@ -5,9 +5,10 @@ import torch
 
 from bench.authors import authors_rank_dropout, authors_topk
 from bench.harness import DEVICE, MODES, OP_BATCH, bench_op
+from bench.shapes import SCORE_CHANNELS, SCORE_GRID, K
 from lfm_kernels import topk_pool
 
-K, DROP = 16, (0.1, 0.3)
+DROP = (0.1, 0.3)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -15,4 +16,4 @@ def test_topk_pool(benchmark, provider, dtype, mode):
     bench_op(benchmark, op="topk_pool", provider=provider, dtype=dtype, mode=mode,
              eager=lambda x: authors_rank_dropout(authors_topk(x, K), *DROP),
              fused=lambda x, backend: topk_pool(x, K, drop=DROP, training=True, backend=backend),
-             make_inputs=lambda: (torch.randn(OP_BATCH, 64, 30, 30, device=DEVICE, dtype=dtype),))
+             make_inputs=lambda: (torch.randn(OP_BATCH, SCORE_CHANNELS, *SCORE_GRID, device=DEVICE, dtype=dtype),))

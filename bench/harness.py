@@ -25,18 +25,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import results
+from bench import results, shapes
 from bench.providers import CPU_PROVIDERS, GPU_PROVIDERS, LFM_BACKENDS, compiled, dtype_name
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DEFAULT_PROVIDERS = GPU_PROVIDERS if ON_GPU else CPU_PROVIDERS
 DTYPES = (torch.float32, torch.bfloat16) if ON_GPU else (torch.float32,)
-# Case sizes; on CPU smaller, so that make bench stays within a few minutes on 2 cores.
-SIZES = (256, 224)
-INFERENCE_BATCHES = (1, 32, 256) if ON_GPU else (1,)
-TRAIN_BATCH, TRAIN_SIZE = (32, 224) if ON_GPU else (2, 224)
-OP_BATCH = 256 if ON_GPU else 4  # per-op cases: the op's input at LFM's 256x256, this many images
+# Case sizes: LFM's (bench.shapes); on CPU smaller batches, so that make bench stays within a few minutes on 2 cores.
+INFERENCE_BATCHES = shapes.INFERENCE_BATCHES if ON_GPU else (1,)
+TRAIN_BATCH = shapes.TRAIN_BATCH if ON_GPU else 2
+OP_BATCH = shapes.LARGE_BATCH if ON_GPU else 4  # per-op cases: the op's input at IMAGE_SIZE, this many images
 
 FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
@@ -209,4 +208,4 @@ def bench_op(benchmark, *, op: str, provider: str, dtype, mode: str, eager, fuse
             moved += total_bytes([out]) + total_bytes([t for t in (*first, *params) if t.requires_grad])
         images = len(first[0])
         return measure(benchmark, step, input_sets, Work(moved, flops, images), group=f"op: {op}", op=op,
-                       provider=provider, dtype=dtype, batch=images, size=256, mode=mode)
+                       provider=provider, dtype=dtype, batch=images, size=shapes.IMAGE_SIZE, mode=mode)

@@ -34,11 +34,12 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bench.providers import build_model, dtype_name
+from bench.shapes import IMAGE_SIZE, SIZES, TRAIN_BATCH
 
 LEDGER_PROVIDERS = ("eager", "torch", "triton")
 LEDGER_DTYPES = (torch.float32, torch.bfloat16)
-LEDGER_SIZES = (256, 224)
-LEDGER_BATCH = 32
+LEDGER_SIZES = SIZES
+LEDGER_BATCH = TRAIN_BATCH
 # Ops that return fresh tensors without computing anything (allocations, view-like ops whose schema
 # does not say so); ops whose results all alias an input are recognized from the schema.
 NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
@@ -136,7 +137,7 @@ def cpu_tensors_take_the_triton_path():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def model_traffic(provider: str, dtype=torch.float32, size: int = 256, batch: int = LEDGER_BATCH,
+def model_traffic(provider: str, dtype=torch.float32, size: int = IMAGE_SIZE, batch: int = LEDGER_BATCH,
                   training: bool = False) -> Traffic:
     """Traffic of one inference forward (or one training step) of `provider`'s model on fake tensors."""
     fake_mode = FakeTensorMode()

@@ -93,19 +93,21 @@ def recording(launches: list):
 
 def workloads(dtype):
     """LFM's Triton launches at its shapes, in dtype: inference, a training step, and the ops LFM fuses away."""
+    from bench.shapes import IMAGE_SIZE, LARGE_BATCH, SCORE_CHANNELS, SCORE_GRID, TRAIN_BATCH, TRAIN_SIZE, K
     from lfm import LFM
     from lfm_kernels import npr_residual, topk_pool
 
     model = LFM(backend="triton", dropout="paper", random_k_weight=0.02).cuda().to(dtype)
+    images = dict(device="cuda", dtype=dtype)
     with torch.no_grad():
-        model.eval()(torch.randn(256, 3, 256, 256, device="cuda", dtype=dtype))
-    logits, aux = model.train()(torch.randn(32, 3, 224, 224, device="cuda", dtype=dtype), return_aux=True)
+        model.eval()(torch.randn(LARGE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, **images))
+    logits, aux = model.train()(torch.randn(TRAIN_BATCH, 3, TRAIN_SIZE, TRAIN_SIZE, **images), return_aux=True)
     target = torch.randint(0, 2, logits.shape, device="cuda").to(dtype)
     (F.binary_cross_entropy_with_logits(logits, target) + F.binary_cross_entropy_with_logits(aux, target)).backward()
-    image = torch.randn(256, 3, 256, 256, device="cuda", dtype=dtype, requires_grad=True)
+    image = torch.randn(LARGE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, **images, requires_grad=True)
     npr_residual(image).sum().backward()
-    scores = torch.randn(256, 64, 30, 30, device="cuda", dtype=dtype, requires_grad=True)
-    topk_pool(scores, 16, drop=(0.1, 0.3), training=True).sum().backward()
+    scores = torch.randn(LARGE_BATCH, SCORE_CHANNELS, *SCORE_GRID, **images, requires_grad=True)
+    topk_pool(scores, K, drop=(0.1, 0.3), training=True).sum().backward()
     torch.cuda.synchronize()
 
 

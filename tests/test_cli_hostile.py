@@ -1,4 +1,4 @@
-"""The command line under hostile input (issue 12): every case ends with the promised exit code and
+"""The command line under hostile input: every case ends with the promised exit code and
 one line naming the problem, never a traceback, and loses no work done before it."""
 import json
 import os

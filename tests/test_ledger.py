@@ -43,10 +43,10 @@ def test_weight_preprocessing_is_tallied_apart():
     assert dict(counter.traffic.launches_by_op) == {"aten.mm": 1, "aten.rand": 1}
 
 
-def test_eager_bytes_per_image_match_the_brief_estimate(rows_256):
-    # BRIEF section 2: "about 40 M elements (160 MB) moved per image" by eager float32 at 256x256. The
-    # ledger counts more (about 220 MB): BatchNorm and ReLU each read and write every pre-pool map, and
-    # max-pool also writes int64 indices.
+def test_eager_bytes_per_image_are_near_the_back_of_the_envelope_estimate(rows_256):
+    # Estimate: about 40 M elements (160 MB) moved per image by eager float32 at 256x256. The ledger counts
+    # more (about 220 MB): BatchNorm and ReLU each read and write every pre-pool map, and max-pool also
+    # writes int64 indices.
     eager = rows_256["eager", torch.float32]
     assert 120 <= eager.bytes_per_image() / MB <= 260
     # bfloat16 halves everything but the int64 pool indices.
@@ -62,7 +62,7 @@ def test_launch_counts(rows_256):
     assert not any(name.startswith("lfm.") for name in eager.inference.by_op)
     triton = rows_256["triton", torch.float32].inference
     assert any(name.startswith("lfm.") for name in triton.by_op)
-    assert triton.launches <= 6  # issue 4: the fused eval forward is a handful of ops
+    assert triton.launches <= 6  # the fused eval forward is a handful of ops
 
 
 def test_fused_ops_count_as_one_launch_each():
@@ -80,6 +80,6 @@ def test_fused_ops_count_as_one_launch_each():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_inference_moves_at_most_15_percent_of_eager_bytes(rows_256, dtype):
-    # The fused SNet (issue 4) writes only pooled maps: about 4 M elements per image instead of 50 M.
+    # The fused SNet writes only pooled maps: about 4 M elements per image instead of 50 M.
     triton, eager = rows_256["triton", dtype], rows_256["eager", dtype]
     assert triton.bytes_per_image() <= 0.15 * eager.bytes_per_image()
