@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lfm.demo import (CROP_SIZE, GENERATORS, HELD_OUT_GENERATORS, PHOTO_SOURCES, TRAIN_GENERATORS, box_downscale,
-                      build_dataset, make_fake, run_demo)
+from lfm.demo import (
+    CROP_SIZE,
+    GENERATORS,
+    HELD_OUT_GENERATORS,
+    PHOTO_SOURCES,
+    TRAIN_GENERATORS,
+    box_downscale,
+    build_dataset,
+    make_fake,
+    run_demo,
+)
 
 
 def _residual_energy(image: np.ndarray, offset: int) -> float:
@@ -55,7 +64,8 @@ def _tiny_sources(n=11, size=140):
 def test_build_dataset_layout_and_split_by_photo(tmp_path):
     splits = build_dataset(tmp_path, crops_per_photo=3, seed=0, sources=_tiny_sources())
     photos = {split: set(names) for split, names in splits.items()}
-    assert sum(map(len, photos.values())) == 11 and not (photos["train"] & photos["val"] | photos["train"] & photos["test"])
+    assert sum(map(len, photos.values())) == 11
+    assert not (photos["train"] & photos["val"] | photos["train"] & photos["test"])
     assert sorted(p.name for p in (tmp_path / "test").iterdir()) == sorted(GENERATORS)
     for split in ("train", "val"):
         reals, fakes = (sorted((tmp_path / split / label).iterdir()) for label in ("0_real", "1_fake"))

@@ -10,9 +10,19 @@ import torch.nn.functional as F
 
 from bench.providers import CHECKPOINT, authors_files
 from lfm import LFM
-from lfm_kernels import (npr_residual, npr_residual_reference, random_k_pool, score_topk, score_topk_reference,
-                         snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool,
-                         topk_pool_reference)
+from lfm_kernels import (
+    npr_residual,
+    npr_residual_reference,
+    random_k_pool,
+    score_topk,
+    score_topk_reference,
+    snet_block,
+    snet_block_reference,
+    snet_head,
+    snet_head_reference,
+    topk_pool,
+    topk_pool_reference,
+)
 
 pytestmark = pytest.mark.gpu
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -47,4 +47,5 @@ def test_a_missing_class_gives_nan_and_the_mean_skips_it():
 def test_average_precision_perfect_and_reversed():
     labels = np.array([0, 1, 0, 1])
     assert average_precision(labels, [0.1, 0.9, 0.2, 0.8]) == 1.0
-    assert average_precision(labels, [0.9, 0.1, 0.8, 0.2]) == pytest.approx(average_precision_score(labels, [0.9, 0.1, 0.8, 0.2]))
+    scores = [0.9, 0.1, 0.8, 0.2]
+    assert average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores))

@@ -74,7 +74,8 @@ def test_even_size_matches_authors_residual_exactly_on_odd_neighbours(official):
     x = official["outputs"]["x256"][:1]
     from lfm_kernels import npr_residual
 
-    assert torch.equal(npr_residual(x[..., :255, :255], backend="torch"), npr_residual(x, backend="torch")[..., :255, :255])
+    assert torch.equal(npr_residual(x[..., :255, :255], backend="torch"),
+                       npr_residual(x, backend="torch")[..., :255, :255])
 
 
 def test_too_small_input_names_the_minimum():

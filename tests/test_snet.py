@@ -215,7 +215,8 @@ def test_lfm_triton_eval_is_at_most_6_launches(official, monkeypatch):
 
     launches = []
     run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *a, **k: launches.append(self.fn.__name__) or run(self, *a, **k))
 
     class CountComputeOps(TorchDispatchMode):
         skip = {"empty", "empty_strided", "view", "_unsafe_view", "t", "detach", "alias", "as_strided", "expand",

@@ -15,9 +15,9 @@ from lfm.cli import main
 from lfm.weights import load_model
 
 # Everything random is on: crops, flips, blur, JPEG, the paper's rank dropout and random-K sampling.
-RANDOM_RECIPE = ["--classes", "car", "--resize", "56", "--crop", "48", "--batch-size", "8", "--workers", "0", "--lr", "1e-3",
-                 "--dropout", "paper", "--random-k-weight", "0.02", "--jpeg-prob", "0.5", "--blur-prob", "0.5",
-                 "--no-progress"]
+RANDOM_RECIPE = ["--classes", "car", "--resize", "56", "--crop", "48", "--batch-size", "8", "--workers", "0",
+                 "--lr", "1e-3", "--dropout", "paper", "--random-k-weight", "0.02", "--jpeg-prob", "0.5",
+                 "--blur-prob", "0.5", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +112,11 @@ def test_training_goes_on_past_unreadable_files(dataset, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     (data / "train" / "car" / "0_real" / "notes.txt").write_text("not an image")
-    (data / "train" / "car" / "1_fake" / "cut.png").write_bytes((data / "train" / "car" / "1_fake" / "000.png").read_bytes()[:80])
-    assert _train("--data", data, "--out", tmp_path / "run", "--epochs", 2, "--resize", 0, "--crop", 0, "--classes", "car",
-                  "--batch-size", 8, "--workers", 1) == 0  # a worker: the failures cross a process boundary
+    fakes = data / "train" / "car" / "1_fake"
+    (fakes / "cut.png").write_bytes((fakes / "000.png").read_bytes()[:80])
+    # One worker: the failures cross a process boundary.
+    assert _train("--data", data, "--out", tmp_path / "run", "--epochs", 2, "--resize", 0, "--crop", 0,
+                  "--classes", "car", "--batch-size", 8, "--workers", 1) == 0
     err = capsys.readouterr().err
     assert err.count("skipped 2 file(s)") == 1  # reported once, not every epoch
     assert "notes.txt: not a readable image" in err and "cut.png" in err
