@@ -8,8 +8,7 @@ Same answers as the references (`*_reference`, kept as they are for the tests), 
   - channels_last activations, which oneDNN convolves about twice as fast as NCHW on CPU.
   - ReLU fused into the convolution as a oneDNN post-op where oneDNN runs it (float32 on CPU, outside
     autocast and export); elsewhere conv then an in-place ReLU.
-  - max-pool after the conv and before the ReLU (they commute: both are monotonic and keep NaN), so the
-    ReLU touches a quarter of the values, and no pooling indices.
+  - max-pool without indices (F.max_pool2d computes them even when nothing needs them).
   - Top-K by torch.topk for the k-th value, then an exact selection keeping our tie rule (lower
     position first among equal values, NaN largest) without sorting whole rows and without
     data-dependent shapes, so torch.compile and torch.export take it as it is.
@@ -29,8 +28,8 @@ def fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, run
 
 def npr_residual_inference(x):
     """|x - x[2*(i//2), 2*(j//2)]| (npr_residual_reference(x, 2, True)) through a view of 2x2 cells;
-    an odd size is padded by one replicated row/column first (its partial cell is anchored at its own
-    top-left, which the padding does not change), then cropped."""
+    an odd side is padded by one replicated row/column first and cropped after (its partial cell is
+    anchored at its own top-left either way)."""
     H, W = x.shape[-2:]
     if H % 2 or W % 2:
         x = F.pad(x, (0, W % 2, 0, H % 2), mode="replicate")
@@ -60,10 +59,17 @@ def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_
     if npr:
         x = npr_residual_inference(x)
     weight, bias = fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    x = x.contiguous(memory_format=torch.channels_last)
-    if not pool:
-        return _conv_relu(x, weight, bias)
-    return F.max_pool2d(F.conv2d(x, weight, bias), 2).relu_()
+    y = _conv_relu(x.contiguous(memory_format=torch.channels_last), weight, bias)
+    return max_pool_2x2(y) if pool else y
+
+
+def max_pool_2x2(y):
+    """F.max_pool2d(y, 2) (floor mode, NaN kept) as the maximum of the four strided phases of the
+    windows: no indices, and in channels_last each phase reads whole channel vectors."""
+    h, w = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
+    out = torch.maximum(y[..., 0:h:2, 0:w:2], y[..., 0:h:2, 1:w:2])
+    torch.maximum(out, y[..., 1:h:2, 0:w:2], out=out)
+    return torch.maximum(out, y[..., 1:h:2, 1:w:2], out=out)
 
 
 def topk_select(flat, k: int):
@@ -75,17 +81,43 @@ def topk_select(flat, k: int):
     equal to t, the first ones in position order; the selected positions are gathered in ascending
     order, and a stable descending sort of their k values puts them in rank order."""
     t = torch.topk(flat, k, dim=-1).values[..., -1:]
-    nan, t_nan = torch.isnan(flat), torch.isnan(t)
+    nan, t_nan = flat != flat, t != t
     above = (flat > t) | (nan & ~t_nan)
     at = (flat == t) | (nan & t_nan)
-    take = above | (at & (at.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    # Running counts in int32: cumsum of a bool tensor goes through int64 and costs several times more.
+    tie_rank = at.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    take = above | (at & (tie_rank <= k - above.sum(-1, keepdim=True, dtype=torch.int32)))
     # Slot of each selected position (0..k-1 in position order); the others all go to a spare slot k.
-    slot = torch.where(take, take.cumsum(-1) - 1, k)
+    slot = torch.where(take, take.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1, k).long()
     positions = torch.arange(flat.shape[-1], device=flat.device).expand_as(flat)
-    idx = flat.new_zeros((*flat.shape[:-1], k + 1), dtype=torch.int64).scatter_(-1, slot, positions)[..., :k]
+    idx = torch.zeros((*flat.shape[:-1], k + 1), dtype=torch.int64, device=flat.device)
+    idx = idx.scatter_(-1, slot, positions)[..., :k]
     values = flat.gather(-1, idx)
-    values, order = torch.sort(values, dim=-1, descending=True, stable=True)
-    return values, idx.gather(-1, order)
+    if k <= RANK_MATRIX_MAX_K:
+        order = _rank_order(values)
+    else:
+        order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), idx.gather(-1, order)
+
+
+# Up to this k the final ordering compares all k x k pairs instead of sorting: exact, cheap for LFM's
+# K = 16, and made of ops that ONNX has (ONNX has no stable sort).
+RANK_MATRIX_MAX_K = 64
+
+
+def _rank_order(values):
+    """The permutation that sorts each row of `values` descending, stably (NaN largest), as
+    torch.sort(values, descending=True, stable=True).indices: the rank of value i is the number of
+    values above it plus the number of equal ones before it."""
+    k = values.shape[-1]
+    v, u = values.unsqueeze(-1), values.unsqueeze(-2)  # [..., i, j] compares value i with value j
+    v_nan, u_nan = v != v, u != u
+    above = (u > v) | (u_nan & ~v_nan)
+    equal = (u == v) | (u_nan & v_nan)
+    before = torch.ones(k, k, dtype=torch.bool, device=values.device).tril(-1)
+    rank = (above | (equal & before)).sum(-1)
+    positions = torch.arange(k, device=values.device).expand_as(rank)
+    return torch.empty_like(rank).scatter_(-1, rank, positions)
 
 
 def topk_pool_inference(x, k: int, *, return_indices=False):
