@@ -8,9 +8,11 @@ import dataclasses
 import os
 import re
 import sys
+from pathlib import Path
 
 from lfm_kernels import BACKENDS
 
+from .engines import DEFAULT_ENGINE, ENGINES, EXPORT_FORMATS
 from .errors import CommandFailed, UsageError
 from .evaluate import DEFAULT_OUT as EVAL_OUT
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE
@@ -114,6 +116,9 @@ def _add_scoring_options(p):
                    help=f"score images at their own size instead of resizing to {TEST_SIZE}x{TEST_SIZE}")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"images loaded per batch (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help=f"{DEFAULT_ENGINE} (default: our torch backend), compile (torch.compile) or onnx (ONNX "
+                        "Runtime on CPU, graph exported once and cached; pip install 'lfm[cpu]')")
     _add_runtime_options(p)
     p.set_defaults(device="auto", backend="auto", precision="float32", workers=DEFAULT_WORKERS,
                    max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False)
@@ -122,7 +127,7 @@ def _add_scoring_options(p):
 def _runtime_kwargs(args) -> dict:
     return dict(model_name=args.model, resize=args.resize, batch_size=args.batch_size, workers=args.workers,
                 device=args.device, precision=args.precision, backend=args.backend, max_pixels=args.max_pixels,
-                exif_transpose=args.exif_transpose, progress=args.progress)
+                exif_transpose=args.exif_transpose, progress=args.progress, engine=args.engine)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PNG per image showing LFM's Top-K positions (its path is the third column)")
     _add_scoring_options(p)
     p.set_defaults(func=run_predict)
+
+    p = commands.add_parser("export", help="write the eval graph as ONNX or a torch.export program",
+                            description="Export a model's eval graph (any batch, fixed input size) for serving "
+                                        "without lfm: ONNX (ONNX Runtime) or .pt2 (torch.export.load).")
+    p.add_argument("out", metavar="OUT", help="file to write (e.g. lfm.onnx, lfm.pt2)")
+    p.add_argument("--weights", required=True, help="the authors' .pth or our .safetensors")
+    p.add_argument("--model", choices=MODEL_NAMES,
+                   help="architecture of a .pth file (default lfm); our .safetensors record their own")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="onnx or pt2")
+    p.add_argument("--size", type=_at_least(1), default=TEST_SIZE,
+                   help=f"input height and width the graph takes (default {TEST_SIZE})")
+    p.set_defaults(func=run_export)
 
     p = commands.add_parser("demo", help="build a small real/fake set offline, train LFM, its GAP ablation "
                                          "and NPR, and test them on held-out generators")
@@ -213,6 +230,24 @@ def run_predict(args) -> int:
     from .predict import predict
 
     predict(args.weights, args.paths, as_json=args.json, heatmap_dir=args.heatmap, **_runtime_kwargs(args))
+    return 0
+
+
+def run_export(args) -> int:
+    import torch
+
+    from .engines import export_model
+    from .weights import load_model
+
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"OUT must be a file in an existing folder, got {args.out!r}")
+    model, _ = load_model(args.weights, args.model, backend="torch", command="export")
+    try:
+        model.check_input(torch.zeros(1, 3, args.size, args.size))
+    except ValueError as err:
+        raise UsageError(f"--size {args.size}: {err}") from None
+    print(export_model(model, out, args.format, (args.size, args.size)))
     return 0
 
 

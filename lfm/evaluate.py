@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .data import describe_failures, find_test_subsets
+from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, score_items
@@ -59,16 +60,19 @@ def predictions_csv(subsets: dict, prob_fake: np.ndarray) -> str:
 
 def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, batch_size=DEFAULT_BATCH_SIZE,
              workers=DEFAULT_WORKERS, device="auto", precision="float32", backend="auto",
-             max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, out=DEFAULT_OUT, progress=None, log=print):
+             max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, out=DEFAULT_OUT, progress=None, log=print,
+             engine=DEFAULT_ENGINE):
     """Score every test subset under `roots`; on rank 0 print the table, write `out`/results.{csv,json}
-    and predictions.csv and return the report (other ranks return None)."""
+    and predictions.csv and return the report (other ranks return None). `engine`: see lfm.engines."""
     check_loading_options(batch_size, workers, max_pixels)
+    check_engine(engine, resize, precision)
     subsets = find_test_subsets(roots, depth)
     out = prepare_output_folder(out, "--out")
     items = [item for subset in subsets.values() for item in subset]
     with session(device, backend) as ctx:
         model, config = load_model(weights, model_name, backend=backend, command="eval")
-        scores = score_items(model.to(ctx.device), items, EvalTransform(resize), ctx, batch_size=batch_size,
+        runner = prepare(model.to(ctx.device), engine, ctx.device, (resize, resize), "eval")
+        scores = score_items(runner, items, EvalTransform(resize), ctx, batch_size=batch_size,
                              workers=workers, precision=precision, max_pixels=max_pixels,
                              exif_transpose=exif_transpose, progress=progress, desc="evaluating")
     paths = [item.path for item in items]

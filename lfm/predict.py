@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import Item, describe_failures, expand_paths
+from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, read_rgb
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, scored_in_order
@@ -26,12 +27,13 @@ def tsv_field(text: str) -> str:
 def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEFAULT_BATCH_SIZE,
             workers=DEFAULT_WORKERS, device="auto", precision="float32", backend="auto",
             max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, as_json=False, heatmap_dir=None, progress=None,
-            stream=None):
+            stream=None, engine=DEFAULT_ENGINE):
     """Print one line per readable image as soon as it is scored (tab-separated path, prob_fake and, with
     `heatmap_dir`, the heatmap PNG written for it; or a JSON object with `as_json`) and return the
-    results. Raises UsageError when no image could be scored."""
+    results. Raises UsageError when no image could be scored. `engine`: see lfm.engines."""
     stream = stream or sys.stdout
     check_loading_options(batch_size, workers, max_pixels)
+    check_engine(engine, resize, precision)
     files = expand_paths(paths)
     if heatmap_dir is not None:
         heatmap_dir = prepare_output_folder(heatmap_dir, "--heatmap")
@@ -42,8 +44,8 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
         model, config = load_model(weights, model_name, backend=backend, command="predict")
         if heatmap_dir is not None and config["model"] != "lfm":
             raise UsageError(f"--heatmap shows LFM's Top-K positions; a {config['model']!r} model has none")
-        model.to(ctx.device)
-        for index, prob, reason in scored_in_order(model, items, transform, ctx, batch_size=batch_size,
+        runner = prepare(model.to(ctx.device), engine, ctx.device, (resize, resize), "predict")
+        for index, prob, reason in scored_in_order(runner, items, transform, ctx, batch_size=batch_size,
                                                    workers=workers, precision=precision, max_pixels=max_pixels,
                                                    exif_transpose=exif_transpose, progress=progress,
                                                    desc="predicting"):

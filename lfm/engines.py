@@ -1,0 +1,176 @@
+"""Inference engines for `lfm eval` and `lfm predict`, and `lfm export`.
+
+  torch    our torch backend as it is: on CPU its inference path (lfm_kernels.torch_inference: BatchNorm
+           folded, channels_last, oneDNN conv+ReLU, Top-K without a full sort); Triton kernels on CUDA.
+  compile  torch.compile of the same model (Inductor; on CPU it needs a C++ compiler, without one the
+           torch engine runs, with a warning).
+  onnx     the eval graph exported once to ONNX (cached by a hash of the weights and the input size) and
+           run by ONNX Runtime on CPU (`pip install lfm[cpu]`).
+
+Every engine gives the authors' logits within 1e-4 (tests/test_engines.py).
+"""
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CommandFailed, UsageError, warn
+
+ENGINES = ("torch", "compile", "onnx")
+DEFAULT_ENGINE = "torch"
+EXPORT_FORMATS = ("onnx", "pt2")
+# Exported graphs take any batch up to this size; height and width are fixed at export.
+MAX_EXPORT_BATCH = 4096
+
+
+def check_engine(engine: str, resize, precision: str):
+    """Refuse engine choices that cannot run, before any image is read."""
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "onnx":
+        if resize is None:
+            raise UsageError("--engine onnx runs a graph exported for one input size; it does not go with "
+                             "--no-resize (use --engine torch or compile)")
+        if precision != "float32":
+            raise UsageError(f"--engine onnx computes in float32; it does not go with --precision {precision}")
+        onnx_runtime()
+
+
+def onnx_runtime():
+    """The onnxruntime module, or a UsageError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("--engine onnx needs ONNX Runtime: pip install 'lfm[cpu]'") from None
+    return onnxruntime
+
+
+def cxx_compiler():
+    """The C++ compiler torch.compile's CPU code generation would use (CXX, else c++/g++/clang++), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 of the model's class, its state_dict (names, dtypes, shapes, values) and torch's version."""
+    digest = hashlib.sha256(f"{type(model).__name__} {getattr(model, 'k', '')} {torch.__version__}".encode())
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where exported graphs are kept: $LFM_CACHE, else $XDG_CACHE_HOME/lfm, else ~/.cache/lfm."""
+    if os.environ.get("LFM_CACHE"):
+        return Path(os.environ["LFM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lfm"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warnings of their own; a command prints its own lines only."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model on CPU in eval mode with every op on the torch backend (portable aten ops, no Triton)."""
+    import copy
+
+    copied = copy.deepcopy(model).cpu().eval()
+    for module in copied.modules():
+        if hasattr(module, "backend"):
+            module.backend = "torch"
+    return copied
+
+
+def export_model(model: torch.nn.Module, path, fmt: str, size: tuple[int, int]) -> Path:
+    """Write the eval graph of `model` for (B, 3, *size) inputs, any batch B, as ONNX or as a torch.export
+    program (.pt2, loaded with torch.export.load). Written aside and renamed, so a reader never sees half."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    path = Path(path)
+    model = _export_copy(model)
+    example = torch.zeros(2, 3, *size)
+    model.check_input(example)
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with torch.no_grad(), _quiet():
+            if fmt == "pt2":
+                torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic), tmp)
+            else:
+                torch.onnx.export(model, (example,), tmp, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
+                                  output_names=["logits"], external_data=False)
+        os.replace(tmp, path)
+    except ImportError as err:
+        raise UsageError(f"--format onnx needs the onnx and onnxscript packages ({err}): pip install 'lfm[cpu]'"
+                         ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class OnnxRunner:
+    """Runs a model's exported ONNX graph with ONNX Runtime; called like the model (float (B, 3, H, W)
+    -> (B, 1) logits), with the model's own input checks."""
+
+    def __init__(self, model: torch.nn.Module, size: tuple[int, int]):
+        ort = onnx_runtime()
+        self.model, self.size = model, tuple(size)
+        path = cache_dir() / "onnx" / f"{weights_hash(model)}-{size[0]}x{size[1]}.onnx"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_model(model, path, "onnx", self.size)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def eval(self):
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.check_input(x)
+        if tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"the ONNX graph takes {self.size[0]}x{self.size[1]} inputs, got "
+                             f"{x.shape[2]}x{x.shape[3]}")
+        logits = self.session.run(None, {"x": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits)
+
+
+def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, command: str):
+    """What scores batches for `engine`: the model itself, torch.compile of it, or an OnnxRunner."""
+    if engine == "onnx":
+        if device.type != "cpu":
+            raise UsageError(f"--engine onnx runs on CPU (device is {device}); use --device cpu or --engine torch")
+        try:
+            return OnnxRunner(model, size)
+        except UsageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the exporter's errors vary; the message names the cause
+            raise CommandFailed(f"exporting the model to ONNX failed: {type(err).__name__}: {err}") from err
+    if engine == "compile":
+        if device.type == "cpu" and cxx_compiler() is None:
+            warn(command, "--engine compile needs a C++ compiler on CPU and none was found (set CXX); "
+                          "running --engine torch")
+            return model
+        return torch.compile(model, dynamic=None)
+    return model
