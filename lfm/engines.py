@@ -141,6 +141,9 @@ class OnnxRunner:
             export_model(model, path, "onnx", self.size)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        # Without its arena ONNX Runtime frees each batch's activations, which keeps `lfm predict` under
+        # 1.5 GB at the default batch (1.6 GB with the arena), at no measurable cost in speed.
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
 

@@ -6,9 +6,9 @@ Same answers as the references (`*_reference`, kept as they are for the tests), 
     the parameters (an optimizer step, a `.data` write) can leave a stale copy; folding costs under 1%
     of a block.
   - channels_last activations, which oneDNN convolves about twice as fast as NCHW on CPU.
-  - ReLU fused into the convolution as a oneDNN post-op where oneDNN runs it (float32 on CPU, outside
-    autocast and export); elsewhere conv then an in-place ReLU.
-  - max-pool without indices (F.max_pool2d computes them even when nothing needs them).
+  - max-pool without indices (F.max_pool2d computes them even when nothing needs them), before an
+    in-place ReLU. oneDNN's fused conv+ReLU is not used: its ReLU turns NaN into 0, and our ops keep
+    NaN (a broken checkpoint must score NaN, not a number).
   - Top-K by torch.topk for the k-th value, then an exact selection keeping our tie rule (lower
     position first among equal values, NaN largest) without sorting whole rows and without
     data-dependent shapes, so torch.compile and torch.export take it as it is.
@@ -39,28 +39,15 @@ def npr_residual_inference(x):
     return res[:, :, :H, :W]
 
 
-def _onednn_relu_fusion(x) -> bool:
-    """Whether the conv can carry the ReLU as a oneDNN post-op: float32 CPU tensors, outside autocast,
-    and outside torch.export (whose graph must hold portable aten ops only)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_exporting())
-
-
-def _conv_relu(x, weight, bias):
-    if _onednn_relu_fusion(x):
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "relu", [None],
-                                                       "")
-    return F.conv2d(x, weight, bias).relu_()
-
-
 def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5,
                          pool=True, npr=False):
     """snet_block_reference(..., training=False) with BatchNorm folded, in channels_last."""
     if npr:
         x = npr_residual_inference(x)
     weight, bias = fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    y = _conv_relu(x.contiguous(memory_format=torch.channels_last), weight, bias)
-    return max_pool_2x2(y) if pool else y
+    y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias)
+    # Pool first: max-pool and ReLU commute (both monotonic, both keep NaN), so ReLU touches a quarter.
+    return (max_pool_2x2(y) if pool else y).relu_()
 
 
 def max_pool_2x2(y):

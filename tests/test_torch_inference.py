@@ -1,0 +1,167 @@
+"""The torch backend's inference path (lfm_kernels.torch_inference) against the pure references."""
+import pytest
+import torch
+
+from lfm import LFM
+from lfm_kernels import (snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool,
+                         topk_pool_reference)
+from lfm_kernels.topk_pool import topk_select_reference
+from lfm_kernels.torch_inference import RANK_MATRIX_MAX_K, max_pool_2x2, npr_residual_inference, topk_select
+from lfm_kernels.npr_residual import npr_residual_reference
+
+
+def _block_params(cin, cout, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(cout, cin, 2, 2, generator=g, dtype=dtype) / (2 * cin**0.5),
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5]
+
+
+def _same_bits(a, b):
+    """Equal values, -0.0 told from 0.0 and NaN equal to NaN."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_topk_select_is_exactly_the_stable_sort_with_ties_nan_and_signed_zeros(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 120, (1,), generator=g))
+    flat = torch.randint(-3, 4, (4, 5, n), generator=g).float()  # few distinct values: ties everywhere
+    special = torch.rand(flat.shape, generator=g)
+    flat[special < 0.15] = float("nan")
+    flat[(special >= 0.15) & (special < 0.3)] = -0.0
+    if seed % 4 == 0:
+        flat[0, 0] = float("nan")  # a row of NaN only
+        flat[1, 1] = float("inf")
+    for k in {1, min(n, 16), n, min(n, RANK_MATRIX_MAX_K + 1)}:
+        values, idx = topk_select(flat, k)
+        ref_values, ref_idx = topk_select_reference(flat, k)
+        assert torch.equal(idx, ref_idx), k
+        _same_bits(values, ref_values)
+
+
+def test_topk_select_distinct_values_and_float64():
+    flat = torch.randn(3, 64, 961, dtype=torch.float64)
+    values, idx = topk_select(flat, 16)
+    ref_values, ref_idx = topk_select_reference(flat, 16)
+    assert torch.equal(idx, ref_idx) and torch.equal(values, ref_values)
+
+
+def test_topk_pool_eval_uses_the_same_selection_and_keeps_the_reference_for_training():
+    x = torch.randint(0, 3, (2, 4, 7, 9)).float()
+    for return_indices in (False, True):
+        out = topk_pool(x, 5, return_indices=return_indices, backend="torch")
+        ref = topk_pool_reference(x, 5, return_indices=return_indices)
+        for a, b in zip(out if return_indices else (out,), ref if return_indices else (ref,)):
+            assert torch.equal(a, b)
+    x.requires_grad_(True)
+    topk_pool(x, 5, backend="torch").sum().backward()  # gradients go through the reference
+    assert x.grad.sum() == 2 * 4 * 5
+
+
+@pytest.mark.parametrize("H,W", [(6, 8), (7, 9), (2, 3), (9, 4)])
+def test_npr_residual_inference_any_size(H, W):
+    x = torch.randn(2, 3, H, W)
+    torch.testing.assert_close(npr_residual_inference(x), npr_residual_reference(x, 2, True), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("H,W", [(8, 8), (9, 7), (3, 5)])
+def test_max_pool_without_indices_keeps_nan_and_floor_mode(H, W):
+    y = torch.randn(2, 4, H, W).contiguous(memory_format=torch.channels_last)
+    y[0, 1, 0, 1] = float("nan")
+    torch.testing.assert_close(max_pool_2x2(y), torch.nn.functional.max_pool2d(y, 2), atol=0, rtol=0,
+                               equal_nan=True)
+
+
+CASES = [  # (B, Cin, Cout, H, W, npr, pool)
+    (2, 3, 16, 9, 11, True, True),     # stem with an odd size
+    (2, 3, 16, 8, 10, True, True),
+    (2, 20, 24, 8, 7, False, True),    # odd conv output
+    (1, 20, 40, 7, 8, False, False),   # block 4
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
+def test_block_eval_matches_reference(B, Cin, Cout, H, W, npr, pool, dtype):
+    x = torch.randn(B, Cin, H, W, dtype=dtype)
+    params = _block_params(Cin, Cout, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for bias in (params[1], None):
+        args = (x, params[0], bias, *params[2:])
+        out = snet_block(*args, pool=pool, npr=npr, backend="torch")
+        ref = snet_block_reference(*args, pool=pool, npr=npr)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_block_eval_propagates_nan():
+    x = torch.randn(1, 8, 6, 6)
+    x[0, :, 2, 2] = float("nan")
+    params = _block_params(8, 4)
+    out = snet_block(x, *params, backend="torch")
+    ref = snet_block_reference(x, *params)
+    torch.testing.assert_close(out, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_block_under_bf16_autocast_stays_close_to_reference():
+    x = torch.randn(2, 16, 12, 12)
+    params = _block_params(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = snet_block(x, *params, backend="torch")
+        ref = snet_block_reference(x, *params)
+    torch.testing.assert_close(out.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_head_eval_matches_reference_with_ties():
+    x = torch.randn(2, 16, 9, 10)
+    params = _block_params(16, 8)
+    score_weight = torch.randn(4, 8, 1, 1)
+    score_weight[1] = 0  # a score map of zeros only: every position ties
+    args = (x, *params, score_weight, 6)
+    values, idx = snet_head(*args, return_indices=True, backend="torch")
+    ref_values, ref_idx = snet_head_reference(*args, return_indices=True)
+    assert torch.equal(idx[:, 1], ref_idx[:, 1])
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(idx, ref_idx)
+
+
+def test_gradient_still_flows_through_the_reference():
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    params = _block_params(8, 4)
+    snet_block(x, *params, backend="torch").sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_folding_is_never_stale_after_parameter_updates():
+    model = LFM(backend="torch").eval()
+    x = torch.randn(2, 3, 64, 64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    for step in range(2):
+        with torch.no_grad():
+            fast = model(x)
+        with torch.enable_grad():
+            ref = model(x)  # gradients needed: the reference path
+        torch.testing.assert_close(fast, ref.detach(), atol=1e-5, rtol=1e-5)
+        ref.sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.cnn.layer2.bn.running_var.data.mul_(1.5)
+            model.cnn.layer4.conv.weight.data.add_(0.01)
+
+
+def test_authors_logits_in_inference_mode(official):
+    model = LFM(backend="torch").eval()
+    model.load_state_dict(official["state_dict"], strict=True)
+    ref = official["outputs"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ref["x256"]), ref["logits256"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(ref["x224"]), ref["logits224"], atol=1e-4, rtol=0)
+        odd = ref["x256"][:, :, :251, :237]
+        with torch.enable_grad():
+            expected = model(odd).detach()
+        torch.testing.assert_close(model(odd), expected, atol=1e-4, rtol=0)
