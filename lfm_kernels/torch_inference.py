@@ -54,9 +54,8 @@ def max_pool_2x2(y):
     """F.max_pool2d(y, 2) (floor mode, NaN kept) as the maximum of the four strided phases of the
     windows: no indices, and in channels_last each phase reads whole channel vectors."""
     h, w = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
-    out = torch.maximum(y[..., 0:h:2, 0:w:2], y[..., 0:h:2, 1:w:2])
-    torch.maximum(out, y[..., 1:h:2, 0:w:2], out=out)
-    return torch.maximum(out, y[..., 1:h:2, 1:w:2], out=out)
+    top = torch.maximum(y[..., 0:h:2, 0:w:2], y[..., 0:h:2, 1:w:2])
+    return torch.maximum(top, torch.maximum(y[..., 1:h:2, 0:w:2], y[..., 1:h:2, 1:w:2]))
 
 
 def topk_select(flat, k: int):

@@ -1,0 +1,148 @@
+"""Engines of eval and predict (torch, compile, onnx) and `lfm export`: same answers as the torch backend."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lfm import LFM
+from lfm.cli import main
+from lfm.engines import OnnxRunner, cxx_compiler, export_model, prepare, weights_hash
+from lfm.errors import UsageError
+from lfm.weights import save_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LFM(backend="torch").eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("weights") / "lfm.safetensors"
+    save_weights(model, path, {"model": "lfm", "k": 16})
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _images(folder, n=3, size=(64, 64)):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _probs(text):
+    return [float(line.split("\t")[1]) for line in text.splitlines()]
+
+
+def test_weights_hash_follows_every_value(model):
+    before = weights_hash(model)
+    changed = LFM(backend="torch")
+    changed.load_state_dict(model.state_dict())
+    assert weights_hash(changed) == before
+    with torch.no_grad():
+        changed.cnn.layer3.bn.running_mean[5] += 1e-6
+    assert weights_hash(changed) != before
+
+
+def test_pt2_export_gives_the_same_logits_at_any_batch(model, tmp_path):
+    path = export_model(model, tmp_path / "m.pt2", "pt2", (65, 71))
+    program = torch.export.load(path).module()
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 65, 71)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_onnx_engine_exports_once_and_matches_the_authors(official, cache):
+    pytest.importorskip("onnxruntime")
+    model = LFM(backend="torch").eval()
+    model.load_state_dict(official["state_dict"], strict=True)
+    runner = OnnxRunner(model, (256, 256))
+    ref = official["outputs"]
+    torch.testing.assert_close(runner(ref["x256"]), ref["logits256"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(runner(ref["x256"][:1]), ref["logits256"][:1], atol=1e-4, rtol=0)
+    assert [p.name for p in (cache / "onnx").iterdir()] == [runner.path.name]
+    stamp = runner.path.stat().st_mtime_ns
+    assert OnnxRunner(model, (256, 256)).path.stat().st_mtime_ns == stamp  # cached, not exported again
+    with pytest.raises(ValueError, match="takes 256x256 inputs, got 224x224"):
+        runner(ref["x224"])
+
+
+def test_predict_engines_agree(weights, tmp_path, cache, capsys):
+    pytest.importorskip("onnxruntime")
+    folder = _images(tmp_path / "images")
+    probs = {}
+    for engine in ("torch", "onnx"):
+        assert main(["predict", "--weights", str(weights), str(folder), "--workers", "0", "--engine", engine]) == 0
+        probs[engine] = _probs(capsys.readouterr().out)
+    assert len(probs["torch"]) == 3
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-5)
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_engine_matches_torch(model):
+    compiled = prepare(model, "compile", torch.device("cpu"), (47, 47), "predict")
+    x = torch.randn(2, 3, 47, 47)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_compile_engine_without_a_compiler_runs_torch_with_one_warning(model, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert prepare(model, "compile", torch.device("cpu"), (256, 256), "predict") is model
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "needs a C++ compiler" in err[0] and "--engine torch" in err[0]
+
+
+def test_onnx_engine_without_onnxruntime_says_how_to_install(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    folder = _images(tmp_path / "images", n=1)
+    assert main(["predict", "--weights", str(weights), str(folder), "--engine", "onnx"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["lfm predict: error: --engine onnx needs ONNX Runtime: pip install 'lfm[cpu]'"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--engine", "onnx", "--no-resize"], "--engine onnx runs a graph exported for one input size"),
+    (["--engine", "onnx", "--precision", "bf16"], "--engine onnx computes in float32"),
+    (["--engine", "tensorrt"], "invalid choice: 'tensorrt'"),
+])
+def test_bad_engine_choices_exit_2_with_one_line(weights, tmp_path, capsys, argv, message):
+    if "onnx" in argv:
+        pytest.importorskip("onnxruntime")
+    folder = _images(tmp_path / "images", n=1)
+    assert main(["predict", "--weights", str(weights), str(folder), *argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_export_command(weights, tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    assert main(["export", "--weights", str(weights), "--format", "pt2", "--size", "64", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert torch.export.load(out).module()(torch.zeros(1, 3, 64, 64)).shape == (1, 1)
+    for argv, message in [
+        (["--format", "pt2", str(tmp_path / "missing" / "m.pt2")], "OUT must be a file in an existing folder"),
+        (["--format", "pt2", "--size", "20", str(out)], "--size 20: input 20x20 leaves 0x0 positions"),
+        (["--format", "tflite", str(out)], "invalid choice: 'tflite'"),
+    ]:
+        assert main(["export", "--weights", str(weights), *argv]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_unknown_engine_in_the_api(weights, tmp_path):
+    from lfm.predict import predict
+
+    with pytest.raises(UsageError, match="--engine must be one of torch, compile, onnx, got 'fast'"):
+        predict(weights, [str(tmp_path)], engine="fast")
