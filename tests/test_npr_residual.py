@@ -2,10 +2,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from utils import DTYPE_TOL, layouts
 
 from lfm_kernels import npr_residual, npr_residual_reference
-from lfm_kernels.nn import NPRResidual
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 3, 7, 9), (2, 2, 11, 5), (1, 1, 1, 1)])
@@ -43,46 +41,14 @@ def test_odd_size_anchor_is_floor_cell_corner():
     assert out[0, 0, 3, 4] == x[0, 0, 3, 4] - x[0, 0, 2, 4]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
-    x = torch.randn(2, 3, 9, 6).to(dtype)
-    out = npr_residual(x, backend="triton")
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), npr_residual_reference(x.float()).to(dtype).float(),
-                               atol=DTYPE_TOL[dtype] * 4, rtol=DTYPE_TOL[dtype])
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_layouts(layout):
-    x = layouts(torch.randn(2, 3, 7, 6))[layout]
-    torch.testing.assert_close(npr_residual(x, backend="triton"), npr_residual_reference(x))
-
-
 @pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(3, 8, 8)), "4 dimensions"),
-    (dict(x=torch.ones(1, 3, 4, 4, dtype=torch.int64)), "floating-point"),
     (dict(x=torch.randn(1, 3, 4, 4), factor=0), "factor"),
     (dict(x=torch.randn(1, 3, 4, 4), factor=1.5), "factor"),
 ])
-def test_bad_input(bad, match):
+def test_bad_factor(bad, match):
     args = dict(factor=2) | bad
     with pytest.raises(ValueError, match=match):
         npr_residual(args.pop("x"), **args, backend="triton")
-
-
-def test_opcheck():
-    x = torch.randn(2, 3, 5, 7, requires_grad=True)
-    torch.library.opcheck(torch.ops.lfm.npr_residual.default, (x, 2, True))
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiles_without_graph_break(backend):
-    module = NPRResidual(backend=backend)
-    x = torch.randn(1, 3, 6, 5, requires_grad=True)
-    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, npr_residual_reference(x))
 
 
 @settings(max_examples=15, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from utils import DTYPE_TOL, binomial_sigmas, distinct_map, layouts
+from utils import binomial_sigmas, distinct_map, layouts
 
 from lfm_kernels import topk_pool, topk_pool_reference
 from lfm_kernels.backend import rank_drop_probs
@@ -38,16 +38,6 @@ def test_ties_go_to_lower_position_and_nan_ranks_largest():
     assert torch.equal(idx, ref_idx)
     # torch.topk agrees on values (its tie order is unspecified).
     torch.testing.assert_close(values, torch.topk(x.flatten(2), 9).values, equal_nan=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
-    x = distinct_map(2, 3, 5, 6, dtype=torch.float64) / 7
-    x = x.to(dtype)
-    values = topk_pool(x, 4, backend="triton")
-    assert values.dtype == dtype
-    torch.testing.assert_close(values.double(), topk_pool_reference(x.double(), 4),
-                               atol=DTYPE_TOL[dtype], rtol=DTYPE_TOL[dtype])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
@@ -118,18 +108,10 @@ def test_bad_arguments(kwargs, match):
         topk_pool(torch.randn(1, 2, 5, 5), training=True, backend="triton", **kwargs)
 
 
-@pytest.mark.parametrize("x,match", [(torch.randn(2, 25), "4 dimensions"),
-                                     (torch.ones(1, 1, 5, 5, dtype=torch.int32), "floating-point")])
-def test_bad_tensors(x, match):
-    with pytest.raises(ValueError, match=match):
-        topk_pool(x, 3, backend="triton")
-
-
-@pytest.mark.parametrize("apply_drop", [False, True])
-def test_opcheck(apply_drop):
+def test_opcheck_with_dropout():  # the op contract checks the ops without dropout
     x = distinct_map(2, 3, 4, 5).requires_grad_()
     seed = torch.tensor([5, 9])
-    torch.library.opcheck(torch.ops.lfm.topk_pool.default, (x, 4, seed, 0.1, 0.3, apply_drop))
+    torch.library.opcheck(torch.ops.lfm.topk_pool.default, (x, 4, seed, 0.1, 0.3, True))
     idx = topk_pool_reference(x.detach(), 4, return_indices=True)[1]
     keep = torch.ones(2, 3, 4, dtype=torch.uint8)
     torch.library.opcheck(torch.ops.lfm.scatter_rows.default, (torch.randn(2, 3, 4), idx, keep, 1.25, [2, 3, 4, 5]))
