@@ -22,10 +22,12 @@ demo: $(STAMP)
 	$(PY) -m lfm demo
 
 # Benchmarks (bench/): the byte/launch ledger, then every benchmark file, with tables at the end.
+# bench.cpu: the authors' eager code vs every engine of lfm predict on CPU, interleaved (a few minutes).
 # On CPU: eager vs our torch backend, a few minutes. With a GPU: every provider and dtype.
 BENCH_PYTEST := -m pytest bench -q --benchmark-columns=median,iqr,rounds,iterations --benchmark-sort=name
 
 bench: $(STAMP)
+	$(PY) -m bench.cpu
 	$(PY) -m bench.ledger
 	$(PY) $(BENCH_PYTEST)
 
