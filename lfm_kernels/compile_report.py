@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import pkgutil
@@ -33,6 +34,7 @@ from triton.runtime.jit import JITFunction
 
 import lfm_kernels
 from lfm_kernels.backend import MAX_KERNEL_K, PRECISIONS
+from lfm_kernels.configs import gpu_family
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
@@ -49,6 +51,7 @@ class Launch:
     args: tuple
     kwargs: dict
     variant: str
+    grid: tuple = ()
 
 
 @contextlib.contextmanager
@@ -58,7 +61,7 @@ def record_launches(store: dict, variant: str):
 
     def record(self, *args, grid, warmup, **kwargs):
         types = tuple(_arg_type(a) for a in args) + tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-        store.setdefault((self.fn.__name__, types), Launch(self, args, kwargs, variant))
+        store.setdefault((self.fn.__name__, types), Launch(self, args, kwargs, variant, tuple(grid)))
 
     JITFunction.run = record
     try:
@@ -128,12 +131,53 @@ def package_kernels():
     return found
 
 
-def collect_launches():
+def _eval_forward(batch: int, dtype):
+    """LFM's inference kernels at 256x256 (stem, blocks 2 and 3, the head and its merge), as LFM calls them."""
+    ops = torch.ops.lfm
+    x = torch.empty(batch, 3, 256, 256, dtype=dtype)
+    for cin, cout, npr in ((3, 64, True), (64, 128, False), (128, 256, False)):
+        v = torch.ones(cout)
+        x = ops.snet_block_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, True, npr, "tf32", dtype)
+    v = torch.ones(512)
+    ops.snet_head_eval(x, torch.empty(512, 256, 2, 2), v, v, v, v, v, 1e-5, torch.empty(64, 512, 1, 1), 16, "tf32",
+                       dtype)
+
+
+EVAL_BATCHES = (1, 32, 256)
+SMS = {80: 108, 90: 132}  # A100, H100/H200
+
+
+def collect_launches(family: str):
+    """Every distinct launch of the workloads, as a GPU of `family` makes them (configs.gpu_family)."""
     store = {}
-    for dtype, variant in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        with record_launches(store, variant), torch.no_grad():
-            _workloads(dtype)
+    with gpu_family(family), torch.no_grad():
+        for dtype, variant in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            with record_launches(store, variant):
+                _workloads(dtype)
     return list(store.values())
+
+
+EVAL_STAGES = ("stem", "block 2", "block 3", "block 4 + scoring", "Top-K merge")
+
+
+def eval_grids(family: str) -> list:
+    """[(stage, kernel, [programs at each of EVAL_BATCHES])] of LFM's float32 inference at 256x256."""
+    programs = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        programs.append((self.fn.__name__, math.prod(grid)))
+
+    JITFunction.run = record
+    try:
+        with gpu_family(family), torch.no_grad():
+            for batch in EVAL_BATCHES:
+                _eval_forward(batch, torch.float32)
+    finally:
+        JITFunction.run = original
+    per_batch = len(EVAL_STAGES)
+    return [(stage, programs[i][0], [programs[b * per_batch + i][1] for b in range(len(EVAL_BATCHES))])
+            for i, stage in enumerate(EVAL_STAGES)]
 
 
 def compile_launch(launch: Launch, cc: int):
@@ -200,9 +244,18 @@ def _report_row(i: int) -> dict:
     return row
 
 
+# Conv kernels that must run wgmma on sm_90 with tensor-core dots (TF32 or 16-bit).
+HOPPER_MMA_KERNELS = {"_snet_block_fwd_kernel", "_snet_block_bwd_kernel", "_snet_head_kernel", "_conv2x2_dx_kernel",
+                      "_conv2x2_dw_kernel"}
+
+
 def row_ok(row: dict) -> bool:
-    """Compiled, with nothing in local memory: no stack, no local bytes, no STL/LDL."""
-    return "error" not in row and row["stack"] == row["local"] == row["local_ops"] == 0
+    """Compiled, with nothing in local memory (no stack, no local bytes, no STL/LDL), and wgmma where
+    HOPPER_MMA_KERNELS asks for it."""
+    if "error" in row or row["stack"] or row["local"] or row["local_ops"]:
+        return False
+    hopper = row["kernel"] in HOPPER_MMA_KERNELS and row["target"] >= "sm_90" and row["precision"] != "ieee"
+    return row["mma"] == "HGMMA" or not hopper
 
 
 _COLUMNS = (("kernel", 34), ("variant", 8), ("target", 6), ("precision", 9), ("regs", 4), ("stack", 5), ("local", 5),
@@ -228,19 +281,19 @@ def main(argv=None) -> int:
     targets = [int(t) for t in args.targets.split(",")]
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    launches = collect_launches()
     failed = False
-    missing = sorted(set(package_kernels()) - {launch.kernel.fn.__name__ for launch in launches})
-    for name in missing:
-        print(f"ERROR: kernel {name} is launched by no workload of the compile report", file=sys.stderr)
-        failed = True
-
     jobs = []
-    seen = {}
-    for launch in sorted(launches, key=lambda l: l.kernel.fn.__name__):
-        name = launch.kernel.fn.__name__
-        seen[name, launch.variant] = seen.get((name, launch.variant), 0) + 1
-        jobs += [(launch, f"{launch.variant}.{seen[name, launch.variant]}", cc, args.out_dir) for cc in targets]
+    for cc in targets:
+        launches = collect_launches("sm90" if cc >= 90 else "sm80")
+        missing = sorted(set(package_kernels()) - {launch.kernel.fn.__name__ for launch in launches})
+        for name in missing:
+            print(f"ERROR: kernel {name} is launched by no workload of the compile report", file=sys.stderr)
+            failed = True
+        seen = {}
+        for launch in sorted(launches, key=lambda l: l.kernel.fn.__name__):
+            name = launch.kernel.fn.__name__
+            seen[name, launch.variant] = seen.get((name, launch.variant), 0) + 1
+            jobs.append((launch, f"{launch.variant}.{seen[name, launch.variant]}", cc, args.out_dir))
     global _JOBS
     _JOBS = jobs  # inherited by the forked workers (kernels don't pickle)
     with multiprocessing.get_context("fork").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
@@ -251,8 +304,28 @@ def main(argv=None) -> int:
     for row in rows:
         print(format_row(row))
         failed |= not row_ok(row)
-    (args.out_dir / "report.json").write_text(json.dumps(rows, indent=1))
+    waves = eval_waves(rows, targets)
+    print(f"\nLFM inference at 256x256, float32: programs per launch at batch {'/'.join(map(str, EVAL_BATCHES))} "
+          "and waves at batch 1 (programs / (SMs x CTAs per SM))")
+    for row in waves:
+        print(f"{row['stage']:18s} {row['kernel']:26s} {row['target']:6s} {'/'.join(map(str, row['programs'])):>20s} "
+              f"{row['waves_at_batch_1']:8.2f}")
+    (args.out_dir / "report.json").write_text(json.dumps({"kernels": rows, "eval_waves": waves}, indent=1))
     return 1 if failed else 0
+
+
+def eval_waves(rows: list, targets: list) -> list:
+    """Programs of each inference launch at EVAL_BATCHES and its waves at batch 1, with the CTAs per SM of
+    its kernel's float32 TF32 variant compiled for that target."""
+    waves = []
+    for cc in targets:
+        for stage, kernel, programs in eval_grids("sm90" if cc >= 90 else "sm80"):
+            compiled = [r for r in rows if r["kernel"] == kernel and r["target"] == f"sm_{cc}" and "error" not in r
+                        and r["precision"] in ("tf32", "-") and r["variant"].startswith("fp32")]
+            ctas = min(r["ctas_per_sm"] for r in compiled) if compiled else 1
+            waves.append({"stage": stage, "kernel": kernel, "target": f"sm_{cc}", "programs": programs,
+                          "waves_at_batch_1": programs[0] / (SMS[80 if cc < 90 else 90] * ctas)})
+    return waves
 
 
 if __name__ == "__main__":

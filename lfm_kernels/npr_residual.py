@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import launch, launch_config
 from .backend import check_float_tensor, check_kernel_dtype, on_input_device, resolve_backend
 
 
@@ -85,16 +86,13 @@ def _npr_residual_bwd_kernel(
     tl.store(dx_ptr + offs, (g_self - cell_sum).to(dx_ptr.dtype.element_ty), mask=live)
 
 
-_BLOCK = 512
-
-
 def _launch(kernel, x, *tensors_and_out, factor, absolute):
     B, C, H, W = x.shape
     numel = x.numel()
     if numel:
-        grid = (triton.cdiv(numel, _BLOCK),)
-        kernel[grid](*tensors_and_out, numel, C, H, W, *x.stride(), factor,
-                     ABSOLUTE=absolute, BLOCK=_BLOCK)
+        config = launch_config("npr_residual", x.device)
+        launch(kernel, (triton.cdiv(numel, config["BLOCK"]),), *tensors_and_out, numel, C, H, W, *x.stride(), factor,
+               ABSOLUTE=absolute, **config)
 
 
 @torch.library.custom_op("lfm::npr_residual", mutates_args=())

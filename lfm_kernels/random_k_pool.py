@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .backend import check_float_tensor, check_k, check_kernel_dtype, check_kernel_k, draw_seed, on_input_device, \
     resolve_backend
+from .configs import launch
 from .topk_pool import _EMPTY, _INT_MAX, _pop_max, _sortable_key, reduce_candidates, rows_per_program, select_chunks
 
 
@@ -73,8 +74,8 @@ def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torc
     block_r = rows_per_program(block_m)
     if not B * C:
         return out, idx
-    _random_k_merge_kernel[(triton.cdiv(B * C, block_r),)](
-        cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
+    launch(
+        _random_k_merge_kernel, (triton.cdiv(B * C, block_r),), cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k),
     )
     return out, idx

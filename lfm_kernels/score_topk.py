@@ -13,6 +13,7 @@ import triton.language as tl
 from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
                       check_precision, check_same_device, dot_args, draw_seed, dropout_scale, on_input_device,
                       resolve_backend, resolve_precision, tile_size)
+from .configs import launch, launch_config
 from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
                         topk_pool_reference)
 
@@ -123,19 +124,16 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
                    pmax: float, apply_drop: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
-    block_n, block_co = tile_size(N, 128), tile_size(Cout, 64)
-    n_chunks = triton.cdiv(N, block_n)
+    tiles = launch_config("score_topk_chunk", feat.device, feat.dtype, precision)
+    tiles |= dict(BLOCK_N=tile_size(N, tiles["BLOCK_N"]), BLOCK_CO=tile_size(Cout, tiles["BLOCK_CO"]))
+    n_chunks = triton.cdiv(N, tiles["BLOCK_N"])
     M = n_chunks * k
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     if B:
-        # Full-float32 (FMA) dots hold broadcast operands: a narrower reduction block avoids local memory.
-        block_ci = 16 if precision == "ieee" and feat.dtype == torch.float32 else 32
-        _score_topk_chunk_kernel[(B, n_chunks, triton.cdiv(Cout, block_co))](
-            feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
-            k, M, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_N=block_n, **dot_args(feat.dtype, precision),
-            num_warps=8,
-        )
+        launch(_score_topk_chunk_kernel, (B, n_chunks, triton.cdiv(Cout, tiles["BLOCK_CO"])),
+               feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
+               k, M, **tiles, **dot_args(feat.dtype, precision))
     out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
     idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
                                  drop=(pmin, pmax) if apply_drop else None)
@@ -158,21 +156,19 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
     dscore = torch.ops.lfm.scatter_rows(grad.float(), idx, keep, scale, [B, Cout, H, W])
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
-    # Full-fp32 (ieee) dots run on FMA units: smaller tiles keep them out of local memory.
-    block = 32 if feat.dtype == torch.float32 else 64
-    block_n, block_ci = tile_size(N, 64), tile_size(Cin, block)
+    tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision)
+    tiles |= dict(BLOCK_N=tile_size(N, tiles["BLOCK_N"]), BLOCK_CI=tile_size(Cin, tiles["BLOCK_CI"]),
+                  BLOCK_CO=tile_size(Cout, tiles["BLOCK_CO"]))
     if B:
-        _score_topk_dfeat_kernel[(B, triton.cdiv(N, block_n), triton.cdiv(Cin, block_ci))](
-            dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1),
-            BLOCK_CI=block_ci, BLOCK_CO=tile_size(Cout, block), BLOCK_N=block_n, **dot_args(feat.dtype, precision),
-            num_warps=8,
-        )
+        launch(_score_topk_dfeat_kernel, (B, triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
+               dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1), **tiles,
+               **dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    block_ci = tile_size(Cin, 128)
-    _score_topk_dweight_kernel[(Cout, triton.cdiv(Cin, block_ci))](
-        grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
-        BLOCK_CI=block_ci, BLOCK_K=triton.next_power_of_2(idx.shape[-1]),
-    )
+    tiles = launch_config("score_topk_dweight", feat.device)
+    tiles["BLOCK_CI"] = tile_size(Cin, tiles["BLOCK_CI"])
+    launch(_score_topk_dweight_kernel, (Cout, triton.cdiv(Cin, tiles["BLOCK_CI"])),
+           grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
+           BLOCK_K=triton.next_power_of_2(idx.shape[-1]), **tiles)
     return dfeat, dweight
 
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
                       check_precision, check_same_device, dot_args, interpreter_tiles, on_input_device,
                       resolve_backend, resolve_precision, tile_size)
+from .configs import launch, launch_config
 from .npr_residual import npr_residual_reference
 from . import torch_inference
 from .score_topk import score_topk
@@ -434,34 +435,16 @@ def _snet_head_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _pixel_tile() -> int:
-    """Pixels per program in the backward GEMMs and the head (the interpreter's tiles are larger;
-    results never depend on tiling)."""
-    return 512 if interpreter_tiles() else 64
-
-
-# GPU launch configurations of the SNet block kernels, by pass and dot kind: with these every
-# variant compiles for sm_80 and sm_90 with no stack and no local memory (the compile report
-# checks it). Float32 dots keep 16-group tiles and one pipeline stage (32-group TF32 tiles sat at
-# 255 registers and spilled); full-float32 ("ieee") dots run on FMA units with broadcast operands,
-# so the backward, which holds the most live tiles, gets the narrowest reduction block there.
-_BLOCK_CONFIGS = {
-    ("forward", "16-bit"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-    ("forward", "tf32"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-    ("forward", "ieee"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-    ("backward", "16-bit"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-    ("backward", "tf32"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
-    ("backward", "ieee"): dict(BLOCK_G=16, BLOCK_CI=8, BLOCK_CO=16, num_warps=8, num_stages=1),
-}
-
-
-def _conv_tiles(Cin: int, Cout: int, compute_dtype: torch.dtype, precision: str, direction: str) -> dict:
-    """Launch configuration of _snet_block_fwd_kernel ("forward") or _snet_block_bwd_kernel ("backward")."""
-    config = dict(_BLOCK_CONFIGS[direction, precision if compute_dtype == torch.float32 else "16-bit"])
+def _tiles(kernel: str, x: torch.Tensor, compute_dtype: torch.dtype, precision: str, rows: str, interpreter_rows: int,
+           **extents) -> dict:
+    """The table's launch configuration (configs.py) for this launch: each BLOCK_<NAME> given an extent is
+    fitted to it (a power of 2 covering it, up to the table's cap); under the interpreter the row tile
+    `rows` gets interpreter_rows and the channel caps are 4x (results never depend on tiles)."""
+    config = launch_config(kernel, x.device, compute_dtype, precision)
     if interpreter_tiles():
-        config["BLOCK_G"] = 1024
-    config["BLOCK_CI"] = tile_size(Cin, config["BLOCK_CI"])
-    config["BLOCK_CO"] = tile_size(Cout, config["BLOCK_CO"])
+        config[rows] = interpreter_rows
+    for name, extent in extents.items():
+        config[name] = tile_size(extent, config[name])
     return config
 
 
@@ -474,7 +457,7 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
     whole = stats_pass or not pool  # every conv output, or only those inside a pool window
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
-    tiles = _conv_tiles(Cin, Cout, compute_dtype, precision, "forward")
+    tiles = _tiles("snet_block_fwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     dev = x.device
     if stats_pass:
@@ -491,12 +474,11 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
         count = part_mean = part_m2 = out
         out_strides = out.stride()
     if n_groups:
-        _snet_block_fwd_kernel[grid](
-            x, w, bias, gamma, beta, mean, var, out, argmax if argmax is not None else out, count, part_mean, part_m2,
-            eps, n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
-            STATS_PASS=stats_pass, SAVE_ARGMAX=argmax is not None, POOL=pool, NPR=npr, **tiles,
-            **dot_args(compute_dtype, precision),
-        )
+        launch(_snet_block_fwd_kernel, grid, x, w, bias, gamma, beta, mean, var, out,
+               argmax if argmax is not None else out, count, part_mean, part_m2, eps,
+               n_groups, GH, GW, Cin, Cout, H, W, Hc, Wc, *x.stride(), *w.stride(), *out_strides,
+               STATS_PASS=stats_pass, SAVE_ARGMAX=argmax is not None, POOL=pool, NPR=npr, **tiles,
+               **dot_args(compute_dtype, precision))
     return (count, part_mean, part_m2) if stats_pass else (out, argmax)
 
 
@@ -514,39 +496,37 @@ def _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=None):
     """Without means: the per-program sums of dy and dy*zhat into sdy, sdyz (SUMS_PASS). With their
     means (c1, c2): d(conv out) into dz."""
     c1, c2 = means if means is not None else (sdy, sdy)
-    _snet_block_bwd_kernel[grid](*args, c1, c2, sdy, sdyz, dz, *common, SUMS_PASS=means is None, **flags)
+    launch(_snet_block_bwd_kernel, grid, *args, c1, c2, sdy, sdyz, dz, *common, SUMS_PASS=means is None, **flags)
 
 
-def _launch_conv_dw(dz, x, Cout, npr, dots):
+def _launch_conv_dw(dz, x, Cout, npr, compute_dtype, precision):
     """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
     partial sums added in a fixed order."""
     B, Cin, H, W = x.shape
     Hc, Wc = H - 1, W - 1
-    n_pos, block_p = B * Hc * Wc, _pixel_tile()
-    splits = max(1, min(64, triton.cdiv(n_pos, 8 * block_p)))
+    n_pos = B * Hc * Wc
+    tiles = _tiles("conv2x2_dw", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
+    splits = max(1, min(max_splits, triton.cdiv(n_pos, 8 * block_p)))
     per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
     splits = max(1, triton.cdiv(n_pos, per_split))
     part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
-    # Full-float32 (FMA) dots hold broadcast operands: a narrower Cout block keeps them out of local memory.
-    dw_co, dw_ci = tile_size(Cout, 32 if dots["PRECISION"] == "ieee" else 64), tile_size(Cin, 32)
-    _conv2x2_dw_kernel[(triton.cdiv(Cout, dw_co), triton.cdiv(Cin, dw_ci), 4 * splits)](
-        dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(),
-        NPR=npr, BLOCK_P=block_p, BLOCK_CI=dw_ci, BLOCK_CO=dw_co, **dots, num_warps=8,
-    )
+    launch(_conv2x2_dw_kernel, (triton.cdiv(Cout, tiles["BLOCK_CO"]), triton.cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
+           dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(), NPR=npr, **tiles,
+           **dot_args(compute_dtype, precision))
     return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
 
 
-def _launch_conv_dx(dz, x, weight, dots):
+def _launch_conv_dx(dz, x, weight, compute_dtype, precision):
     """d(conv input), x's shape and dtype, channels_last, from d(conv out) (B*Hc*Wc, Cout)."""
     B, Cin, H, W = x.shape
     Cout = weight.shape[0]
-    block_p, block_ci, block_co = _pixel_tile(), tile_size(Cin, 16), tile_size(Cout, 32)
+    tiles = _tiles("conv2x2_dx", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if dx.numel():
-        _conv2x2_dx_kernel[(triton.cdiv(B * H * W, block_p), triton.cdiv(Cin, block_ci))](
-            dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(),
-            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, **dots, num_warps=8, num_stages=1,
-        )
+        launch(_conv2x2_dx_kernel, (triton.cdiv(B * H * W, tiles["BLOCK_P"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
+               dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(), **tiles,
+               **dot_args(compute_dtype, precision))
     return dx
 
 
@@ -618,7 +598,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
-    tiles = _conv_tiles(Cin, Cout, compute_dtype, precision, "backward")
+    tiles = _tiles("snet_block_bwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dots = dot_args(compute_dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
@@ -634,11 +614,11 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
     if n_groups:
         _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=(dbeta / n_pos, dgamma / n_pos))
-    dweight = _launch_conv_dw(dz, x, Cout, npr, dots).to(weight.dtype)
+    dweight = _launch_conv_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype)
     dbias = dz.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
     if need_dx:
-        dx = _launch_conv_dx(dz, x, weight, dots)
+        dx = _launch_conv_dx(dz, x, weight, compute_dtype, precision)
         if npr:  # dx so far is the gradient at the residual
             dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
     return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
@@ -678,18 +658,15 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Inference of block 4 (running statistics) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
-    block_p = _pixel_tile()
-    block_cs = tile_size(CS, 64)
-    n_chunks = triton.cdiv(Hc * Wc, block_p)
+    tiles = _tiles("snet_head", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_C4=C4, BLOCK_CS=CS)
+    n_chunks = triton.cdiv(Hc * Wc, tiles["BLOCK_P"])
     M = n_chunks * k
     cand_key = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
-    _snet_head_kernel[(B, n_chunks, triton.cdiv(CS, block_cs))](
-        x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, eps,
-        Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1), k, M,
-        BLOCK_P=block_p, BLOCK_CI=32, BLOCK_C4=tile_size(C4, 32 if compute_dtype == torch.float32 else 64),
-        BLOCK_CS=block_cs, **dot_args(compute_dtype, precision), num_warps=8, num_stages=1,
-    )
+    launch(_snet_head_kernel, (B, n_chunks, triton.cdiv(CS, tiles["BLOCK_CS"])),
+           x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, eps,
+           Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1), k, M,
+           **tiles, **dot_args(compute_dtype, precision))
     out = torch.empty((B, CS, k), dtype=compute_dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)
     return out, idx.view(B, CS, k)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import launch, launch_config
 from .backend import (MAX_KERNEL_K, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
                       draw_seed, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs, resolve_backend)
 from .torch_inference import topk_pool_inference
@@ -213,10 +214,14 @@ def _scatter_rows_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def _selection_config() -> dict:
+    return launch_config("topk", torch.device("cpu"))  # the same on every GPU family
+
+
 def tile_elements() -> int:
-    """Elements per [rows, positions] tile. The interpreter pays per operation, not per element, so it
-    gets larger tiles; results never depend on tiling (Philox keys on logical indices)."""
-    return 16384 if interpreter_tiles() else 1024
+    """Elements per [rows, positions] tile (configs.py). The interpreter pays per operation, not per
+    element, so it gets 16x larger tiles; results never depend on tiling (Philox keys on logical indices)."""
+    return _selection_config()["TILE_ELEMENTS"] * (16 if interpreter_tiles() else 1)
 
 
 def merge_slots() -> int:
@@ -241,15 +246,16 @@ def reduce_candidates(cand_key, cand_pos, k):
         next_key = torch.empty((n_rows, groups * k), dtype=torch.int32, device=cand_key.device)
         next_pos = torch.empty_like(next_key)
         if n_rows:
-            _topk_reduce_kernel[(triton.cdiv(n_rows, block_r), groups)](
-                cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group)
+            launch(_topk_reduce_kernel, (triton.cdiv(n_rows, block_r), groups),
+                   cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group)
         cand_key, cand_pos, M = next_key, next_pos, groups * k
     return cand_key, cand_pos
 
 
 def chunk_size(n: int) -> int:
-    """Positions per stage-1 program: the whole row up to 4096, else chunks of 1024."""
-    return triton.next_power_of_2(n) if n <= 4096 else 1024
+    """Positions per stage-1 program: the whole row up to WHOLE_ROW, else chunks of CHUNK (configs.py)."""
+    config = _selection_config()
+    return triton.next_power_of_2(n) if n <= config["WHOLE_ROW"] else config["CHUNK"]
 
 
 def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
@@ -264,11 +270,10 @@ def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     block_r = rows_per_program(block_m)
     if not n_rows:
         return idx, keep
-    _topk_merge_kernel[(triton.cdiv(n_rows, block_r),)](
-        cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
-        n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
-        APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m,
-    )
+    launch(_topk_merge_kernel, (triton.cdiv(n_rows, block_r),),
+           cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
+           n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
+           APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m)
     return idx, keep
 
 
@@ -284,8 +289,8 @@ def select_chunks(x, k, *, seed=None):
     block_r = rows_per_program(block_n)
     if not B * C:
         return cand_key, cand_pos
-    _topk_chunk_kernel[(triton.cdiv(B * C, block_r), n_chunks)](
-        x, cand_key, cand_pos, seed if seed is not None else cand_key,
+    launch(
+        _topk_chunk_kernel, (triton.cdiv(B * C, block_r), n_chunks), x, cand_key, cand_pos, seed if seed is not None else cand_key,
         B * C, C, N, W, *x.stride(), k, M,
         RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n,
     )
@@ -322,8 +327,8 @@ def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor |
     block_k = triton.next_power_of_2(k)
     block_r = rows_per_program(block_k)
     if n_rows:
-        _scatter_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-            grad.contiguous(), idx.contiguous(), keep.contiguous() if keep is not None else idx, dx, n_rows, N, k, scale,
+        launch(
+            _scatter_rows_kernel, (triton.cdiv(n_rows, block_r),), grad.contiguous(), idx.contiguous(), keep.contiguous() if keep is not None else idx, dx, n_rows, N, k, scale,
             HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k,
         )
     return dx

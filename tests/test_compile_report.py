@@ -19,7 +19,8 @@ def test_compile_report(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = result.stdout.splitlines()[0].split()[1:]
     assert len(kernels) >= 15
-    rows = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["kernels"]
     for kernel in kernels:
         for target in ("sm_80", "sm_90"):
             mine = [r for r in rows if r["kernel"] == kernel and r["target"] == target]
@@ -37,3 +38,11 @@ def test_compile_report(tmp_path):
     assert conv_kernels <= set(kernels)
     conv_rows = [r for r in rows if r["kernel"] in conv_kernels and r["precision"] != "ieee"]
     assert conv_rows and all(r["mma"] != "none" for r in conv_rows), conv_rows
+    hopper = [r for r in conv_rows if r["target"] == "sm_90"]
+    assert hopper and all(r["mma"] == "HGMMA" for r in hopper), hopper
+    # Programs per launch of LFM's inference at batches 1, 32 and 256, and the waves they fill at batch 1.
+    waves = {(w["stage"], w["target"]): w for w in report["eval_waves"]}
+    for stage in ("stem", "block 2", "block 3", "block 4 + scoring", "Top-K merge"):
+        for target in ("sm_80", "sm_90"):
+            programs = waves[stage, target]["programs"]
+            assert len(programs) == 3 and programs[0] < programs[1] < programs[2], waves[stage, target]

@@ -1,0 +1,138 @@
+"""Launch configurations of every kernel in one table: tile sizes, warps and pipeline stages.
+
+Keyed by kernel, by the kind of dot it runs ("16-bit" operands, "tf32", or "ieee" full float32 on
+FMA units) and by GPU family: "sm80" (sm_80 to sm_89: mma.sync tensor cores) and "sm90" (sm_90 and
+later: wgmma, which Triton emits for tiles of at least 64 rows). "*" matches any kind or family.
+Every entry compiles for its family with no stack, no local memory and no STL/LDL
+(`python -m lfm_kernels.compile_report` checks each one, with the tensor-core instruction kind).
+
+Under the interpreter, launchers scale tiles up (backend.interpreter_tiles); results never depend
+on tiles. `python -m bench.tune` times num_warps x num_stages on a GPU and writes its winners to
+tuned_configs.json beside this file; `tuned_options` applies them over the table for that GPU.
+"""
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sm80", "sm90")
+TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
+
+_CONFIGS = {
+    # [BLOCK_G 2x2 groups, BLOCK_CO channels] accumulator, reduction BLOCK_CI channels x 4 taps, one pool
+    # position at a time. sm90: 64-group tiles give wgmma (HGMMA), with 8 warps to stay out of local
+    # memory. Full-float32 ("ieee") dots run on FMA units with broadcast operands: smaller tiles.
+    "snet_block_fwd": {
+        ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+    },
+    # The backward holds more live tiles (output gradient, argmax, normalized output): narrower channel
+    # blocks; on sm90 64-group tiles give wgmma with 16-bit operands.
+    "snet_block_bwd": {
+        ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
+        ("ieee", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("ieee", "sm90"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+    },
+    # Block 4 + scoring: [BLOCK_P positions, BLOCK_C4] feature tile kept in registers, BLOCK_CS score channels
+    # per program (more take more programs). 64 positions already give wgmma on sm90.
+    "snet_head": {
+        ("16-bit", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=1),
+        ("*", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
+    },
+    # d(conv input): [BLOCK_P pixels, BLOCK_CI] per program, reduction over BLOCK_CO x 4 taps.
+    "conv2x2_dx": {("*", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1)},
+    # d(conv weight): split-K over positions (at most MAX_SPLITS partials, summed in a fixed order).
+    "conv2x2_dw": {
+        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_CO=32, MAX_SPLITS=64, num_warps=8, num_stages=3),
+        ("*", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_CO=64, MAX_SPLITS=64, num_warps=8, num_stages=3),
+    },
+    # Scoring + Top-K candidates: [BLOCK_CO, BLOCK_N positions] score tile; full-float32 dots: narrower K.
+    "score_topk_chunk": {
+        ("ieee", "*"): dict(BLOCK_N=128, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("*", "*"): dict(BLOCK_N=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
+    },
+    "score_topk_dfeat": {
+        ("16-bit", "*"): dict(BLOCK_N=64, BLOCK_CI=64, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("*", "*"): dict(BLOCK_N=64, BLOCK_CI=32, BLOCK_CO=32, num_warps=8, num_stages=3),
+    },
+    "score_topk_dweight": {("*", "*"): dict(BLOCK_CI=128, num_warps=4, num_stages=3)},
+    # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one
+    # chunk, longer rows go in chunks of CHUNK (k rounds of max per chunk).
+    "topk": {("*", "*"): dict(TILE_ELEMENTS=1024, CHUNK=1024, WHOLE_ROW=4096, num_warps=4, num_stages=3)},
+    "npr_residual": {("*", "*"): dict(BLOCK=512, num_warps=4, num_stages=3)},
+}
+
+_forced_family = None
+
+
+@contextlib.contextmanager
+def gpu_family(name: str):
+    """Launch as a GPU of family `name` would (the compile report records each family's launches)."""
+    global _forced_family
+    if name not in FAMILIES:
+        raise ValueError(f"GPU family must be one of {FAMILIES}, got {name!r}")
+    previous, _forced_family = _forced_family, name
+    try:
+        yield
+    finally:
+        _forced_family = previous
+
+
+def family(device: torch.device) -> str:
+    if _forced_family is not None:
+        return _forced_family
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "sm90"
+    return "sm80"
+
+
+def dot_kind(compute_dtype: torch.dtype, precision: str = "tf32") -> str:
+    return precision if compute_dtype == torch.float32 else "16-bit"
+
+
+def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype = torch.float32,
+                  precision: str = "tf32") -> dict:
+    """A copy of the table's entry for `kernel` on `device` with operands computed in `compute_dtype`."""
+    entries = _CONFIGS[kernel]
+    kind, fam = dot_kind(compute_dtype, precision), family(device)
+    for key in ((kind, fam), (kind, "*"), ("*", fam), ("*", "*")):
+        if key in entries:
+            return dict(entries[key])
+    raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
+
+
+@functools.cache
+def _tuned() -> dict:
+    """bench.tune's winners: (device, triton version, kernel, dtype, constexprs) -> (num_warps, num_stages)."""
+    if not TUNED_TABLE.exists():
+        return {}
+    table = json.loads(TUNED_TABLE.read_text())
+    return {(e["device"], e["triton"], e["kernel"], e["dtype"], json.dumps(e["constexprs"], sort_keys=True)):
+            dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in table["entries"]}
+
+
+def tuned_options(kernel_name: str, first_tensor: torch.Tensor, constexprs: dict) -> dict:
+    """num_warps/num_stages that bench.tune measured fastest for this launch on this GPU, else {}."""
+    tuned = _tuned()
+    if not tuned or first_tensor.device.type != "cuda":
+        return {}
+    import triton
+
+    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in constexprs.items()}
+    key = (torch.cuda.get_device_name(first_tensor.device), triton.__version__, kernel_name,
+           str(first_tensor.dtype).removeprefix("torch."), json.dumps(values, sort_keys=True))
+    return tuned.get(key, {})
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), with the num_warps/num_stages that bench.tune measured fastest for this
+    launch on this GPU in place of the table's, where it measured them."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+    kernel[grid](*args, **(meta | tuned_options(kernel.fn.__name__, first, constexprs)))
