@@ -1,6 +1,6 @@
 """Launch-option sweep of every Triton kernel of lfm_kernels at LFM's shapes, on a GPU, separate from the GPU run.
 
-    python -m bench.tune [--budget-s 300] [--table bench/results/tuned_configs.json] [--force]
+    python -m bench.tune [--budget-s 300] [--table lfm_kernels/tuned_configs.json] [--force]
 
 LFM's workloads run once per dtype (inference at batch 256 and 256x256, a training step with rank dropout
 and random-K at batch 32 and 224x224, npr_residual and topk_pool on their own) while every kernel launch is
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.results import RESULTS_DIR
+from lfm_kernels.configs import TUNED_TABLE
 
-TABLE = RESULTS_DIR / "tuned_configs.json"
+TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
 LAUNCH_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
 TIMED_ROUNDS, CALLS_PER_ROUND = 7, 10
 SECONDS_PER_OPTION = 2.0  # compiling one variant (about 1 s) and timing it: the budget's estimate
