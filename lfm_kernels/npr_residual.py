@@ -22,49 +22,51 @@ def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = Tr
 
 
 @triton.jit
+def _plane_pixels(C, H, W, sb, sc, BLOCK: tl.constexpr):
+    """This program's BLOCK pixels p (int32) of plane (b, c) = program_id(1): liveness, row i, column j,
+    the plane's int64 offset in x (through its strides) and in a contiguous (B, C, H, W) tensor."""
+    bc = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = p // W
+    return p, p < H * W, i, p - i * W, (bc // C) * sb + (bc % C) * sc, bc * H * W
+
+
+@triton.jit
 def _npr_residual_fwd_kernel(
-    x_ptr, out_ptr, numel, C, H, W, sb, sc, sh, sw, factor,
+    x_ptr, out_ptr, C, H, W, sb, sc, sh, sw, factor,
     ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Forward. Grid: (cdiv(B*C*H*W, BLOCK),); one program per BLOCK output elements.
+    """Forward. Grid: (cdiv(H*W, BLOCK), B*C); one program per BLOCK pixels of one (b, c) plane.
 
     Reads each pixel and its anchor through x's strides (any layout), writes the contiguous
-    (B, C, H, W) residual in x's dtype; arithmetic in float32.
+    (B, C, H, W) residual in x's dtype; arithmetic in float32. Index math is int32 within a plane
+    (H*W < 2^31, checked by the launcher); only the plane's base offset is int64.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < numel
-    j = offs % W
-    i = (offs // W) % H
-    plane = (offs // (W * H)) % C * sc + (offs // (W * H * C)) * sb
+    p, live, i, j, plane, out_at = _plane_pixels(C, H, W, sb, sc, BLOCK)
     x = tl.load(x_ptr + plane + i * sh + j * sw, mask=live, other=0.0).to(tl.float32)
     anchor = tl.load(x_ptr + plane + (i // factor * factor) * sh + (j // factor * factor) * sw,
                      mask=live, other=0.0).to(tl.float32)
     res = x - anchor
     if ABSOLUTE:
         res = tl.abs(res)
-    tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(out_ptr + out_at + p, res.to(out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit
 def _npr_residual_bwd_kernel(
-    grad_ptr, x_ptr, dx_ptr, numel, C, H, W, sb, sc, sh, sw, factor,
+    grad_ptr, x_ptr, dx_ptr, C, H, W, sb, sc, sh, sw, factor,
     ABSOLUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Backward. Grid: (cdiv(B*C*H*W, BLOCK),); one program per BLOCK input elements.
+    """Backward. Grid: (cdiv(H*W, BLOCK), B*C); one program per BLOCK input pixels of one (b, c) plane.
 
     d x[p] = g[p] * s[p] - [p is an anchor] * sum over its cell q of g[q] * s[q], where s is the
     sign of the residual (0 at 0, as torch.abs) or 1 without abs. Each element gathers from its
     own cell, so there are no atomics. Reads grad (contiguous) and x (strided), recomputes the
     residual, writes the contiguous dx.
     """
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < numel
-    j = offs % W
-    i = (offs // W) % H
-    img = offs - i * W - j  # contiguous offset of the (b, c) plane in grad
-    plane = (offs // (W * H)) % C * sc + (offs // (W * H * C)) * sb
+    p, live, i, j, plane, img = _plane_pixels(C, H, W, sb, sc, BLOCK)  # img: the plane in contiguous grad
     x = tl.load(x_ptr + plane + i * sh + j * sw, mask=live, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + img + p, mask=live, other=0.0).to(tl.float32)
     anchor = tl.load(x_ptr + plane + (i // factor * factor) * sh + (j // factor * factor) * sw,
                      mask=live, other=0.0).to(tl.float32)
     if ABSOLUTE:
@@ -83,15 +85,17 @@ def _npr_residual_bwd_kernel(
                 xq = tl.load(x_ptr + plane + qi * sh + qj * sw, mask=m, other=0.0).to(tl.float32)
                 gq = tl.where(xq > x, gq, tl.where(xq < x, -gq, 0.0))
             cell_sum += gq
-    tl.store(dx_ptr + offs, (g_self - cell_sum).to(dx_ptr.dtype.element_ty), mask=live)
+    tl.store(dx_ptr + img + p, (g_self - cell_sum).to(dx_ptr.dtype.element_ty), mask=live)
+
+
+_MAX_PLANES = 65535  # grid axis 1 (one program row per (b, c) plane)
 
 
 def _launch(kernel, x, *tensors_and_out, factor, absolute):
     B, C, H, W = x.shape
-    numel = x.numel()
-    if numel:
+    if x.numel():
         config = launch_config("npr_residual", x.device)
-        launch(kernel, (triton.cdiv(numel, config["BLOCK"]),), *tensors_and_out, numel, C, H, W, *x.stride(), factor,
+        launch(kernel, (triton.cdiv(H * W, config["BLOCK"]), B * C), *tensors_and_out, C, H, W, *x.stride(), factor,
                ABSOLUTE=absolute, **config)
 
 
@@ -143,4 +147,8 @@ def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, bac
     if resolve_backend(backend, x) == "torch":
         return npr_residual_reference(x, factor, absolute)
     check_kernel_dtype("x", x)
+    B, C, H, W = x.shape
+    if B * C > _MAX_PLANES or H * W >= 2**31:
+        raise ValueError(f"backend='triton' takes at most {_MAX_PLANES} (batch x channel) planes of fewer than "
+                         f"2^31 pixels, got shape {tuple(x.shape)}; use backend='torch'")
     return torch.ops.lfm.npr_residual(x, factor, bool(absolute))
