@@ -3,11 +3,10 @@ import pytest
 import torch
 
 from lfm import LFM
-from lfm_kernels import (snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool,
-                         topk_pool_reference)
+from lfm_kernels import snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool, topk_pool_reference
+from lfm_kernels.npr_residual import npr_residual_reference
 from lfm_kernels.topk_pool import topk_select_reference
 from lfm_kernels.torch_inference import RANK_MATRIX_MAX_K, max_pool_2x2, npr_residual_inference, topk_select
-from lfm_kernels.npr_residual import npr_residual_reference
 
 
 def _block_params(cin, cout, seed=0, dtype=torch.float32):
