@@ -10,6 +10,6 @@ from .topk_pool import topk_pool, topk_pool_reference
 
 __all__ = [
     "BACKENDS", "fuse", "nn", "npr_residual", "npr_residual_reference", "random_k_pool", "random_k_pool_reference",
-    "resolve_backend", "score_topk", "score_topk_reference", "snet_block", "snet_block_reference", "snet_head", "snet_head_reference",
-    "topk_pool", "topk_pool_reference",
+    "resolve_backend", "score_topk", "score_topk_reference", "snet_block", "snet_block_reference", "snet_head",
+    "snet_head_reference", "topk_pool", "topk_pool_reference",
 ]

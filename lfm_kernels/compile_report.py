@@ -290,7 +290,7 @@ def main(argv=None) -> int:
             print(f"ERROR: kernel {name} is launched by no workload of the compile report", file=sys.stderr)
             failed = True
         seen = {}
-        for launch in sorted(launches, key=lambda l: l.kernel.fn.__name__):
+        for launch in sorted(launches, key=lambda recorded: recorded.kernel.fn.__name__):
             name = launch.kernel.fn.__name__
             seen[name, launch.variant] = seen.get((name, launch.variant), 0) + 1
             jobs.append((launch, f"{launch.variant}.{seen[name, launch.variant]}", cc, args.out_dir))

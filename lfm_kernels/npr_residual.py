@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import launch, launch_config
 from .backend import check_float_tensor, check_kernel_dtype, on_input_device, resolve_backend
+from .configs import launch, launch_config
 
 
 def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = True) -> torch.Tensor:

@@ -9,10 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import check_float_tensor, check_k, check_kernel_dtype, check_kernel_k, draw_seed, on_input_device, \
-    resolve_backend
+from .backend import (
+    check_float_tensor,
+    check_k,
+    check_kernel_dtype,
+    check_kernel_k,
+    draw_seed,
+    on_input_device,
+    resolve_backend,
+)
 from .configs import launch
-from .topk_pool import _EMPTY, _INT_MAX, _pop_max, _sortable_key, reduce_candidates, rows_per_program, select_chunks
+from .selection import EMPTY_KEY, NO_POSITION, pop_max, reduce_candidates, rows_per_program, select_chunks, sortable_key
 
 
 def random_k_pool_reference(x, k, *, return_indices=False):
@@ -38,12 +45,12 @@ def _random_k_merge_kernel(
     row_live = rows < n_rows
     slots = tl.arange(0, BLOCK_M)
     live = row_live[:, None] & (slots < M)[None, :]
-    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_EMPTY)
-    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_INT_MAX)
+    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=EMPTY_KEY)
+    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=NO_POSITION)
     lanes = tl.arange(0, BLOCK_K)[None, :]
-    chosen = tl.full([BLOCK_R, BLOCK_K], _INT_MAX, tl.int32)
+    chosen = tl.full([BLOCK_R, BLOCK_K], NO_POSITION, tl.int32)
     for r in range(0, k):
-        _, where, keys, pos = _pop_max(keys, pos)
+        _, where, keys, pos = pop_max(keys, pos)
         chosen = tl.where(lanes == r, where[:, None], chosen)
 
     # Ascending order = descending order of the bit-inverted keys; NaN goes last.
@@ -52,11 +59,11 @@ def _random_k_merge_kernel(
     c = rows % C
     addr = (b.to(tl.int64) * sb + c * sc)[:, None] + (chosen // W) * sh + (chosen % W) * sw
     values = tl.load(x_ptr + addr, mask=valid, other=0.0).to(tl.float32)
-    asc = tl.where(values != values, _EMPTY + 1, ~_sortable_key(values))
-    asc = tl.where(valid, asc, _EMPTY)
-    order = tl.where(valid, chosen, _INT_MAX)
+    asc = tl.where(values != values, EMPTY_KEY + 1, ~sortable_key(values))
+    asc = tl.where(valid, asc, EMPTY_KEY)
+    order = tl.where(valid, chosen, NO_POSITION)
     for r in range(0, k):
-        _, where, asc, order = _pop_max(asc, order)
+        _, where, asc, order = pop_max(asc, order)
         value = tl.sum(tl.where(chosen == where[:, None], values, 0.0), axis=1)
         tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
         tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
@@ -75,7 +82,8 @@ def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torc
     if not B * C:
         return out, idx
     launch(
-        _random_k_merge_kernel, (triton.cdiv(B * C, block_r),), cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
+        _random_k_merge_kernel, (triton.cdiv(B * C, block_r),),
+        cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k),
     )
     return out, idx

@@ -10,12 +10,26 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
-                      check_precision, check_same_device, dot_args, draw_seed, dropout_scale, on_input_device,
-                      resolve_backend, resolve_precision, tile_size)
+from .backend import (
+    autocast_dtype,
+    check_drop,
+    check_float_tensor,
+    check_k,
+    check_kernel_dtype,
+    check_kernel_k,
+    check_precision,
+    check_same_device,
+    dot_args,
+    draw_seed,
+    dropout_scale,
+    on_input_device,
+    resolve_backend,
+    resolve_precision,
+    tile_size,
+)
 from .configs import launch, launch_config
-from .topk_pool import (_EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates,
-                        topk_pool_reference)
+from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
+from .topk_pool import topk_pool_reference
 
 
 def score_topk_reference(feat, weight, k, *, drop=None, training=False, return_indices=False):
@@ -53,9 +67,9 @@ def _score_topk_chunk_kernel(
         acc = tl.dot(w.to(OPERAND_DTYPE).to(DOT_DTYPE), f.to(OPERAND_DTYPE).to(DOT_DTYPE), acc,
                      input_precision=PRECISION)
     live = co_live[:, None] & col_live[None, :]
-    keys = tl.where(live, _sortable_key(acc), _EMPTY)
-    pos = tl.where(live, cols[None, :] + tl.zeros([BLOCK_CO, BLOCK_N], tl.int32), _INT_MAX)
-    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * Cout + co, co_live, chunk * k, M, k)
+    keys = tl.where(live, sortable_key(acc), EMPTY_KEY)
+    pos = tl.where(live, cols[None, :] + tl.zeros([BLOCK_CO, BLOCK_N], tl.int32), NO_POSITION)
+    write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * Cout + co, co_live, chunk * k, M, k)
 
 
 @triton.jit

@@ -4,9 +4,10 @@ snet_block(x, ...) == maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr els
 nn.BatchNorm2d semantics. snet_head(x, ...) == score_topk(snet_block(x, ..., pool=False), score_weight, k):
 LFM's block 4 and its 1x1 scoring conv, the 512-channel map never written.
 
-The conv is an implicit GEMM on tensor cores (tl.dot, fp32 accumulation). Programs own "groups":
-2x2 cells of conv outputs, i.e. one max-pool window, so the pool happens in registers and only
-conv outputs that a window uses are computed. BatchNorm is applied in the kernel as a per-channel
+The conv is conv2x2.py's implicit GEMM on tensor cores (tl.dot, fp32 accumulation). Programs own
+"groups": 2x2 cells of conv outputs, i.e. one max-pool window, computed one position after another
+into one accumulator, so the pool happens in registers and only conv outputs a window uses are
+computed. BatchNorm is applied in the kernel as a per-channel
 scale and shift computed there from the conv bias, gamma, beta, mean and variance (Cout values),
 so no folded copy of the weights exists that a parameter update could leave stale. Training runs
 a statistics pass first (per-program partial count/mean/M2, merged in a fixed order: deterministic,
@@ -14,8 +15,7 @@ no atomics). The forward saves only the block input, the statistics and a uint8 
 backward recomputes the conv. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
   _snet_block_fwd_kernel    forward: STATS_PASS writes partial statistics, else normalize/ReLU/pool/write
   _snet_block_bwd_kernel    backward through pool, ReLU and BN: SUMS_PASS partial sums, else writes d(conv out)
-  _conv2x2_dx_kernel        d(conv input) from d(conv out): implicit GEMM over the 4 taps
-  _conv2x2_dw_kernel        d(conv weight): split-K GEMM, partials summed in a fixed order
+                            (then conv2x2.py's input and weight gradients)
   _snet_head_kernel         block 4 + BatchNorm + ReLU + 1x1 scoring + per-chunk Top-K candidates
 """
 import torch
@@ -23,14 +23,27 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (autocast_dtype, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
-                      check_precision, check_same_device, dot_args, interpreter_tiles, on_input_device,
-                      resolve_backend, resolve_precision, tile_size)
-from .configs import launch, launch_config
-from .npr_residual import npr_residual_reference
 from . import torch_inference
+from .backend import (
+    autocast_dtype,
+    check_drop,
+    check_float_tensor,
+    check_k,
+    check_kernel_dtype,
+    check_kernel_k,
+    check_precision,
+    check_same_device,
+    dot_args,
+    on_input_device,
+    resolve_backend,
+    resolve_precision,
+)
+from .configs import launch
+from .conv2x2 import conv2x2_at, dot_operand, fitted_tiles, launch_conv2x2_dw, launch_conv2x2_dx
+from .npr_residual import npr_residual_reference
 from .score_topk import score_topk
-from .topk_pool import _EMPTY, _INT_MAX, _sortable_key, _write_candidates, merge_candidates, topk_pool_reference
+from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
+from .topk_pool import topk_pool_reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,47 +70,6 @@ def snet_head_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_m
 # Triton helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
-    """[rows, BLOCK_CI] of the block input at pixels (rr, cc); with NPR, |x - x[2*(rr//2), 2*(cc//2)]|."""
-    ok = (live & (rr < H) & (cc < W))[:, None] & ci_live[None, :]
-    at = x_ptr + base[:, None] + ci[None, :] * sxc
-    v = tl.load(at + (rr * sxh + cc * sxw)[:, None], mask=ok, other=0.0)
-    if NPR:
-        anchor = tl.load(at + ((rr // 2 * 2) * sxh + (cc // 2 * 2) * sxw)[:, None], mask=ok, other=0.0)
-        v = tl.abs(v.to(tl.float32) - anchor.to(tl.float32)).to(v.dtype)
-    return v
-
-
-@triton.jit
-def _operand(v, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """A tile as tl.dot takes it: rounded to the conv's dtype (autocast's under autocast), then in DOT_DTYPE."""
-    if OPERAND_DTYPE == tl.bfloat16 and DOT_DTYPE == tl.float32:
-        # Only under the interpreter (see backend.dot_args), whose casts to bfloat16 truncate: round to
-        # nearest even on the float32 bits instead, as the GPU's conversion does.
-        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    return v.to(OPERAND_DTYPE).to(DOT_DTYPE)
-
-
-@triton.jit
-def _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset, OPERAND_DTYPE: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap, as a dot operand."""
-    w = tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
-                mask=ci_live[:, None] & co_live[None, :], other=0.0)
-    return _operand(w, OPERAND_DTYPE, DOT_DTYPE)
-
-
-@triton.jit
-def _tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
-                 OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
-    xt = _input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
-    return tl.dot(_operand(xt, OPERAND_DTYPE, DOT_DTYPE), w, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _relu(v):
     """max(v, 0) with NaN kept, as torch.relu (tl.maximum alone returns the non-NaN operand)."""
     return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -114,25 +86,6 @@ def _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co,
     var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)
     scale = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
     return scale[None, :], ((bias - mean) * scale + beta)[None, :]
-
-
-@triton.jit
-def _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-                NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of BLOCK_M rows: Cin
-    blocks x 4 taps of [BLOCK_M, BLOCK_CI] @ [BLOCK_CI, BLOCK_CO] dots into one accumulator."""
-    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
-    for ci0 in range(0, Cin, BLOCK_CI):
-        ci = ci0 + tl.arange(0, BLOCK_CI)
-        ci_live = ci < Cin
-        for tap in tl.static_range(4):
-            ky = tap // 2
-            kx = tap % 2
-            w = _tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE, DOT_DTYPE)
-            acc = _tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR,
-                               OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    return acc
 
 
 @triton.jit
@@ -164,21 +117,6 @@ def _store_dz(dz_ptr, dy, zhat, g, c1, c2, b, r, c, Hc, Wc, Cout, co, co_live, v
         dz = g * dy
     at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
     tl.store(dz_ptr + at[:, None] + co[None, :], dz, mask=valid[:, None] & co_live[None, :])
-
-
-@triton.jit
-def _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live, Hc, Wc, Cout, swo, swi, swh, sww,
-            OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += dz[b, i-ky, j-kx, co] @ weight[co, ci, ky, kx] for one tap (zero outside the conv output)."""
-    r = i - ky
-    c = j - kx
-    ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
-    at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
-    d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
-    wt = tl.load(w_ptr + ky * swh + kx * sww + co[:, None] * swo + ci[None, :] * swi,
-                 mask=co_live[:, None] & ci_live[None, :], other=0.0)
-    return tl.dot(_operand(d, OPERAND_DTYPE, DOT_DTYPE), _operand(wt, OPERAND_DTYPE, DOT_DTYPE), acc,
-                  input_precision=PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +160,7 @@ def _snet_block_fwd_kernel(
         r = gh * 2 + pos // 2
         c = gw * 2 + pos % 2
         valid = live & (r < Hc) & (c < Wc)
-        a = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+        a = conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
                         NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         if STATS_PASS:
             a += bias
@@ -300,7 +238,7 @@ def _snet_block_bwd_kernel(
         r = gh * 2 + pos // 2
         c = gw * 2 + pos % 2
         valid = live & (r < Hc) & (c < Wc)
-        a = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+        a = conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
                         NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         if POOL:
             da = tl.where(arg == pos, dp, 0.0)
@@ -316,78 +254,6 @@ def _snet_block_bwd_kernel(
     if SUMS_PASS:
         tl.store(sdy_ptr + pid * Cout + co, sdy, mask=co_live)
         tl.store(sdyz_ptr + pid * Cout + co, sdyz, mask=co_live)
-
-
-@triton.jit
-def _conv2x2_dx_kernel(
-    dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, Hc, Wc, swo, swi, swh, sww, sdb, sdc, sdh, sdw,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """d(conv input). Grid: (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
-
-    dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
-    reads the float32 dz (B, Hc, Wc, Cout) and the weight, writes dx through its strides. Each
-    input pixel gathers its own sum: no atomics.
-    """
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    live = p < n_pix
-    j = p % W
-    i = (p // W) % H
-    b = p // (W * H)
-    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    ci_live = ci < Cin
-    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
-    for co0 in range(0, Cout, BLOCK_CO):
-        co = co0 + tl.arange(0, BLOCK_CO)
-        co_live = co < Cout
-        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = _dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-    at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
-    tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
-
-
-@triton.jit
-def _conv2x2_dw_kernel(
-    dz_ptr, x_ptr, part_ptr, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, sxb, sxc, sxh, sxw,
-    NPR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """d(conv weight), split-K over conv positions. Grid: (cdiv(Cout, BLOCK_CO), cdiv(Cin, BLOCK_CI), 4 * splits).
-
-    part[split, tap, co, ci] = sum over conv positions q of this split of dz[q, co] * x[q + tap, ci]
-    (x through abs-NPR for the stem). The launcher sums the partials over splits in a fixed order.
-    """
-    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    tap = tl.program_id(2) % 4
-    split = tl.program_id(2) // 4
-    co_live = co < Cout
-    ci_live = ci < Cin
-    ky = tap // 2
-    kx = tap % 2
-    start = split * per_split
-    stop = tl.minimum(start + per_split, n_pos)
-    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
-    for q0 in range(start, stop, BLOCK_P):
-        q = q0 + tl.arange(0, BLOCK_P)
-        live = q < stop
-        c = q % Wc
-        r = (q // Wc) % Hc
-        b = q // (Wc * Hc)
-        d = tl.load(dz_ptr + q.to(tl.int64)[:, None] * Cout + co[None, :], mask=live[:, None] & co_live[None, :],
-                    other=0.0)
-        xt = _input_tile(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
-        acc = tl.dot(tl.trans(_operand(d, OPERAND_DTYPE, DOT_DTYPE)), _operand(xt, OPERAND_DTYPE, DOT_DTYPE), acc,
-                     input_precision=PRECISION)
-    at = ((split * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
-    tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
 
 
 @triton.jit
@@ -419,35 +285,23 @@ def _snet_head_kernel(
     for c40 in range(0, C4, BLOCK_C4):
         c4 = c40 + tl.arange(0, BLOCK_C4)
         c4_live = c4 < C4
-        acc = _conv2x2_at(x_ptr, w_ptr, base, r, c, live, c4, c4_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+        acc = conv2x2_at(x_ptr, w_ptr, base, r, c, live, c4, c4_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
                           False, BLOCK_P, BLOCK_CI, BLOCK_C4, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         scale, shift = _batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c4, c4_live)
         feat = _relu(acc * scale + shift)
-        ws = tl.load(ws_ptr + c4[:, None] * ssi + cs[None, :] * sso, mask=c4_live[:, None] & cs_live[None, :], other=0.0)
-        score = tl.dot(_operand(feat, OPERAND_DTYPE, DOT_DTYPE), _operand(ws, OPERAND_DTYPE, DOT_DTYPE), score,
+        ws = tl.load(ws_ptr + c4[:, None] * ssi + cs[None, :] * sso, mask=c4_live[:, None] & cs_live[None, :],
+                     other=0.0)
+        score = tl.dot(dot_operand(feat, OPERAND_DTYPE, DOT_DTYPE), dot_operand(ws, OPERAND_DTYPE, DOT_DTYPE), score,
                        input_precision=PRECISION)
     ok = live[:, None] & cs_live[None, :]
-    keys = tl.trans(tl.where(ok, _sortable_key(score), _EMPTY))
-    pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), _INT_MAX))
-    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * CS + cs, cs_live, chunk * k, M, k)
+    keys = tl.trans(tl.where(ok, sortable_key(score), EMPTY_KEY))
+    pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), NO_POSITION))
+    write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * CS + cs, cs_live, chunk * k, M, k)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _tiles(kernel: str, x: torch.Tensor, compute_dtype: torch.dtype, precision: str, rows: str, interpreter_rows: int,
-           **extents) -> dict:
-    """The table's launch configuration (configs.py) for this launch: each BLOCK_<NAME> given an extent is
-    fitted to it (a power of 2 covering it, up to the table's cap); under the interpreter the row tile
-    `rows` gets interpreter_rows and the channel caps are 4x (results never depend on tiles)."""
-    config = launch_config(kernel, x.device, compute_dtype, precision)
-    if interpreter_tiles():
-        config[rows] = interpreter_rows
-    for name, extent in extents.items():
-        config[name] = tile_size(extent, config[name])
-    return config
-
-
 def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, pool, npr, precision, compute_dtype,
                       save_argmax=False):
     """Output pass: returns (out, the window argmax with save_argmax and pool, else None). Statistics pass
@@ -457,7 +311,7 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
     whole = stats_pass or not pool  # every conv output, or only those inside a pool window
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
-    tiles = _tiles("snet_block_fwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = fitted_tiles("snet_block_fwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     dev = x.device
     if stats_pass:
@@ -497,37 +351,6 @@ def _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=None):
     means (c1, c2): d(conv out) into dz."""
     c1, c2 = means if means is not None else (sdy, sdy)
     launch(_snet_block_bwd_kernel, grid, *args, c1, c2, sdy, sdyz, dz, *common, SUMS_PASS=means is None, **flags)
-
-
-def _launch_conv_dw(dz, x, Cout, npr, compute_dtype, precision):
-    """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
-    partial sums added in a fixed order."""
-    B, Cin, H, W = x.shape
-    Hc, Wc = H - 1, W - 1
-    n_pos = B * Hc * Wc
-    tiles = _tiles("conv2x2_dw", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
-    block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
-    splits = max(1, min(max_splits, triton.cdiv(n_pos, 8 * block_p)))
-    per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
-    splits = max(1, triton.cdiv(n_pos, per_split))
-    part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
-    launch(_conv2x2_dw_kernel, (triton.cdiv(Cout, tiles["BLOCK_CO"]), triton.cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
-           dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(), NPR=npr, **tiles,
-           **dot_args(compute_dtype, precision))
-    return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
-
-
-def _launch_conv_dx(dz, x, weight, compute_dtype, precision):
-    """d(conv input), x's shape and dtype, channels_last, from d(conv out) (B*Hc*Wc, Cout)."""
-    B, Cin, H, W = x.shape
-    Cout = weight.shape[0]
-    tiles = _tiles("conv2x2_dx", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    if dx.numel():
-        launch(_conv2x2_dx_kernel, (triton.cdiv(B * H * W, tiles["BLOCK_P"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
-               dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(), **tiles,
-               **dot_args(compute_dtype, precision))
-    return dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +421,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
-    tiles = _tiles("snet_block_bwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = fitted_tiles("snet_block_bwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dots = dot_args(compute_dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
@@ -614,11 +437,11 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
     if n_groups:
         _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=(dbeta / n_pos, dgamma / n_pos))
-    dweight = _launch_conv_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype)
+    dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype)
     dbias = dz.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
     if need_dx:
-        dx = _launch_conv_dx(dz, x, weight, compute_dtype, precision)
+        dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
         if npr:  # dx so far is the gradient at the residual
             dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
     return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
@@ -658,14 +481,15 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Inference of block 4 (running statistics) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
-    tiles = _tiles("snet_head", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_C4=C4, BLOCK_CS=CS)
+    tiles = fitted_tiles("snet_head", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_C4=C4, BLOCK_CS=CS)
     n_chunks = triton.cdiv(Hc * Wc, tiles["BLOCK_P"])
     M = n_chunks * k
     cand_key = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
     launch(_snet_head_kernel, (B, n_chunks, triton.cdiv(CS, tiles["BLOCK_CS"])),
            x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, eps,
-           Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1), k, M,
+           Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1),
+           k, M,
            **tiles, **dot_args(compute_dtype, precision))
     out = torch.empty((B, CS, k), dtype=compute_dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)

@@ -6,27 +6,26 @@ torch.topk). With drop=(pmin, pmax) in training, the value at rank r (0 = larges
 with probability pmax - (pmax - pmin) * r / (k - 1) and survivors are scaled by 1 / (1 - mean p);
 as in F.dropout, out = value * keep * scale, so a dropped inf or NaN gives NaN.
 
-Kernels (also used by random_k_pool, score_topk and snet_head):
-  _topk_chunk_kernel   stage 1: per (row, chunk of positions) the chunk's k best as candidates
-  _topk_reduce_kernel  between the stages while a row holds more candidates than one merge tile:
-                       per (row, group of candidates) the group's k best, as fewer candidates
-  _topk_merge_kernel   stage 2: per row the k best candidates, dropout, final write
-  _scatter_rows_kernel backward: the gradient of a row gather, written at the selected positions
-Selection is k rounds of "max, lowest position among ties, remove" on order-preserving int32
-keys of the float32 values, so ties and NaN are exact and no sort is needed (k is small; the
-triton backend takes k <= MAX_KERNEL_K, so that merge tiles stay bounded).
+The kernels are selection.py's: its chunk kernel selects each chunk's k best as candidates and
+its merge kernel picks the k best candidates of each row and applies the dropout; the backward is
+lfm::scatter_rows. The triton backend takes k <= MAX_KERNEL_K.
 """
 import torch
-import triton
-import triton.language as tl
 
-from .configs import launch, launch_config
-from .backend import (MAX_KERNEL_K, check_drop, check_float_tensor, check_k, check_kernel_dtype, check_kernel_k,
-                      draw_seed, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs, resolve_backend)
+from .backend import (
+    check_drop,
+    check_float_tensor,
+    check_k,
+    check_kernel_dtype,
+    check_kernel_k,
+    draw_seed,
+    dropout_scale,
+    on_input_device,
+    rank_drop_probs,
+    resolve_backend,
+)
+from .selection import merge_candidates, select_chunks
 from .torch_inference import topk_pool_inference
-
-_EMPTY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
-_INT_MAX = tl.constexpr(2147483647)  # key of NaN; position of "nothing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,249 +53,8 @@ def topk_pool_reference(x, k, *, drop=None, training=False, return_indices=False
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared Triton helpers
+# Op
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _sortable_key(v):
-    """float32 -> int32 with the same order; -0.0 == 0.0 and NaN above +inf."""
-    bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(v == 0.0, 0, key)
-    return tl.where(v != v, _INT_MAX, key)
-
-
-@triton.jit
-def _key_to_value(key):
-    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _pop_max(keys, pos):
-    """One selection round on a [R, N] tile: per row the largest key (lowest position among
-    equal keys), which is then removed. Returns (key [R], position [R], keys, pos)."""
-    best = tl.max(keys, axis=1)
-    where = tl.min(tl.where(keys == best[:, None], pos, _INT_MAX), axis=1)
-    hit = pos == where[:, None]
-    return best, where, tl.where(hit, _EMPTY, keys), tl.where(hit, _INT_MAX, pos)
-
-
-@triton.jit
-def _philox_uint(seed_ptr, b, c, n):
-    """Philox keyed on (seed, offset) from torch's generator and the logical index (b, c, n):
-    independent of block sizes and grid shape."""
-    seed = tl.load(seed_ptr)
-    offset = tl.load(seed_ptr + 1).to(tl.uint32)
-    zero = tl.zeros(n.shape, dtype=tl.uint32)
-    r, _, _, _ = tl.philox(seed, n.to(tl.uint32) + zero, c.to(tl.uint32) + zero,
-                           b.to(tl.uint32) + zero, offset + zero)
-    return r
-
-
-@triton.jit
-def _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, k):
-    """k selection rounds on a [R, N] tile; round r goes to candidate slot slot0 + r of each row."""
-    for r in range(0, k):
-        best, where, keys, pos = _pop_max(keys, pos)
-        tl.store(cand_key_ptr + rows * M + slot0 + r, best, mask=row_live)
-        tl.store(cand_pos_ptr + rows * M + slot0 + r, where, mask=row_live)
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _topk_chunk_kernel(
-    x_ptr, cand_key_ptr, cand_pos_ptr, seed_ptr,
-    n_rows, C, N, W, sb, sc, sh, sw, k, M,
-    RANDOM_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Stage 1. Grid: (cdiv(B*C, BLOCK_R), cdiv(N, BLOCK_N)).
-
-    Reads a [BLOCK_R rows, BLOCK_N positions] tile of x through its strides (any layout) and
-    writes each row's k best (key, position) to candidate slots [chunk*k, chunk*k + k) of the
-    int32 (B*C, M) buffers. With RANDOM_KEYS the keys are Philox integers of (b, c, position)
-    instead of x, so the k best are k distinct uniform random positions (random_k_pool).
-    """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_live = rows < n_rows
-    live = row_live[:, None] & (cols < N)[None, :]
-    b = rows // C
-    c = rows % C
-    if RANDOM_KEYS:
-        rnd = _philox_uint(seed_ptr, b[:, None], c[:, None], cols[None, :])
-        keys = (rnd >> 1).to(tl.int32)
-    else:
-        addr = (b.to(tl.int64) * sb + c * sc)[:, None] + ((cols // W) * sh + (cols % W) * sw)[None, :]
-        keys = _sortable_key(tl.load(x_ptr + addr, mask=live, other=0.0).to(tl.float32))
-    keys = tl.where(live, keys, _EMPTY)
-    pos = tl.where(live, cols[None, :], _INT_MAX)
-    _write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, chunk * k, M, k)
-
-
-@triton.jit
-def _topk_reduce_kernel(
-    cand_key_ptr, cand_pos_ptr, next_key_ptr, next_pos_ptr, n_rows, M, M_next, k,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Candidate reduction. Grid: (cdiv(B*C, BLOCK_R), cdiv(M, BLOCK_M)).
-
-    Reads candidate slots [g*BLOCK_M, (g+1)*BLOCK_M) of each row of the (B*C, M) buffers and writes
-    their k best to slots [g*k, g*k + k) of the (B*C, M_next) buffers (BLOCK_M >= 2k, so each pass
-    at least halves the candidates and tiles stay bounded for any supported k).
-    """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    group = tl.program_id(1)
-    slots = group * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_live = rows < n_rows
-    live = row_live[:, None] & (slots < M)[None, :]
-    at = rows.to(tl.int64)[:, None] * M + slots[None, :]
-    keys = tl.load(cand_key_ptr + at, mask=live, other=_EMPTY)
-    pos = tl.load(cand_pos_ptr + at, mask=live, other=_INT_MAX)
-    _write_candidates(keys, pos, next_key_ptr, next_pos_ptr, rows.to(tl.int64), row_live, group * k, M_next, k)
-
-
-@triton.jit
-def _topk_merge_kernel(
-    cand_key_ptr, cand_pos_ptr, out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr,
-    n_rows, C, M, k, scale,
-    APPLY_DROP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Stage 2. Grid: (cdiv(B*C, BLOCK_R),).
-
-    Reads each row's M candidates, selects the k best in descending order and writes the
-    values (out's dtype), their int64 positions and a uint8 keep mask, all (B*C, k). With
-    APPLY_DROP, rank r is dropped when a Philox uniform of (b, c, r) falls below probs[r];
-    survivors are multiplied by `scale`.
-    """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_live = rows < n_rows
-    slots = tl.arange(0, BLOCK_M)
-    live = row_live[:, None] & (slots < M)[None, :]
-    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_EMPTY)
-    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=_INT_MAX)
-    for r in range(0, k):
-        best, where, keys, pos = _pop_max(keys, pos)
-        value = _key_to_value(best)
-        keep = tl.full([BLOCK_R], 1, tl.int1)
-        if APPLY_DROP:
-            u = tl.random.uint_to_uniform_float(_philox_uint(seed_ptr, rows // C, rows % C, rows * 0 + r))
-            keep = u >= tl.load(probs_ptr + r)
-            value = value * keep.to(tl.float32) * scale
-        tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
-        tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
-        tl.store(keep_ptr + rows * k + r, keep.to(tl.uint8), mask=row_live)
-
-
-@triton.jit
-def _scatter_rows_kernel(
-    grad_ptr, idx_ptr, keep_ptr, dx_ptr, n_rows, N, k, scale,
-    HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Backward of a row gather. Grid: (cdiv(rows, BLOCK_R),).
-
-    dx[row, idx[row, r]] = grad[row, r] * keep[row, r] * scale into a zero-filled (rows, N)
-    buffer. Positions within a row are distinct, so plain stores suffice (no atomics).
-    """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ranks = tl.arange(0, BLOCK_K)
-    live = (rows < n_rows)[:, None] & (ranks < k)[None, :]
-    at = rows[:, None].to(tl.int64) * k + ranks[None, :]
-    g = tl.load(grad_ptr + at, mask=live, other=0.0).to(tl.float32)
-    if HAS_KEEP:
-        g = tl.where(tl.load(keep_ptr + at, mask=live, other=0) != 0, g * scale, 0.0)
-    pos = tl.load(idx_ptr + at, mask=live, other=0)
-    tl.store(dx_ptr + rows[:, None].to(tl.int64) * N + pos, g.to(dx_ptr.dtype.element_ty), mask=live)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-def _selection_config() -> dict:
-    return launch_config("topk", torch.device("cpu"))  # the same on every GPU family
-
-
-def tile_elements() -> int:
-    """Elements per [rows, positions] tile (configs.py). The interpreter pays per operation, not per
-    element, so it gets 16x larger tiles; results never depend on tiling (Philox keys on logical indices)."""
-    return _selection_config()["TILE_ELEMENTS"] * (16 if interpreter_tiles() else 1)
-
-
-def merge_slots() -> int:
-    """Most candidates one merge program holds per row: 2 * MAX_KERNEL_K, so a reduction pass always
-    halves them; with one row per program this stays in registers."""
-    return max(2 * MAX_KERNEL_K, tile_elements())
-
-
-def rows_per_program(width: int) -> int:
-    """Rows per program so that a tile holds about tile_elements() elements."""
-    tile = tile_elements()
-    return max(1, min(tile // 64, tile // width))
-
-
-def reduce_candidates(cand_key, cand_pos, k):
-    """Reduction passes until each row's candidates fit one merge tile; returns the (B*C, M') buffers."""
-    n_rows, M = cand_key.shape
-    group = merge_slots()
-    block_r = rows_per_program(group)
-    while M > group:
-        groups = triton.cdiv(M, group)
-        next_key = torch.empty((n_rows, groups * k), dtype=torch.int32, device=cand_key.device)
-        next_pos = torch.empty_like(next_key)
-        if n_rows:
-            launch(_topk_reduce_kernel, (triton.cdiv(n_rows, block_r), groups),
-                   cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group)
-        cand_key, cand_pos, M = next_key, next_pos, groups * k
-    return cand_key, cand_pos
-
-
-def chunk_size(n: int) -> int:
-    """Positions per stage-1 program: the whole row up to WHOLE_ROW, else chunks of CHUNK (configs.py)."""
-    config = _selection_config()
-    return triton.next_power_of_2(n) if n <= config["WHOLE_ROW"] else config["CHUNK"]
-
-
-def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
-    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k)."""
-    cand_key, cand_pos = reduce_candidates(cand_key, cand_pos, k)
-    n_rows, M = cand_key.shape
-    idx = torch.empty((n_rows, k), dtype=torch.int64, device=out.device)
-    keep = torch.empty((n_rows, k), dtype=torch.uint8, device=out.device)
-    apply_drop = drop is not None
-    probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
-    block_m = triton.next_power_of_2(M)
-    block_r = rows_per_program(block_m)
-    if not n_rows:
-        return idx, keep
-    launch(_topk_merge_kernel, (triton.cdiv(n_rows, block_r),),
-           cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
-           n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
-           APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m)
-    return idx, keep
-
-
-def select_chunks(x, k, *, seed=None):
-    """Stage 1 over a (B, C, H, W) tensor; returns the int32 candidate buffers (B*C, M)."""
-    B, C, H, W = x.shape
-    N = H * W
-    block_n = chunk_size(N)
-    n_chunks = triton.cdiv(N, block_n)
-    M = n_chunks * k
-    cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
-    cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
-    block_r = rows_per_program(block_n)
-    if not B * C:
-        return cand_key, cand_pos
-    launch(
-        _topk_chunk_kernel, (triton.cdiv(B * C, block_r), n_chunks), x, cand_key, cand_pos, seed if seed is not None else cand_key,
-        B * C, C, N, W, *x.stride(), k, M,
-        RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n,
-    )
-    return cand_key, cand_pos
-
-
 @torch.library.custom_op("lfm::topk_pool", mutates_args=())
 @on_input_device
 def _topk_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor, pmin: float, pmax: float,
@@ -314,29 +72,6 @@ def _(x, k, seed, pmin, pmax, apply_drop):
     B, C = x.shape[:2]
     return (x.new_empty((B, C, k)), x.new_empty((B, C, k), dtype=torch.int64),
             x.new_empty((B, C, k), dtype=torch.uint8))
-
-
-@torch.library.custom_op("lfm::scatter_rows", mutates_args=())
-@on_input_device
-def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, scale: float,
-                     shape: list[int]) -> torch.Tensor:
-    """Gradient of a per-row gather: grad (B, C, k) placed at idx in a zero (B, C, *rest) tensor."""
-    dx = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
-    n_rows, k = shape[0] * shape[1], idx.shape[-1]
-    N = dx.numel() // max(n_rows, 1)
-    block_k = triton.next_power_of_2(k)
-    block_r = rows_per_program(block_k)
-    if n_rows:
-        launch(
-            _scatter_rows_kernel, (triton.cdiv(n_rows, block_r),), grad.contiguous(), idx.contiguous(), keep.contiguous() if keep is not None else idx, dx, n_rows, N, k, scale,
-            HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-        )
-    return dx
-
-
-@_scatter_rows_op.register_fake
-def _(grad, idx, keep, scale, shape):
-    return grad.new_empty(shape)
 
 
 def _setup_context(ctx, inputs, output):

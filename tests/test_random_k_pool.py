@@ -68,7 +68,7 @@ def test_bad_k(k):
 
 
 def test_large_k_merges_in_bounded_tiles(monkeypatch):
-    tp = importlib.import_module("lfm_kernels.topk_pool")
+    tp = importlib.import_module("lfm_kernels.selection")
     monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
     monkeypatch.setattr(tp, "merge_slots", lambda: 64)
     x = distinct_map(2, 3, 10, 10)

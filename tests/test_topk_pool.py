@@ -81,7 +81,7 @@ def test_dropout_reproducible_and_backward_uses_the_forward_mask():
 
 
 def test_mask_does_not_depend_on_tiling(monkeypatch):
-    tp = importlib.import_module("lfm_kernels.topk_pool")  # the module, not the function of that name
+    tp = importlib.import_module("lfm_kernels.selection")
     x = distinct_map(3, 5, 6, 7)
     torch.manual_seed(7)
     a = topk_pool(x, 5, drop=(0.1, 0.3), training=True, backend="triton")
@@ -141,7 +141,7 @@ def test_random_shapes(b, c, h, w, data):
 def test_large_k_merges_in_bounded_tiles(monkeypatch):
     # Candidates beyond one merge tile go through reduction passes (shrunk here so they run on a small
     # map); every valid k up to the kernels' bound works and matches the reference.
-    tp = importlib.import_module("lfm_kernels.topk_pool")
+    tp = importlib.import_module("lfm_kernels.selection")
     monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
     monkeypatch.setattr(tp, "merge_slots", lambda: 64)
     x = distinct_map(2, 3, 10, 10).requires_grad_()

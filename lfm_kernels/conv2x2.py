@@ -1,0 +1,214 @@
+"""The 2x2 convolution as an implicit GEMM on tensor cores: the pieces the SNet kernels share, and
+its input- and weight-gradient kernels.
+
+A conv output at pixel (r, c) sums, over the 4 taps (ky, kx) and the input channels, x[r+ky, c+kx]
+times the tap's [Cin, Cout] weight slice: tap_product issues one tl.dot of a [rows, BLOCK_CI] input
+tile (gathered through x's strides, optionally as |NPR residual|) by a [BLOCK_CI, BLOCK_CO] weight
+slice, and conv2x2_at runs the whole reduction into one float32 accumulator. Operands are rounded to
+the conv's dtype first (dot_operand). Kernels:
+  _conv2x2_dx_kernel   d(conv input) from d(conv out): implicit GEMM over the 4 taps
+  _conv2x2_dw_kernel   d(conv weight): split-K GEMM over positions, partials summed in a fixed order
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .backend import dot_args, interpreter_tiles, tile_size
+from .configs import launch, launch_config
+
+
+@triton.jit
+def input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR: tl.constexpr):
+    """[rows, BLOCK_CI] of the block input at pixels (rr, cc); with NPR, |x - x[2*(rr//2), 2*(cc//2)]|."""
+    ok = (live & (rr < H) & (cc < W))[:, None] & ci_live[None, :]
+    at = x_ptr + base[:, None] + ci[None, :] * sxc
+    v = tl.load(at + (rr * sxh + cc * sxw)[:, None], mask=ok, other=0.0)
+    if NPR:
+        anchor = tl.load(at + ((rr // 2 * 2) * sxh + (cc // 2 * 2) * sxw)[:, None], mask=ok, other=0.0)
+        v = tl.abs(v.to(tl.float32) - anchor.to(tl.float32)).to(v.dtype)
+    return v
+
+
+@triton.jit
+def dot_operand(v, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A tile as tl.dot takes it: rounded to the conv's dtype (autocast's under autocast), then in DOT_DTYPE."""
+    if OPERAND_DTYPE == tl.bfloat16 and DOT_DTYPE == tl.float32:
+        # Only under the interpreter (see backend.dot_args), whose casts to bfloat16 truncate: round to
+        # nearest even on the float32 bits instead, as the GPU's conversion does.
+        bits = v.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(OPERAND_DTYPE).to(DOT_DTYPE)
+
+
+@triton.jit
+def tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset, OPERAND_DTYPE: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap, as a dot operand."""
+    w = tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
+                mask=ci_live[:, None] & co_live[None, :], other=0.0)
+    return dot_operand(w, OPERAND_DTYPE, DOT_DTYPE)
+
+
+@triton.jit
+def tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
+                 OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
+    xt = input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+    return tl.dot(dot_operand(xt, OPERAND_DTYPE, DOT_DTYPE), w, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+                OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of BLOCK_M rows: Cin
+    blocks x 4 taps of [BLOCK_M, BLOCK_CI] @ [BLOCK_CI, BLOCK_CO] dots into one accumulator."""
+    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
+    for ci0 in range(0, Cin, BLOCK_CI):
+        ci = ci0 + tl.arange(0, BLOCK_CI)
+        ci_live = ci < Cin
+        for tap in tl.static_range(4):
+            ky = tap // 2
+            kx = tap % 2
+            w = tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE, DOT_DTYPE)
+            acc = tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR,
+                               OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    return acc
+
+
+@triton.jit
+def dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live, Hc, Wc, Cout, swo, swi, swh, sww,
+            OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += dz[b, i-ky, j-kx, co] @ weight[co, ci, ky, kx] for one tap (zero outside the conv output)."""
+    r = i - ky
+    c = j - kx
+    ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
+    at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
+    d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
+    wt = tl.load(w_ptr + ky * swh + kx * sww + co[:, None] * swo + ci[None, :] * swi,
+                 mask=co_live[:, None] & ci_live[None, :], other=0.0)
+    return tl.dot(dot_operand(d, OPERAND_DTYPE, DOT_DTYPE), dot_operand(wt, OPERAND_DTYPE, DOT_DTYPE), acc,
+                  input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _conv2x2_dx_kernel(
+    dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, Hc, Wc, swo, swi, swh, sww, sdb, sdc, sdh, sdw,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(conv input). Grid: (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
+
+    dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
+    reads the float32 dz (B, Hc, Wc, Cout) and the weight, writes dx through its strides. Each
+    input pixel gathers its own sum: no atomics.
+    """
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    live = p < n_pix
+    j = p % W
+    i = (p // W) % H
+    b = p // (W * H)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_live = ci < Cin
+    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    for co0 in range(0, Cout, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_live = co < Cout
+        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
+                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
+    tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
+
+
+@triton.jit
+def _conv2x2_dw_kernel(
+    dz_ptr, x_ptr, part_ptr, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, sxb, sxc, sxh, sxw,
+    NPR: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """d(conv weight), split-K over conv positions. Grid: (cdiv(Cout, BLOCK_CO), cdiv(Cin, BLOCK_CI), 4 * splits).
+
+    part[split, tap, co, ci] = sum over conv positions q of this split of dz[q, co] * x[q + tap, ci]
+    (x through abs-NPR for the stem). The launcher sums the partials over splits in a fixed order.
+    """
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    tap = tl.program_id(2) % 4
+    split = tl.program_id(2) // 4
+    co_live = co < Cout
+    ci_live = ci < Cin
+    ky = tap // 2
+    kx = tap % 2
+    start = split * per_split
+    stop = tl.minimum(start + per_split, n_pos)
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    for q0 in range(start, stop, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        live = q < stop
+        c = q % Wc
+        r = (q // Wc) % Hc
+        b = q // (Wc * Hc)
+        d = tl.load(dz_ptr + q.to(tl.int64)[:, None] * Cout + co[None, :], mask=live[:, None] & co_live[None, :],
+                    other=0.0)
+        xt = input_tile(x_ptr, b.to(tl.int64) * sxb, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
+        acc = tl.dot(tl.trans(dot_operand(d, OPERAND_DTYPE, DOT_DTYPE)), dot_operand(xt, OPERAND_DTYPE, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
+    at = ((split * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
+    tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def fitted_tiles(kernel: str, x: torch.Tensor, compute_dtype: torch.dtype, precision: str, rows: str,
+                 interpreter_rows: int, **extents) -> dict:
+    """The table's launch configuration (configs.py) for this launch: each BLOCK_<NAME> given an extent is
+    fitted to it (a power of 2 covering it, up to the table's cap); under the interpreter the row tile
+    `rows` gets interpreter_rows and the channel caps are 4x (results never depend on tiles)."""
+    config = launch_config(kernel, x.device, compute_dtype, precision)
+    if interpreter_tiles():
+        config[rows] = interpreter_rows
+    for name, extent in extents.items():
+        config[name] = tile_size(extent, config[name])
+    return config
+
+
+def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
+    """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
+    partial sums added in a fixed order."""
+    B, Cin, H, W = x.shape
+    Hc, Wc = H - 1, W - 1
+    n_pos = B * Hc * Wc
+    tiles = fitted_tiles("conv2x2_dw", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
+    splits = max(1, min(max_splits, triton.cdiv(n_pos, 8 * block_p)))
+    per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
+    splits = max(1, triton.cdiv(n_pos, per_split))
+    part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
+    launch(_conv2x2_dw_kernel, (triton.cdiv(Cout, tiles["BLOCK_CO"]), triton.cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
+           dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(), NPR=npr, **tiles,
+           **dot_args(compute_dtype, precision))
+    return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
+
+
+def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):
+    """d(conv input), x's shape and dtype, channels_last, from d(conv out) (B*Hc*Wc, Cout)."""
+    B, Cin, H, W = x.shape
+    Cout = weight.shape[0]
+    tiles = fitted_tiles("conv2x2_dx", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if dx.numel():
+        launch(_conv2x2_dx_kernel, (triton.cdiv(B * H * W, tiles["BLOCK_P"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
+               dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(), **tiles,
+               **dot_args(compute_dtype, precision))
+    return dx
