@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench gpu-suite test-gpu-stack clean
+.PHONY: test lint demo bench gpu-suite test-gpu-stack clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -e ".[test,demo]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (configured in pyproject.toml): line length, import order, pyflakes; make test runs it first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

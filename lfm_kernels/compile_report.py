@@ -83,41 +83,45 @@ def _arg_type(arg):
 
 
 def _workloads(dtype):
-    """Forward and backward of every op at LFM's shapes (B=2, 256x256 input, 30x30 score map), in both
-    float32 precisions, and Top-K at the largest supported k on a 256x256 map. Launches are
-    intercepted, so the tensors' contents never matter."""
+    """Forward and backward of every op at LFM's shapes (bench/shapes.py; batch 2), in both float32
+    precisions, and Top-K at the largest supported k on a full-size map. Launches are intercepted, so
+    the tensors' contents never matter."""
+    from bench.shapes import FEATURE_CHANNELS, IMAGE_SIZE, SCORE_CHANNELS, SCORE_GRID, SNET_BLOCKS, K
+
     ops = torch.ops.lfm
     seed = torch.tensor([1, 2])
-    image = torch.randn(2, 3, 256, 256, dtype=dtype)
+    image = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
     ops.npr_residual(image, 2, True)
     ops.npr_residual_backward(image, image, 2, True)
-    scores = torch.randn(2, 64, 30, 30, dtype=dtype)
+    scores = torch.randn(2, SCORE_CHANNELS, *SCORE_GRID, dtype=dtype)
     for apply_drop in (False, True):
-        ops.topk_pool(scores, 16, seed, 0.1, 0.3, apply_drop)
-    ops.random_k_pool(scores, 16, seed)
-    wide = torch.randn(1, 2, 256, 256, dtype=dtype)
+        ops.topk_pool(scores, K, seed, 0.1, 0.3, apply_drop)
+    ops.random_k_pool(scores, K, seed)
+    wide = torch.randn(1, 2, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
     ops.topk_pool(wide, MAX_KERNEL_K, seed, 0.1, 0.3, True)
     ops.random_k_pool(wide, MAX_KERNEL_K, seed)
-    idx = torch.zeros(2, 64, 16, dtype=torch.int64)
-    keep = torch.ones(2, 64, 16, dtype=torch.uint8)
-    ops.scatter_rows(torch.randn(2, 64, 16, dtype=dtype), idx, keep, 1.25, [2, 64, 30, 30])
-    feat = torch.randn(2, 512, 30, 30, dtype=dtype)
-    weight = torch.randn(64, 512, 1, 1, dtype=dtype)
-    block3 = torch.randn(2, 256, 31, 31, dtype=dtype)
-    vec = torch.ones(512)
+    idx = torch.zeros(2, SCORE_CHANNELS, K, dtype=torch.int64)
+    keep = torch.ones(2, SCORE_CHANNELS, K, dtype=torch.uint8)
+    ops.scatter_rows(torch.randn(2, SCORE_CHANNELS, K, dtype=dtype), idx, keep, 1.25, [2, SCORE_CHANNELS, *SCORE_GRID])
+    feat = torch.randn(2, FEATURE_CHANNELS, *SCORE_GRID, dtype=dtype)
+    score_weight = torch.randn(SCORE_CHANNELS, FEATURE_CHANNELS, 1, 1, dtype=dtype)
+    head_in, head_out, head_side = SNET_BLOCKS[4]
+    block3 = torch.randn(2, head_in, head_side, head_side, dtype=dtype)
+    vec = torch.ones(head_out)
     for precision in PRECISIONS if dtype == torch.float32 else ("tf32",):
-        ops.score_topk(feat, weight, 16, seed, 0.1, 0.3, True, precision)
-        ops.score_topk_backward(torch.randn(2, 64, 16, dtype=dtype), feat, weight, idx, keep, 1.25, precision)
-        # SNet at 256x256: stem (NPR, 3 -> 64), a middle block (128 -> 256), the head (256 -> 512 -> 64).
-        for x, cout, npr in ((image, 64, True), (torch.randn(2, 128, 63, 63, dtype=dtype), 256, False)):
-            w = torch.randn(cout, x.shape[1], 2, 2)
-            v = vec[:cout]
+        ops.score_topk(feat, score_weight, K, seed, 0.1, 0.3, True, precision)
+        ops.score_topk_backward(torch.randn(2, SCORE_CHANNELS, K, dtype=dtype), feat, score_weight, idx, keep, 1.25,
+                                precision)
+        for block in (1, 3):  # the stem (NPR, 3 input channels) and a middle block
+            cin, cout, side = SNET_BLOCKS[block]
+            x = torch.randn(2, cin, side, side, dtype=dtype)
+            w, v, npr = torch.randn(cout, cin, 2, 2), vec[:cout], block == 1
             ops.snet_block_eval(x, w, v, v, v, v, v, 1e-5, True, npr, precision, dtype)
             out, argmax, mean, var = ops.snet_block_train(x, w, v, v, v, v, v, 1e-5, True, True, npr, precision, dtype)
             grad = torch.randn(out.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
             ops.snet_block_backward(grad, x, w, v, v, v, v, v, argmax, 1e-5, True, True, npr, precision, dtype, True)
-        ops.snet_head_eval(block3, torch.randn(512, 256, 2, 2), vec, vec, vec, vec, vec, 1e-5, weight, 16, precision,
-                           dtype)
+        ops.snet_head_eval(block3, torch.randn(head_out, head_in, 2, 2), vec, vec, vec, vec, vec, 1e-5, score_weight, K,
+                           precision, dtype)
 
 
 def package_kernels():
@@ -132,15 +136,20 @@ def package_kernels():
 
 
 def _eval_forward(batch: int, dtype):
-    """LFM's inference kernels at 256x256 (stem, blocks 2 and 3, the head and its merge), as LFM calls them."""
+    """LFM's inference kernels on a full-size image (stem, blocks 2 and 3, the head and its merge), as LFM
+    calls them."""
+    from bench.shapes import IMAGE_SIZE, SCORE_CHANNELS, SNET_BLOCKS, K
+
     ops = torch.ops.lfm
-    x = torch.empty(batch, 3, 256, 256, dtype=dtype)
-    for cin, cout, npr in ((3, 64, True), (64, 128, False), (128, 256, False)):
+    x = torch.empty(batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
+    for block in (1, 2, 3):
+        cin, cout, _ = SNET_BLOCKS[block]
         v = torch.ones(cout)
-        x = ops.snet_block_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, True, npr, "tf32", dtype)
-    v = torch.ones(512)
-    ops.snet_head_eval(x, torch.empty(512, 256, 2, 2), v, v, v, v, v, 1e-5, torch.empty(64, 512, 1, 1), 16, "tf32",
-                       dtype)
+        x = ops.snet_block_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, True, block == 1, "tf32", dtype)
+    cin, cout, _ = SNET_BLOCKS[4]
+    v = torch.ones(cout)
+    ops.snet_head_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, torch.empty(SCORE_CHANNELS, cout, 1, 1), K,
+                       "tf32", dtype)
 
 
 EVAL_BATCHES = (1, 32, 256)

@@ -29,7 +29,7 @@ from .backend import (
 )
 from .configs import launch, launch_config
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
-from .topk_pool import topk_pool_reference
+from .topk_pool import topk_pool, topk_pool_reference
 
 
 def score_topk_reference(feat, weight, k, *, drop=None, training=False, return_indices=False):
@@ -223,8 +223,9 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     check_k(k, feat.shape[2] * feat.shape[3])
     drop = check_drop(drop)
     check_precision(input_precision)
-    if resolve_backend(backend, feat) == "torch":
-        return score_topk_reference(feat, weight, k, drop=drop, training=training, return_indices=return_indices)
+    if resolve_backend(backend, feat) == "torch":  # topk_pool's torch backend: its fast path where no gradient
+        return topk_pool(F.conv2d(feat, weight), k, drop=drop, training=training, return_indices=return_indices,
+                         backend="torch")
     feat = feat.to(autocast_dtype(feat) or feat.dtype)  # as F.conv2d under autocast
     check_kernel_dtype("feat", feat)
     check_kernel_dtype("weight", weight)

@@ -274,11 +274,10 @@ def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor |
     block_k = triton.next_power_of_2(k)
     block_r = rows_per_program(block_k)
     if n_rows:
-        launch(
-            _scatter_rows_kernel, (triton.cdiv(n_rows, block_r),),
-            grad.contiguous(), idx.contiguous(), keep.contiguous() if keep is not None else idx, dx, n_rows, N, k, scale,
-            HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-        )
+        keep = keep.contiguous() if keep is not None else None
+        launch(_scatter_rows_kernel, (triton.cdiv(n_rows, block_r),),
+               grad.contiguous(), idx.contiguous(), keep if keep is not None else idx, dx, n_rows, N, k, scale,
+               HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k)
     return dx
 
 

@@ -437,7 +437,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sdy.sum(0), sdyz.sum(0)
     if n_groups:
         _launch_block_bwd(grid, args, common, flags, sdy, sdyz, dz, means=(dbeta / n_pos, dgamma / n_pos))
-    dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype)
+    dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()
     dbias = dz.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
     if need_dx:
@@ -450,8 +450,11 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
 @_snet_block_backward_op.register_fake
 def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, compute_dtype,
       need_dx):
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
+    # dx as the kernels write it: channels_last, or contiguous from the residual's backward with npr.
+    layout = torch.contiguous_format if npr else torch.channels_last
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout) if need_dx else x.new_empty(0)
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return dx, dweight, torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
 
 
 def _setup_context(ctx, inputs, output):

@@ -17,7 +17,6 @@ from typing import Callable
 
 import pytest
 import torch
-from torch.testing._internal.optests.generate_tests import OpCheckError
 from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DTYPE_TOL, distinct_map, layouts
 
@@ -150,13 +149,6 @@ class _RecordCustomOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# Custom ops that opcheck is known to refuse, with the reason: to be fixed in lfm_kernels, then removed here.
-KNOWN_OPCHECK_FAILURES = {
-    "lfm::snet_block_backward": "its register_fake gives dx x's layout and dweight weight's, but the kernels write dx "
-                                "channels_last (without npr) and dweight in another order (stride mismatch)",
-}
-
-
 @pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)
 def test_opcheck_of_every_custom_op_it_calls(case):
     inputs, state = case.inputs(2)
@@ -169,11 +161,7 @@ def test_opcheck_of_every_custom_op_it_calls(case):
         case.run("triton", tensors, _as(torch.float32, state, False))
     assert calls, "the triton backend called no lfm:: op"
     for op, args in calls.items():
-        if op.name() in KNOWN_OPCHECK_FAILURES:  # fails until fixed; then this test says to drop the entry
-            with pytest.raises(OpCheckError):
-                torch.library.opcheck(op, args)
-        else:
-            torch.library.opcheck(op, args)
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)
