@@ -19,7 +19,16 @@ from .backend import (
     resolve_backend,
 )
 from .configs import launch
-from .selection import EMPTY_KEY, NO_POSITION, pop_max, reduce_candidates, rows_per_program, select_chunks, sortable_key
+from .selection import (
+    EMPTY_KEY,
+    NO_POSITION,
+    load_candidates,
+    pop_max,
+    reduce_candidates,
+    rows_per_program,
+    select_chunks,
+    sortable_key,
+)
 
 
 def random_k_pool_reference(x, k, *, return_indices=False):
@@ -43,10 +52,7 @@ def _random_k_merge_kernel(
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_live = rows < n_rows
-    slots = tl.arange(0, BLOCK_M)
-    live = row_live[:, None] & (slots < M)[None, :]
-    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=EMPTY_KEY)
-    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=NO_POSITION)
+    keys, pos = load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, 0, M, BLOCK_M)
     lanes = tl.arange(0, BLOCK_K)[None, :]
     chosen = tl.full([BLOCK_R, BLOCK_K], NO_POSITION, tl.int32)
     for r in range(0, k):

@@ -62,6 +62,17 @@ def philox_uint(seed_ptr, b, c, n):
 
 
 @triton.jit
+def load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, BLOCK_M: tl.constexpr):
+    """[rows, BLOCK_M] candidate keys and positions from slots [slot0, slot0 + BLOCK_M) of the (rows, M)
+    buffers; slots past M are empty."""
+    slots = slot0 + tl.arange(0, BLOCK_M)
+    live = row_live[:, None] & (slots < M)[None, :]
+    at = rows.to(tl.int64)[:, None] * M + slots[None, :]
+    return (tl.load(cand_key_ptr + at, mask=live, other=EMPTY_KEY),
+            tl.load(cand_pos_ptr + at, mask=live, other=NO_POSITION))
+
+
+@triton.jit
 def write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, k):
     """k selection rounds on a [R, N] tile; round r goes to candidate slot slot0 + r of each row."""
     for r in range(0, k):
@@ -114,12 +125,8 @@ def _topk_reduce_kernel(
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     group = tl.program_id(1)
-    slots = group * BLOCK_M + tl.arange(0, BLOCK_M)
     row_live = rows < n_rows
-    live = row_live[:, None] & (slots < M)[None, :]
-    at = rows.to(tl.int64)[:, None] * M + slots[None, :]
-    keys = tl.load(cand_key_ptr + at, mask=live, other=EMPTY_KEY)
-    pos = tl.load(cand_pos_ptr + at, mask=live, other=NO_POSITION)
+    keys, pos = load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, group * BLOCK_M, M, BLOCK_M)
     write_candidates(keys, pos, next_key_ptr, next_pos_ptr, rows.to(tl.int64), row_live, group * k, M_next, k)
 
 
@@ -138,10 +145,7 @@ def _topk_merge_kernel(
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_live = rows < n_rows
-    slots = tl.arange(0, BLOCK_M)
-    live = row_live[:, None] & (slots < M)[None, :]
-    keys = tl.load(cand_key_ptr + rows[:, None] * M + slots[None, :], mask=live, other=EMPTY_KEY)
-    pos = tl.load(cand_pos_ptr + rows[:, None] * M + slots[None, :], mask=live, other=NO_POSITION)
+    keys, pos = load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, 0, M, BLOCK_M)
     for r in range(0, k):
         best, where, keys, pos = pop_max(keys, pos)
         value = key_to_value(best)

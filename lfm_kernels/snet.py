@@ -101,6 +101,20 @@ def _block_program(pid, n_groups, GH, GW, Cout, BLOCK_G: tl.constexpr, BLOCK_CO:
 
 
 @triton.jit
+def _group_position_conv(pos, x_ptr, w_ptr, base, gh, gw, live, co, co_live, Cin, H, W, Hc, Wc, sxc, sxh, sxw,
+                         swo, swi, swh, sww, NPR: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CI: tl.constexpr,
+                         BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Position pos (0..3, row-major) of each group's 2x2 cell: its conv pixel (r, c), whether it lies in
+    the (Hc, Wc) conv output, and its [BLOCK_G, BLOCK_CO] conv outputs without bias."""
+    r = gh * 2 + pos // 2
+    c = gw * 2 + pos % 2
+    a = conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
+                   NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    return r, c, live & (r < Hc) & (c < Wc), a
+
+
+@triton.jit
 def _zhat_dy(a, bias, mean, rstd, gamma, beta, da, valid):
     """Recomputed normalized conv output and the gradient at the BatchNorm output (through ReLU)."""
     zhat = (a + bias - mean) * rstd
@@ -157,11 +171,9 @@ def _snet_block_fwd_kernel(
     # The four conv outputs of each group (one pool window) one after another, so that a program holds
     # one accumulator tile rather than four.
     for pos in range(4):
-        r = gh * 2 + pos // 2
-        c = gw * 2 + pos % 2
-        valid = live & (r < Hc) & (c < Wc)
-        a = conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-                        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        r, c, valid, a = _group_position_conv(pos, x_ptr, w_ptr, base, gh, gw, live, co, co_live, Cin, H, W, Hc, Wc,
+                                              sxc, sxh, sxw, swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO,
+                                              OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         if STATS_PASS:
             a += bias
             n_here = tl.sum(valid.to(tl.float32), axis=0)
@@ -235,11 +247,9 @@ def _snet_block_bwd_kernel(
         c1 = tl.load(c1_ptr + co, mask=co_live, other=0.0)[None, :]
         c2 = tl.load(c2_ptr + co, mask=co_live, other=0.0)[None, :]
     for pos in range(4):  # the group's four conv outputs one after another, as in the forward
-        r = gh * 2 + pos // 2
-        c = gw * 2 + pos % 2
-        valid = live & (r < Hc) & (c < Wc)
-        a = conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-                        NPR, BLOCK_G, BLOCK_CI, BLOCK_CO, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        r, c, valid, a = _group_position_conv(pos, x_ptr, w_ptr, base, gh, gw, live, co, co_live, Cin, H, W, Hc, Wc,
+                                              sxc, sxh, sxw, swo, swi, swh, sww, NPR, BLOCK_G, BLOCK_CI, BLOCK_CO,
+                                              OPERAND_DTYPE, DOT_DTYPE, PRECISION)
         if POOL:
             da = tl.where(arg == pos, dp, 0.0)
         else:

@@ -47,3 +47,15 @@ def tiles(request):
             yield request.param
     else:
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A randomly initialized LFM (seed 0), saved as our safetensors: the CLI tests' weights file."""
+    from lfm import LFM
+    from lfm.weights import save_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "lfm.safetensors"
+    save_weights(LFM(), path, {"model": "lfm", "k": 16})
+    return path

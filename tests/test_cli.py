@@ -24,14 +24,6 @@ from lfm.weights import save_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A randomly initialized LFM in eval mode, saved as our safetensors."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "lfm.safetensors"
-    save_weights(LFM(), path, {"model": "lfm", "k": 16})
-    return path
-
 
 def _json_lines(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]

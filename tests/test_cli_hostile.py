@@ -26,13 +26,6 @@ from lfm.weights import CONFIG_KEY, save_weights
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "lfm.safetensors"
-    save_weights(LFM(), path, {"model": "lfm", "k": 16})
-    return path
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

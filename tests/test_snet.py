@@ -1,22 +1,11 @@
 import pytest
 import torch
 from torch import nn
-from utils import real_photo_batch
+from utils import block_params, real_photo_batch
 
 from lfm import LFM
 from lfm_kernels import snet_block, snet_block_reference, snet_head, snet_head_reference
 from lfm_kernels.nn import SNetBlock
-
-
-def _block_params(cin, cout, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(cout, cin, 2, 2, generator=g, dtype=dtype) / (2 * cin**0.5),
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.rand(cout, generator=g, dtype=dtype) + 0.5,
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.rand(cout, generator=g, dtype=dtype) + 0.5]
-
 
 CASES = [  # (B, Cin, Cout, H, W, npr, pool)
     (2, 3, 16, 9, 11, True, True),     # stem: residual fused, odd sizes
@@ -28,7 +17,7 @@ CASES = [  # (B, Cin, Cout, H, W, npr, pool)
 @pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
 def test_eval_matches_reference_in_float64(B, Cin, Cout, H, W, npr, pool):
     x = torch.randn(B, Cin, H, W, dtype=torch.float64)
-    params = _block_params(Cin, Cout, dtype=torch.float64)
+    params = block_params(Cin, Cout, dtype=torch.float64)
     out = snet_block(x.float(), *[p.float() for p in params], pool=pool, npr=npr, input_precision="ieee",
                      backend="triton")
     ref = snet_block_reference(x, *params, pool=pool, npr=npr)
@@ -39,7 +28,7 @@ def test_eval_matches_reference_in_float64(B, Cin, Cout, H, W, npr, pool):
 @pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
 def test_training_forward_backward_and_running_stats(B, Cin, Cout, H, W, npr, pool):
     x = torch.randn(B, Cin, H, W, dtype=torch.float64)
-    params = _block_params(Cin, Cout, dtype=torch.float64)
+    params = block_params(Cin, Cout, dtype=torch.float64)
     ours = [t.float().requires_grad_() for t in [x] + params[:4]]
     ref = [t.clone().requires_grad_() for t in [x] + params[:4]]
     stats_ours = [t.float().clone() for t in params[4:]]
@@ -59,7 +48,7 @@ def test_training_forward_backward_and_running_stats(B, Cin, Cout, H, W, npr, po
 def test_eval_mode_gradients():
     # Eval mode with gradients (e.g. saliency): fixed statistics, no batch-stat terms in the backward.
     x = torch.randn(2, 8, 7, 9)
-    params = _block_params(8, 16)
+    params = block_params(8, 16)
     ours = [t.clone().requires_grad_() for t in [x] + params[:4]]
     ref = [t.clone().requires_grad_() for t in [x] + params[:4]]
     out = snet_block(*ours, *params[4:], training=False, input_precision="ieee", backend="triton")
@@ -73,7 +62,7 @@ def test_eval_mode_gradients():
 
 def test_training_is_deterministic():
     x = torch.randn(2, 8, 9, 9)
-    params = _block_params(8, 16)
+    params = block_params(8, 16)
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in [x] + params[:4]]
@@ -85,7 +74,7 @@ def test_training_is_deterministic():
 
 def test_head_matches_block_then_score_topk():
     x = torch.randn(2, 24, 9, 10, dtype=torch.float64)
-    params = _block_params(24, 40, dtype=torch.float64)
+    params = block_params(24, 40, dtype=torch.float64)
     score_weight = torch.randn(20, 40, 1, 1, dtype=torch.float64) / 40**0.5
     values, idx = snet_head(x.float(), *[p.float() for p in params], score_weight.float(), 5, input_precision="ieee",
                             return_indices=True, backend="triton")
@@ -127,7 +116,7 @@ def test_module_training_updates_buffers_like_batchnorm():
 ])
 def test_bad_input(kwargs, match):
     args = dict(zip(("conv_weight", "conv_bias", "bn_weight", "bn_bias", "running_mean", "running_var"),
-                    _block_params(8, 16)))
+                    block_params(8, 16)))
     args = dict(x=torch.randn(1, 8, 5, 5)) | args | kwargs
     with pytest.raises(ValueError, match=match):
         snet_block(args.pop("x"), *[args.pop(n) for n in ("conv_weight", "conv_bias", "bn_weight", "bn_bias",
@@ -220,7 +209,7 @@ def test_stem_under_bfloat16_autocast_takes_the_residual_before_rounding():
     # close to bf16's spacing near |x| = 2: rounding the image before the residual would cost several
     # times the error of the torch backend, which takes the residual in float32 and rounds after.
     x = real_photo_batch()
-    params = _block_params(3, 64)
+    params = block_params(3, 64)
     exact = snet_block_reference(x.double(), *[p.double() for p in params], npr=True)
     errors = {}
     for backend in ("torch", "triton"):
@@ -237,7 +226,7 @@ def test_stem_under_bfloat16_autocast_takes_the_residual_before_rounding():
 def test_nan_propagates_like_pytorch(pool):
     x = torch.randn(2, 8, 9, 8)
     x[1, 3, 4, 5] = float("nan")
-    params = _block_params(8, 16)
+    params = block_params(8, 16)
     out = snet_block(x, *params, pool=pool, input_precision="ieee", backend="triton")
     ref = snet_block_reference(x, *params, pool=pool)
     assert torch.isnan(ref).any()
@@ -254,7 +243,7 @@ def test_nan_propagates_like_pytorch(pool):
 def test_head_nan_propagates():
     x = torch.randn(1, 8, 7, 7)
     x[0, 2, 3, 3] = float("nan")
-    params = _block_params(8, 16)
+    params = block_params(8, 16)
     score_weight = torch.randn(4, 16, 1, 1)
     values = snet_head(x, *params, score_weight, 3, backend="triton")
     ref = snet_head_reference(x, *params, score_weight, 3)
@@ -281,7 +270,7 @@ def _kernel_precisions(monkeypatch, run):
 
 def test_tf32_follows_torchs_cudnn_switch_in_eval_and_training(monkeypatch):
     x = torch.randn(2, 8, 7, 7, requires_grad=True)
-    params = [t.requires_grad_(i < 4) for i, t in enumerate(_block_params(8, 16))]
+    params = [t.requires_grad_(i < 4) for i, t in enumerate(block_params(8, 16))]
     score_weight = torch.randn(4, 16, 1, 1, requires_grad=True)
 
     def eval_and_train(**precision):

@@ -1,22 +1,13 @@
 """The torch backend's inference path (lfm_kernels.torch_inference) against the pure references."""
 import pytest
 import torch
+from utils import block_params
 
 from lfm import LFM
 from lfm_kernels import snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool, topk_pool_reference
 from lfm_kernels.npr_residual import npr_residual_reference
 from lfm_kernels.topk_pool import topk_select_reference
 from lfm_kernels.torch_inference import RANK_MATRIX_MAX_K, max_pool_2x2, npr_residual_inference, topk_select
-
-
-def _block_params(cin, cout, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(cout, cin, 2, 2, generator=g, dtype=dtype) / (2 * cin**0.5),
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.rand(cout, generator=g, dtype=dtype) + 0.5,
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
-            torch.rand(cout, generator=g, dtype=dtype) + 0.5]
 
 
 def _same_bits(a, b):
@@ -88,7 +79,7 @@ CASES = [  # (B, Cin, Cout, H, W, npr, pool)
 @pytest.mark.parametrize("B,Cin,Cout,H,W,npr,pool", CASES)
 def test_block_eval_matches_reference(B, Cin, Cout, H, W, npr, pool, dtype):
     x = torch.randn(B, Cin, H, W, dtype=dtype)
-    params = _block_params(Cin, Cout, dtype=dtype)
+    params = block_params(Cin, Cout, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for bias in (params[1], None):
         args = (x, params[0], bias, *params[2:])
@@ -101,7 +92,7 @@ def test_block_eval_matches_reference(B, Cin, Cout, H, W, npr, pool, dtype):
 def test_block_eval_propagates_nan():
     x = torch.randn(1, 8, 6, 6)
     x[0, :, 2, 2] = float("nan")
-    params = _block_params(8, 4)
+    params = block_params(8, 4)
     out = snet_block(x, *params, backend="torch")
     ref = snet_block_reference(x, *params)
     torch.testing.assert_close(out, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
@@ -109,7 +100,7 @@ def test_block_eval_propagates_nan():
 
 def test_block_under_bf16_autocast_stays_close_to_reference():
     x = torch.randn(2, 16, 12, 12)
-    params = _block_params(16, 32)
+    params = block_params(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = snet_block(x, *params, backend="torch")
         ref = snet_block_reference(x, *params)
@@ -118,7 +109,7 @@ def test_block_under_bf16_autocast_stays_close_to_reference():
 
 def test_head_eval_matches_reference_with_ties():
     x = torch.randn(2, 16, 9, 10)
-    params = _block_params(16, 8)
+    params = block_params(16, 8)
     score_weight = torch.randn(4, 8, 1, 1)
     score_weight[1] = 0  # a score map of zeros only: every position ties
     args = (x, *params, score_weight, 6)
@@ -131,7 +122,7 @@ def test_head_eval_matches_reference_with_ties():
 
 def test_gradient_still_flows_through_the_reference():
     x = torch.randn(1, 8, 6, 6, requires_grad=True)
-    params = _block_params(8, 4)
+    params = block_params(8, 4)
     snet_block(x, *params, backend="torch").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 

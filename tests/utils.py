@@ -39,3 +39,15 @@ def real_photo_batch(names=("astronaut", "coffee"), size=64):
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def block_params(cin, cout, seed=0, dtype=torch.float32):
+    """An SNet block's (conv weight, conv bias, bn weight, bn bias, running mean, running var), seeded, at
+    scales that keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(cout, cin, 2, 2, generator=g, dtype=dtype) / (2 * cin**0.5),
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.randn(cout, generator=g, dtype=dtype) * 0.1,
+            torch.rand(cout, generator=g, dtype=dtype) + 0.5]
