@@ -78,7 +78,10 @@ def test_gpu_run_order(gpu_plan):
 
 
 def test_gpu_command_installs_nothing():
-    recipe = subprocess.run(["make", "-n", "gpu-suite"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # A clean make: under `make test` the parent's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    recipe = subprocess.run(["make", "--no-print-directory", "-n", "gpu-suite"], cwd=REPO, capture_output=True,
+                            text=True, check=True, env=env).stdout
     assert recipe.strip() == "bash bench/gpu_suite.sh"  # no venv, no pip: .venv is used only if it is there
     commands = [line for line in (REPO / "bench" / "gpu_suite.sh").read_text().splitlines()
                 if not line.lstrip().startswith("#")]
