@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from . import torch_inference
+
+# The same names as score_topk.py's import below: both ops validate with backend's checks (duplicates pairs them).
 from .backend import (
     autocast_dtype,
     check_drop,
@@ -292,7 +294,7 @@ def _snet_head_kernel(
     cs = tl.program_id(2) * BLOCK_CS + tl.arange(0, BLOCK_CS)
     cs_live = cs < CS
     score = tl.zeros([BLOCK_P, BLOCK_CS], dtype=tl.float32)
-    for c40 in range(0, C4, BLOCK_C4):
+    for c40 in range(0, C4, BLOCK_C4):  # the shape of conv2x2's dx loop (a channel-block loop); bodies differ
         c4 = c40 + tl.arange(0, BLOCK_C4)
         c4_live = c4 < C4
         acc = conv2x2_at(x_ptr, w_ptr, base, r, c, live, c4, c4_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
