@@ -31,13 +31,12 @@ _CONFIGS = {
         ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
     },
     # The backward holds more live tiles (output gradient, argmax, normalized output): narrower channel
-    # blocks; on sm90 64-group tiles give wgmma with 16-bit operands.
+    # blocks; on sm90 64-group tiles give wgmma; full-float32 dots get the narrowest reduction block.
     "snet_block_bwd": {
         ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
         ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
-        ("ieee", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-        ("ieee", "sm90"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("ieee", "*"): dict(BLOCK_G=16, BLOCK_CI=8, BLOCK_CO=16, num_warps=8, num_stages=1),
     },
     # Block 4 + scoring: [BLOCK_P positions, BLOCK_C4] feature tile kept in registers, BLOCK_CS score channels
     # per program (more take more programs). 64 positions already give wgmma on sm90.
