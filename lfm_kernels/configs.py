@@ -3,8 +3,9 @@
 Keyed by kernel, by the kind of dot it runs ("16-bit" operands, "tf32", or "ieee" full float32 on
 FMA units) and by GPU family: "sm80" (sm_80 to sm_89: mma.sync tensor cores) and "sm90" (sm_90 and
 later: wgmma, which Triton emits for tiles of at least 64 rows). "*" matches any kind or family.
-Every entry compiles for its family with no stack, no local memory and no STL/LDL
-(`python -m lfm_kernels.compile_report` checks each one, with the tensor-core instruction kind).
+Every entry compiles for its family with no stack, no local memory and no STL/LDL, with triton 3.9
+and with triton 3.6 (the GPU machines' version; it refuses dots with K < 16), which
+`python -m lfm_kernels.compile_report` checks, with the tensor-core instruction kind.
 
 Under the interpreter, launchers scale tiles up (backend.interpreter_tiles); results never depend
 on tiles. `python -m bench.tune` times num_warps x num_stages on a GPU and writes its winners to
@@ -26,17 +27,19 @@ _CONFIGS = {
     # memory. Full-float32 ("ieee") dots run on FMA units with broadcast operands: smaller tiles.
     "snet_block_fwd": {
         ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("ieee", "*"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("tf32", "sm80"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("ieee", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+        ("ieee", "sm90"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
         ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
     },
     # The backward holds more live tiles (output gradient, argmax, normalized output): narrower channel
-    # blocks; on sm90 64-group tiles give wgmma; full-float32 dots get the narrowest reduction block.
+    # blocks; on sm90 64-group tiles give wgmma.
     "snet_block_bwd": {
         ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
         ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
-        ("ieee", "*"): dict(BLOCK_G=16, BLOCK_CI=8, BLOCK_CO=16, num_warps=8, num_stages=1),
+        ("ieee", "sm80"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=16, num_warps=4, num_stages=1),
+        ("ieee", "sm90"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
     },
     # Block 4 + scoring: [BLOCK_P positions, BLOCK_C4] feature tile kept in registers, BLOCK_CS score channels
     # per program (more take more programs). 64 positions already give wgmma on sm90.
