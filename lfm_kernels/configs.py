@@ -119,22 +119,25 @@ def _tuned() -> dict:
             dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in table["entries"]}
 
 
-def tuned_options(kernel_name: str, first_tensor: torch.Tensor, constexprs: dict) -> dict:
-    """num_warps/num_stages that bench.tune measured fastest for this launch on this GPU, else {}."""
+def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:
+    """num_warps/num_stages that bench.tune measured fastest for this launch on this GPU, else {} (at once
+    when there is no table, so launches pay nothing for it)."""
     tuned = _tuned()
-    if not tuned or first_tensor.device.type != "cuda":
+    if not tuned:
+        return {}
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.device.type != "cuda":
         return {}
     import triton
 
-    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in constexprs.items()}
-    key = (torch.cuda.get_device_name(first_tensor.device), triton.__version__, kernel_name,
-           str(first_tensor.dtype).removeprefix("torch."), json.dumps(values, sort_keys=True))
+    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in meta.items()
+              if k not in ("num_warps", "num_stages")}
+    key = (torch.cuda.get_device_name(first.device), triton.__version__, kernel_name,
+           str(first.dtype).removeprefix("torch."), json.dumps(values, sort_keys=True))
     return tuned.get(key, {})
 
 
 def launch(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta), with the num_warps/num_stages that bench.tune measured fastest for this
     launch on this GPU in place of the table's, where it measured them."""
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
-    kernel[grid](*args, **(meta | tuned_options(kernel.fn.__name__, first, constexprs)))
+    kernel[grid](*args, **(meta | tuned_options(kernel.fn.__name__, args, meta)))

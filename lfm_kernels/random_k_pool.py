@@ -22,6 +22,7 @@ from .configs import launch
 from .selection import (
     EMPTY_KEY,
     NO_POSITION,
+    launch_options,
     load_candidates,
     pop_max,
     reduce_candidates,
@@ -90,7 +91,7 @@ def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torc
     launch(
         _random_k_merge_kernel, (triton.cdiv(B * C, block_r),),
         cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
-        BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k), **launch_options(),
     )
     return out, idx
 

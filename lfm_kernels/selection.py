@@ -187,6 +187,12 @@ def _selection_config() -> dict:
     return launch_config("topk", torch.device("cpu"))  # the same on every GPU family
 
 
+def launch_options() -> dict:
+    """The table's num_warps and num_stages for the selection kernels."""
+    config = _selection_config()
+    return dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
 def tile_elements() -> int:
     """Elements per [rows, positions] tile (configs.py). The interpreter pays per operation, not per
     element, so it gets 16x larger tiles; results never depend on tiling (Philox keys on logical indices)."""
@@ -216,7 +222,8 @@ def reduce_candidates(cand_key, cand_pos, k):
         next_pos = torch.empty_like(next_key)
         if n_rows:
             launch(_topk_reduce_kernel, (triton.cdiv(n_rows, block_r), groups),
-                   cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group)
+                   cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group,
+                   **launch_options())
         cand_key, cand_pos, M = next_key, next_pos, groups * k
     return cand_key, cand_pos
 
@@ -242,7 +249,7 @@ def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     launch(_topk_merge_kernel, (triton.cdiv(n_rows, block_r),),
            cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
            n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
-           APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m)
+           APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m, **launch_options())
     return idx, keep
 
 
@@ -262,7 +269,7 @@ def select_chunks(x, k, *, seed=None):
         _topk_chunk_kernel, (triton.cdiv(B * C, block_r), n_chunks),
         x, cand_key, cand_pos, seed if seed is not None else cand_key,
         B * C, C, N, W, *x.stride(), k, M,
-        RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n,
+        RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n, **launch_options(),
     )
     return cand_key, cand_pos
 
@@ -281,7 +288,7 @@ def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor |
         keep = keep.contiguous() if keep is not None else None
         launch(_scatter_rows_kernel, (triton.cdiv(n_rows, block_r),),
                grad.contiguous(), idx.contiguous(), keep if keep is not None else idx, dx, n_rows, N, k, scale,
-               HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k)
+               HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k, **launch_options())
     return dx
 
 
