@@ -613,12 +613,8 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
     drop = check_drop(drop)
     inference = not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
-    if inference and resolve_backend(backend, x) == "torch":
-        return torch_inference.snet_head_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                   running_var, score_weight, k, eps=eps,
-                                                   return_indices=return_indices)
-    fused = resolve_backend(backend, x) == "triton" and inference
-    if not fused:
+    if not (inference and resolve_backend(backend, x) == "triton"):
+        # The composition; on the torch backend in inference both ops take torch_inference's fast path.
         feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                           momentum=momentum, training=training, pool=False, input_precision=input_precision,
                           backend=backend)

@@ -1,5 +1,6 @@
-"""The torch backend's inference path on CPU: what snet_block, snet_head and topk_pool run on the torch
-backend when nothing is trained and no gradient is needed.
+"""The torch backend's inference path on CPU: what snet_block and topk_pool (and so snet_head and
+score_topk, which compose them) run on the torch backend when nothing is trained and no gradient is
+needed.
 
 Same answers as the references (`*_reference`, kept as they are for the tests), computed faster:
   - BatchNorm folded into the conv weight and bias on every call. Nothing is cached, so no update of
@@ -111,10 +112,3 @@ def topk_pool_inference(x, k: int, *, return_indices=False):
     values, idx = topk_select(x.flatten(2), k)
     return (values, idx) if return_indices else values
 
-
-def snet_head_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, score_weight, k, *,
-                        eps=1e-5, return_indices=False):
-    """snet_head_reference(..., training=False): block 4, 1x1 scoring and Top-K."""
-    feat = snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
-                                pool=False)
-    return topk_pool_inference(F.conv2d(feat, score_weight), k, return_indices=return_indices)
