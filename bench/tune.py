@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lfm_kernels.configs import TUNED_TABLE
+from lfm_kernels.configs import TUNED_TABLE, json_constexprs, tuned_key
 
 TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
 LAUNCH_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
@@ -57,16 +57,14 @@ class Launch:
     def constexprs(self) -> dict:
         """The launch's constexprs as JSON values (a tl.dtype by its name)."""
         names = {p.name for p in self.kernel.params if p.is_constexpr}
-        return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                for k, v in self.kwargs.items() if k in names}
+        return json_constexprs({k: v for k, v in self.kwargs.items() if k in names})
 
     def key(self, device: str, triton_version: str) -> tuple:
-        return device, triton_version, self.kernel.fn.__name__, self.dtype, json.dumps(self.constexprs, sort_keys=True)
+        return tuned_key(device, triton_version, self.kernel.fn.__name__, self.dtype, self.constexprs)
 
 
 def entry_key(entry: dict) -> tuple:
-    return entry["device"], entry["triton"], entry["kernel"], entry["dtype"], json.dumps(entry["constexprs"],
-                                                                                          sort_keys=True)
+    return tuned_key(entry["device"], entry["triton"], entry["kernel"], entry["dtype"], entry["constexprs"])
 
 
 @contextlib.contextmanager

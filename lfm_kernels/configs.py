@@ -109,13 +109,24 @@ def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype 
     raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
 
 
+def json_constexprs(meta: dict) -> dict:
+    """A launch's constexprs as JSON values (a tl.dtype by its name), launch options left out."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in meta.items()
+            if k not in ("num_warps", "num_stages")}
+
+
+def tuned_key(device: str, triton_version: str, kernel_name: str, dtype: str, constexprs: dict) -> tuple:
+    """How bench.tune files a launch and how launchers look it up: one key for both sides."""
+    return device, triton_version, kernel_name, dtype, json.dumps(json_constexprs(constexprs), sort_keys=True)
+
+
 @functools.cache
 def _tuned() -> dict:
-    """bench.tune's winners: (device, triton version, kernel, dtype, constexprs) -> (num_warps, num_stages)."""
+    """bench.tune's winners: tuned_key -> (num_warps, num_stages)."""
     if not TUNED_TABLE.exists():
         return {}
     table = json.loads(TUNED_TABLE.read_text())
-    return {(e["device"], e["triton"], e["kernel"], e["dtype"], json.dumps(e["constexprs"], sort_keys=True)):
+    return {tuned_key(e["device"], e["triton"], e["kernel"], e["dtype"], e["constexprs"]):
             dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in table["entries"]}
 
 
@@ -130,10 +141,8 @@ def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:
         return {}
     import triton
 
-    values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in meta.items()
-              if k not in ("num_warps", "num_stages")}
-    key = (torch.cuda.get_device_name(first.device), triton.__version__, kernel_name,
-           str(first.dtype).removeprefix("torch."), json.dumps(values, sort_keys=True))
+    key = tuned_key(torch.cuda.get_device_name(first.device), triton.__version__, kernel_name,
+                    str(first.dtype).removeprefix("torch."), meta)
     return tuned.get(key, {})
 
 
