@@ -4,7 +4,15 @@ import torch
 from utils import block_params
 
 from lfm import LFM
-from lfm_kernels import snet_block, snet_block_reference, snet_head, snet_head_reference, topk_pool, topk_pool_reference
+from lfm_kernels import (
+    snet_block,
+    snet_block_reference,
+    snet_head,
+    snet_head_reference,
+    topk_pool,
+    topk_pool_reference,
+    torch_inference,
+)
 from lfm_kernels.npr_residual import npr_residual_reference
 from lfm_kernels.topk_pool import topk_select_reference
 from lfm_kernels.torch_inference import RANK_MATRIX_MAX_K, max_pool_2x2, npr_residual_inference, topk_select
@@ -87,6 +95,21 @@ def test_block_eval_matches_reference(B, Cin, Cout, H, W, npr, pool, dtype):
         ref = snet_block_reference(*args, pool=pool, npr=npr)
         assert out.dtype == ref.dtype
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 40000])  # row bands of one row, of several rows, image chunks
+@pytest.mark.parametrize("npr,H,W", [(True, 9, 11), (True, 12, 10), (False, 8, 7)])
+def test_block_eval_by_chunks_matches_reference(monkeypatch, chunk_bytes, npr, H, W):
+    monkeypatch.setattr(torch_inference, "CHUNK_BYTES", chunk_bytes)
+    Cin = 3 if npr else 20
+    x = torch.randn(5, Cin, H, W)
+    x[3, :, 4, 5] = float("nan")
+    params = block_params(Cin, 16)
+    out = snet_block(x, *params, npr=npr, backend="torch")
+    ref = snet_block_reference(x, *params, npr=npr)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert snet_block(x[:0], *params, npr=npr, backend="torch").shape == (0, *ref.shape[1:])
 
 
 def test_block_eval_propagates_nan():
