@@ -8,9 +8,12 @@ triton.compile for each target. One row per kernel variant and target, read from
 built (cuobjdump): registers, stack and local memory per thread, local-memory instructions in the
 SASS (STL/LDL: spills), shared memory, the tensor-core instruction kind (HGMMA, HMMA or none), and
 the CTAs and warps that fit on one SM (H100/H200 for sm_90, A100 for sm_80). Cubins go to OUT_DIR,
-the rows also to OUT_DIR/report.json. Exits 1 on a compile error, any stack, local memory or
-STL/LDL (a spill), or a kernel of the package that no workload launched. Must run without
-TRITON_INTERPRET (kernels must be real JIT functions).
+the rows also to OUT_DIR/report.json. Then every launch of LFM's inference at 256x256 at batch
+1, 8, 32 and 256: its programs, the SMs they fill (programs / SMs) and its waves (programs / (SMs x
+CTAs per SM)). Exits 1 on a compile error, any stack, local memory or STL/LDL (a spill), a sm_90
+TF32 or 16-bit conv kernel without HGMMA, a kernel of the package that no workload launched, or an
+inference launch at batch 1 or 8 with fewer programs than SMs. Must run without TRITON_INTERPRET
+(kernels must be real JIT functions).
 """
 import argparse
 import contextlib
@@ -34,7 +37,7 @@ from triton.runtime.jit import JITFunction
 
 import lfm_kernels
 from lfm_kernels.backend import MAX_KERNEL_K, PRECISIONS
-from lfm_kernels.configs import gpu_family
+from lfm_kernels.configs import FAMILY_SMS, gpu_family
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
@@ -122,6 +125,8 @@ def _workloads(dtype):
             ops.snet_block_backward(grad, x, w, v, v, v, v, v, argmax, 1e-5, True, True, npr, precision, dtype, True)
         ops.snet_head_eval(block3, torch.randn(head_out, head_in, 2, 2), vec, vec, vec, vec, vec, 1e-5, score_weight, K,
                            precision, dtype)
+    for batch in FILL_BATCHES:  # the tiles small batches take to give every SM a program
+        _eval_forward(batch, dtype)
 
 
 def package_kernels():
@@ -135,9 +140,9 @@ def package_kernels():
     return found
 
 
-def _eval_forward(batch: int, dtype):
-    """LFM's inference kernels on a full-size image (stem, blocks 2 and 3, the head and its merge), as LFM
-    calls them."""
+def _eval_forward(batch: int, dtype, stage=lambda name: None):
+    """LFM's inference kernels on a full-size image (stem, blocks 2 and 3, the head and its selection), as
+    LFM calls them; stage(name) is called before each op."""
     from bench.shapes import IMAGE_SIZE, SCORE_CHANNELS, SNET_BLOCKS, K
 
     ops = torch.ops.lfm
@@ -145,15 +150,17 @@ def _eval_forward(batch: int, dtype):
     for block in (1, 2, 3):
         cin, cout, _ = SNET_BLOCKS[block]
         v = torch.ones(cout)
+        stage("stem" if block == 1 else f"block {block}")
         x = ops.snet_block_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, True, block == 1, "tf32", dtype)
     cin, cout, _ = SNET_BLOCKS[4]
     v = torch.ones(cout)
+    stage("head")
     ops.snet_head_eval(x, torch.empty(cout, cin, 2, 2), v, v, v, v, v, 1e-5, torch.empty(SCORE_CHANNELS, cout, 1, 1), K,
                        "tf32", dtype)
 
 
-EVAL_BATCHES = (1, 32, 256)
-SMS = {80: 108, 90: 132}  # A100, H100/H200
+EVAL_BATCHES = (1, 8, 32, 256)
+FILL_BATCHES = (1, 8)  # every inference launch must give every SM a program at these batches
 
 
 def collect_launches(family: str):
@@ -166,27 +173,23 @@ def collect_launches(family: str):
     return list(store.values())
 
 
-EVAL_STAGES = ("stem", "block 2", "block 3", "block 4 + scoring", "Top-K merge")
-
-
 def eval_grids(family: str) -> list:
-    """[(stage, kernel, [programs at each of EVAL_BATCHES])] of LFM's float32 inference at 256x256."""
-    programs = []
+    """[(batch, stage, kernel, programs)] of every launch of LFM's float32 inference at 256x256, at each of
+    EVAL_BATCHES, as a GPU of `family` makes them."""
+    launches, stage = [], [""]
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        programs.append((self.fn.__name__, math.prod(grid)))
+        launches.append((batch, stage[0], self.fn.__name__, math.prod(grid)))
 
     JITFunction.run = record
     try:
         with gpu_family(family), torch.no_grad():
             for batch in EVAL_BATCHES:
-                _eval_forward(batch, torch.float32)
+                _eval_forward(batch, torch.float32, lambda name: stage.__setitem__(0, name))
     finally:
         JITFunction.run = original
-    per_batch = len(EVAL_STAGES)
-    return [(stage, programs[i][0], [programs[b * per_batch + i][1] for b in range(len(EVAL_BATCHES))])
-            for i, stage in enumerate(EVAL_STAGES)]
+    return launches
 
 
 def compile_launch(launch: Launch, cc: int):
@@ -314,26 +317,33 @@ def main(argv=None) -> int:
         print(format_row(row))
         failed |= not row_ok(row)
     waves = eval_waves(rows, targets)
-    print(f"\nLFM inference at 256x256, float32: programs per launch at batch {'/'.join(map(str, EVAL_BATCHES))} "
-          "and waves at batch 1 (programs / (SMs x CTAs per SM))")
+    print("\nLFM inference at 256x256, float32: every launch at each batch; SMs filled = programs / SMs (under 1 at "
+          f"batch {' or '.join(map(str, FILL_BATCHES))} fails), waves = programs / (SMs x CTAs per SM)")
+    print(f"{'target':6s} {'batch':>5s} {'stage':8s} {'kernel':28s} {'programs':>8s} {'SMs filled':>10s} {'waves':>6s}")
     for row in waves:
-        print(f"{row['stage']:18s} {row['kernel']:26s} {row['target']:6s} {'/'.join(map(str, row['programs'])):>20s} "
-              f"{row['waves_at_batch_1']:8.2f}")
+        print(f"{row['target']:6s} {row['batch']:>5d} {row['stage']:8s} {row['kernel']:28s} {row['programs']:>8d} "
+              f"{row['sms_filled']:>10.2f} {row['waves']:>6.2f}")
+        if row["batch"] in FILL_BATCHES and row["sms_filled"] < 1:
+            print(f"ERROR: {row['kernel']} ({row['stage']}) leaves SMs idle at batch {row['batch']} on {row['target']}",
+                  file=sys.stderr)
+            failed = True
     (args.out_dir / "report.json").write_text(json.dumps({"kernels": rows, "eval_waves": waves}, indent=1))
     return 1 if failed else 0
 
 
 def eval_waves(rows: list, targets: list) -> list:
-    """Programs of each inference launch at EVAL_BATCHES and its waves at batch 1, with the CTAs per SM of
-    its kernel's float32 TF32 variant compiled for that target."""
+    """Every launch of LFM's inference at EVAL_BATCHES with the SMs it fills and its waves, from the CTAs
+    per SM of its kernel's compiled float32 variants for that target (the fewest, where several)."""
     waves = []
     for cc in targets:
-        for stage, kernel, programs in eval_grids("sm90" if cc >= 90 else "sm80"):
+        family = "sm90" if cc >= 90 else "sm80"
+        sms = FAMILY_SMS[family]
+        for batch, stage, kernel, programs in eval_grids(family):
             compiled = [r for r in rows if r["kernel"] == kernel and r["target"] == f"sm_{cc}" and "error" not in r
                         and r["precision"] in ("tf32", "-") and r["variant"].startswith("fp32")]
             ctas = min(r["ctas_per_sm"] for r in compiled) if compiled else 1
-            waves.append({"stage": stage, "kernel": kernel, "target": f"sm_{cc}", "programs": programs,
-                          "waves_at_batch_1": programs[0] / (SMS[80 if cc < 90 else 90] * ctas)})
+            waves.append({"target": f"sm_{cc}", "batch": batch, "stage": stage, "kernel": kernel, "programs": programs,
+                          "sms_filled": programs / sms, "waves": programs / (sms * ctas)})
     return waves
 
 

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .backend import interpreter_tiles
+
 FAMILIES = ("sm80", "sm90")
+# SMs of the GPU each family is planned for (A100; H100/H200): the programs a launch needs to give every
+# SM work when the launch runs as that family without a GPU (the compile report, the interpreter's GPU tiles).
+FAMILY_SMS = {"sm80": 108, "sm90": 132}
 TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 _CONFIGS = {
@@ -42,10 +47,11 @@ _CONFIGS = {
         ("ieee", "sm90"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
     },
     # Block 4 + scoring: [BLOCK_P positions, BLOCK_C4] feature tile kept in registers, BLOCK_CS score channels
-    # per program (more take more programs). 64 positions already give wgmma on sm90.
+    # per program (more take more programs). 64 positions already give wgmma on sm90. Wider C4 blocks (64)
+    # or, on sm80, wider CI blocks (32) spill with the candidate selection after the loop.
     "snet_head": {
-        ("16-bit", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=1),
-        ("*", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
+        ("*", "sm80"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
+        ("*", "sm90"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
     },
     # d(conv input): [BLOCK_P pixels, BLOCK_CI] per program, reduction over BLOCK_CO x 4 taps.
     "conv2x2_dx": {("*", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1)},
@@ -92,6 +98,24 @@ def family(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return "sm90"
     return "sm80"
+
+
+def fill_target(device: torch.device) -> int:
+    """Programs a launch needs so that every SM of the GPU gets one: small launches (batch 1) split work
+    until they reach it (more output tiles, or a split reduction summed in a fixed order). 1 on CPU, except
+    under the interpreter's GPU tiles, so that tests run the split paths a GPU takes."""
+    if _forced_family is not None:
+        return FAMILY_SMS[_forced_family]
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 if interpreter_tiles() else FAMILY_SMS[family(device)]
+
+
+def halve_to_fill(tiles: dict, name: str, programs, target: int, smallest: int = 16) -> dict:
+    """Halve tiles[name], down to `smallest`, until programs(tiles) reaches `target` (fill_target)."""
+    while programs(tiles) < target and tiles[name] > smallest:
+        tiles[name] //= 2
+    return tiles
 
 
 def dot_kind(compute_dtype: torch.dtype, precision: str = "tf32") -> str:

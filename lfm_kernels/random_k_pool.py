@@ -64,16 +64,17 @@ def _random_k_merge_kernel(
     valid = row_live[:, None] & (lanes < k)
     b = rows // C
     c = rows % C
-    addr = (b.to(tl.int64) * sb + c * sc)[:, None] + (chosen // W) * sh + (chosen % W) * sw
+    addr = (b.to(tl.int64) * sb + c.to(tl.int64) * sc)[:, None] + (chosen // W) * sh + (chosen % W) * sw
     values = tl.load(x_ptr + addr, mask=valid, other=0.0).to(tl.float32)
     asc = tl.where(values != values, EMPTY_KEY + 1, ~sortable_key(values))
     asc = tl.where(valid, asc, EMPTY_KEY)
     order = tl.where(valid, chosen, NO_POSITION)
+    at = rows.to(tl.int64) * k
     for r in range(0, k):
         _, where, asc, order = pop_max(asc, order)
         value = tl.sum(tl.where(chosen == where[:, None], values, 0.0), axis=1)
-        tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
-        tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
+        tl.store(out_ptr + at + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
+        tl.store(idx_ptr + at + r, where.to(tl.int64), mask=row_live)
 
 
 @torch.library.custom_op("lfm::random_k_pool", mutates_args=())

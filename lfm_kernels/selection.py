@@ -9,15 +9,23 @@ Kernels:
   _topk_chunk_kernel   stage 1: per (row, chunk of positions) the chunk's k best as candidates
   _topk_reduce_kernel  between the stages while a row holds more candidates than one merge tile:
                        per (row, group of candidates) the group's k best, as fewer candidates
-  _topk_merge_kernel   stage 2: per row the k best candidates in descending order, rank dropout
+  _topk_merge_kernel   stage 2: per row the k best candidates in descending order (k rounds), rank dropout
+  _topk_rank_merge_kernel  stage 2 when rows are too few to give every SM a program (batch 1): per
+                       (row, block of candidates) each candidate's rank, counted against all the row's
+                       candidates, and the ones ranked below k stored at their rank; same answers
   _scatter_rows_kernel backward of a row gather (lfm::scatter_rows): the gradient at the selected positions
+Launchers give every SM a program where they can (configs.fill_target): fewer rows per program, then
+shorter chunks, and the rank merge when rows are fewer than SMs.
+Index math: int64 for each row's base (b * sb + c * sc, rows * M, rows * k: these pass 2^31 on large
+batches or many candidates); int32 within a row, for positions, candidate slots and in-plane offsets
+(select_chunks checks the plane's extent), with int32 division by W only for a position's row and column.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .backend import MAX_KERNEL_K, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs
-from .configs import launch, launch_config
+from .configs import fill_target, halve_to_fill, launch, launch_config
 
 EMPTY_KEY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
 NAN_KEY = tl.constexpr(2147483647)  # the key of NaN: above every number
@@ -74,25 +82,29 @@ def load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, BLOCK_
 
 @triton.jit
 def write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, slot0, M, k):
-    """k selection rounds on a [R, N] tile; round r goes to candidate slot slot0 + r of each row."""
+    """k selection rounds on a [R, N] tile; round r goes to candidate slot slot0 + r of each row (int64
+    offsets: rows * M can pass 2^31 where a row has many chunks)."""
+    at = rows.to(tl.int64) * M + slot0
     for r in range(0, k):
         best, where, keys, pos = pop_max(keys, pos)
-        tl.store(cand_key_ptr + rows * M + slot0 + r, best, mask=row_live)
-        tl.store(cand_pos_ptr + rows * M + slot0 + r, where, mask=row_live)
+        tl.store(cand_key_ptr + at + r, best, mask=row_live)
+        tl.store(cand_pos_ptr + at + r, where, mask=row_live)
 
 
 @triton.jit
 def _topk_chunk_kernel(
     x_ptr, cand_key_ptr, cand_pos_ptr, seed_ptr,
-    n_rows, C, N, W, sb, sc, sh, sw, k, M,
+    n_rows, C, N, W, n_terms, st, sb, sc, sh, sw, k, M,
     RANDOM_KEYS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Stage 1. Grid: (cdiv(B*C, BLOCK_R), cdiv(N, BLOCK_N)).
 
-    Reads a [BLOCK_R rows, BLOCK_N positions] tile of x through its strides (any layout) and
-    writes each row's k best (key, position) to candidate slots [chunk*k, chunk*k + k) of the
+    Reads a [BLOCK_R rows, BLOCK_N positions] tile of x through its strides (any layout), the float32
+    sum of n_terms such maps st elements apart (in order; snet_head's split scores) when n_terms > 1,
+    and writes each row's k best (key, position) to candidate slots [chunk*k, chunk*k + k) of the
     int32 (B*C, M) buffers. With RANDOM_KEYS the keys are Philox integers of (b, c, position)
     instead of x, so the k best are k distinct uniform random positions (random_k_pool).
+    Offsets: int64 per row; int32 within a plane (the launcher checks the plane's extent).
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     chunk = tl.program_id(1)
@@ -105,8 +117,11 @@ def _topk_chunk_kernel(
         rnd = philox_uint(seed_ptr, b[:, None], c[:, None], cols[None, :])
         keys = (rnd >> 1).to(tl.int32)
     else:
-        addr = (b.to(tl.int64) * sb + c * sc)[:, None] + ((cols // W) * sh + (cols % W) * sw)[None, :]
-        keys = sortable_key(tl.load(x_ptr + addr, mask=live, other=0.0).to(tl.float32))
+        addr = (b.to(tl.int64) * sb + c.to(tl.int64) * sc)[:, None] + ((cols // W) * sh + (cols % W) * sw)[None, :]
+        v = tl.load(x_ptr + addr, mask=live, other=0.0).to(tl.float32)
+        for t in range(1, n_terms):
+            v += tl.load(x_ptr + t * st + addr, mask=live, other=0.0)
+        keys = sortable_key(v)
     keys = tl.where(live, keys, EMPTY_KEY)
     pos = tl.where(live, cols[None, :], NO_POSITION)
     write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, rows, row_live, chunk * k, M, k)
@@ -131,6 +146,24 @@ def _topk_reduce_kernel(
 
 
 @triton.jit
+def _store_ranked(out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr, rows, C, rank, key, pos, live, k, scale,
+                  APPLY_DROP: tl.constexpr):
+    """Stores candidates (key, pos) at their rank (< k where live) of their rows of the (B*C, k) outputs:
+    the value (out's dtype), the int64 position and a uint8 keep flag. With APPLY_DROP, rank r is dropped
+    when a Philox uniform of (b, c, r) falls below probs[r]; survivors are multiplied by `scale`."""
+    value = key_to_value(key)
+    keep = rank >= 0
+    if APPLY_DROP:
+        u = tl.random.uint_to_uniform_float(philox_uint(seed_ptr, rows // C, rows % C, rank))
+        keep = u >= tl.load(probs_ptr + rank, mask=live, other=0.0)
+        value = value * keep.to(tl.float32) * scale
+    at = rows.to(tl.int64) * k + rank
+    tl.store(out_ptr + at, value.to(out_ptr.dtype.element_ty), mask=live)
+    tl.store(idx_ptr + at, pos.to(tl.int64), mask=live)
+    tl.store(keep_ptr + at, keep.to(tl.uint8), mask=live)
+
+
+@triton.jit
 def _topk_merge_kernel(
     cand_key_ptr, cand_pos_ptr, out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr,
     n_rows, C, M, k, scale,
@@ -138,25 +171,46 @@ def _topk_merge_kernel(
 ):
     """Stage 2. Grid: (cdiv(B*C, BLOCK_R),).
 
-    Reads each row's M candidates, selects the k best in descending order and writes the
-    values (out's dtype), their int64 positions and a uint8 keep mask, all (B*C, k). With
-    APPLY_DROP, rank r is dropped when a Philox uniform of (b, c, r) falls below probs[r];
-    survivors are multiplied by `scale`.
+    Reads each row's M candidates and selects the k best in descending order, one per round, each
+    stored at its rank by _store_ranked (values, positions and keep flags, all (B*C, k)).
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_live = rows < n_rows
     keys, pos = load_candidates(cand_key_ptr, cand_pos_ptr, rows, row_live, 0, M, BLOCK_M)
     for r in range(0, k):
         best, where, keys, pos = pop_max(keys, pos)
-        value = key_to_value(best)
-        keep = tl.full([BLOCK_R], 1, tl.int1)
-        if APPLY_DROP:
-            u = tl.random.uint_to_uniform_float(philox_uint(seed_ptr, rows // C, rows % C, rows * 0 + r))
-            keep = u >= tl.load(probs_ptr + r)
-            value = value * keep.to(tl.float32) * scale
-        tl.store(out_ptr + rows * k + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
-        tl.store(idx_ptr + rows * k + r, where.to(tl.int64), mask=row_live)
-        tl.store(keep_ptr + rows * k + r, keep.to(tl.uint8), mask=row_live)
+        _store_ranked(out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr, rows, C, rows * 0 + r, best, where, row_live,
+                      k, scale, APPLY_DROP)
+
+
+@triton.jit
+def _topk_rank_merge_kernel(
+    cand_key_ptr, cand_pos_ptr, out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr,
+    C, M, k, scale,
+    APPLY_DROP: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Stage 2 for few rows (too few for a program per SM). Grid: (B*C, cdiv(M, BLOCK_I)).
+
+    The rank of each of BLOCK_I candidates of a row is the number of the row's M candidates ahead of
+    it in selection order (a larger key, or an equal key at a lower position), counted in blocks of
+    BLOCK_J. Real candidates have distinct positions and every one is ahead of an empty slot, so the
+    ranks below k are those _topk_merge_kernel's rounds give; those candidates are stored at their rank.
+    """
+    row = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_live = i < M
+    at = row.to(tl.int64) * M
+    key = tl.load(cand_key_ptr + at + i, mask=i_live, other=EMPTY_KEY)
+    pos = tl.load(cand_pos_ptr + at + i, mask=i_live, other=NO_POSITION)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, M, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        other_key = tl.load(cand_key_ptr + at + j, mask=j < M, other=EMPTY_KEY)[None, :]
+        other_pos = tl.load(cand_pos_ptr + at + j, mask=j < M, other=NO_POSITION)[None, :]
+        ahead = (other_key > key[:, None]) | ((other_key == key[:, None]) & (other_pos < pos[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    _store_ranked(out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr, row, C, rank, key, pos, i_live & (rank < k), k,
+                  scale, APPLY_DROP)
 
 
 @triton.jit
@@ -235,41 +289,64 @@ def chunk_size(n: int) -> int:
 
 
 def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
-    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k)."""
+    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k). Fewer rows per
+    program until every SM has one; with fewer rows than that, the rank merge (one program per block of
+    a row's candidates)."""
     cand_key, cand_pos = reduce_candidates(cand_key, cand_pos, k)
     n_rows, M = cand_key.shape
     idx = torch.empty((n_rows, k), dtype=torch.int64, device=out.device)
     keep = torch.empty((n_rows, k), dtype=torch.uint8, device=out.device)
-    apply_drop = drop is not None
-    probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
-    block_m = triton.next_power_of_2(M)
-    block_r = rows_per_program(block_m)
     if not n_rows:
         return idx, keep
-    launch(_topk_merge_kernel, (triton.cdiv(n_rows, block_r),),
-           cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx,
-           n_rows, out.shape[1], M, k, dropout_scale(*drop) if apply_drop else 1.0,
-           APPLY_DROP=apply_drop, BLOCK_R=block_r, BLOCK_M=block_m, **launch_options())
+    apply_drop = drop is not None
+    probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
+    args = (cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx)
+    scale = dropout_scale(*drop) if apply_drop else 1.0
+    block_m, target = triton.next_power_of_2(M), fill_target(out.device)
+    if n_rows >= target:
+        tiles = halve_to_fill({"BLOCK_R": rows_per_program(block_m)}, "BLOCK_R",
+                              lambda t: triton.cdiv(n_rows, t["BLOCK_R"]), target, smallest=1)
+        launch(_topk_merge_kernel, (triton.cdiv(n_rows, tiles["BLOCK_R"]),), *args, n_rows, out.shape[1], M, k, scale,
+               APPLY_DROP=apply_drop, BLOCK_M=block_m, **tiles, **launch_options())
+    else:
+        tiles = halve_to_fill({"BLOCK_I": block_m}, "BLOCK_I", lambda t: n_rows * triton.cdiv(M, t["BLOCK_I"]),
+                              target, smallest=4)
+        tiles["BLOCK_J"] = max(16, min(block_m, tile_elements() // tiles["BLOCK_I"]))
+        launch(_topk_rank_merge_kernel, (n_rows, triton.cdiv(M, tiles["BLOCK_I"])), *args, out.shape[1], M, k, scale,
+               APPLY_DROP=apply_drop, **tiles, **launch_options())
     return idx, keep
 
 
 def select_chunks(x, k, *, seed=None):
-    """Stage 1 over a (B, C, H, W) tensor; returns the int32 candidate buffers (B*C, M)."""
-    B, C, H, W = x.shape
+    """Stage 1 over a (B, C, H, W) tensor, or over the float32 sum of the S maps of an (S, B, C, H, W) one
+    (snet_head's split scores); returns the int32 candidate buffers (B*C, M). Fewer rows per program,
+    then shorter chunks, until every SM has a program."""
+    terms = x if x.dim() == 5 else x.unsqueeze(0)
+    S, B, C, H, W = terms.shape
     N = H * W
-    block_n = chunk_size(N)
-    n_chunks = triton.cdiv(N, block_n)
+    if N and (H - 1) * terms.stride(3) + (W - 1) * terms.stride(4) >= 2**31:
+        raise ValueError(f"topk: an (H, W) = ({H}, {W}) plane with strides {terms.stride()[3:]} spans 2^31 "
+                         "elements or more; its offsets are int32")
+    tiles = {"BLOCK_N": chunk_size(N)}
+    tiles["BLOCK_R"] = rows_per_program(tiles["BLOCK_N"])
+    target = fill_target(x.device)
+
+    def programs(t):
+        return triton.cdiv(B * C, t["BLOCK_R"]) * triton.cdiv(N, t["BLOCK_N"])
+
+    halve_to_fill(tiles, "BLOCK_R", programs, target, smallest=1)
+    halve_to_fill(tiles, "BLOCK_N", programs, target, smallest=max(64, triton.next_power_of_2(2 * k)))
+    n_chunks = triton.cdiv(N, tiles["BLOCK_N"])
     M = n_chunks * k
     cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
-    block_r = rows_per_program(block_n)
     if not B * C:
         return cand_key, cand_pos
     launch(
-        _topk_chunk_kernel, (triton.cdiv(B * C, block_r), n_chunks),
-        x, cand_key, cand_pos, seed if seed is not None else cand_key,
-        B * C, C, N, W, *x.stride(), k, M,
-        RANDOM_KEYS=seed is not None, BLOCK_R=block_r, BLOCK_N=block_n, **launch_options(),
+        _topk_chunk_kernel, (triton.cdiv(B * C, tiles["BLOCK_R"]), n_chunks),
+        terms, cand_key, cand_pos, seed if seed is not None else cand_key,
+        B * C, C, N, W, S, *terms.stride(), k, M,
+        RANDOM_KEYS=seed is not None, **tiles, **launch_options(),
     )
     return cand_key, cand_pos
 

@@ -40,11 +40,11 @@ from .backend import (
     resolve_backend,
     resolve_precision,
 )
-from .configs import launch
+from .configs import fill_target, halve_to_fill, launch
 from .conv2x2 import conv2x2_at, dot_operand, fitted_tiles, launch_conv2x2_dw, launch_conv2x2_dx
 from .npr_residual import npr_residual_reference
 from .score_topk import score_topk
-from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
+from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
 from .topk_pool import topk_pool_reference
 
 
@@ -270,21 +270,27 @@ def _snet_block_bwd_kernel(
 
 @triton.jit
 def _snet_head_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, ws_ptr, cand_key_ptr, cand_pos_ptr, eps,
-    Cin, C4, CS, H, W, Hc, Wc, sxb, sxc, sxh, sxw, swo, swi, swh, sww, sso, ssi, k, M,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C4: tl.constexpr, BLOCK_CS: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, ws_ptr, cand_key_ptr, cand_pos_ptr, part_ptr,
+    eps, B, Cin, C4, CS, H, W, Hc, Wc, sxb, sxc, sxh, sxw, swo, swi, swh, sww, sso, ssi, k, M, n_splits,
+    c4_per_split,
+    SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C4: tl.constexpr,
+    BLOCK_CS: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Block 4 + BatchNorm + ReLU + 1x1 scoring + Top-K candidates.
-    Grid: (B, cdiv(Hc*Wc, BLOCK_P), cdiv(CS, BLOCK_CS)).
+    Grid: (B * n_splits, cdiv(Hc*Wc, BLOCK_P), cdiv(CS, BLOCK_CS)).
 
     For BLOCK_P conv positions of image b: the block-4 conv, BatchNorm (running statistics) and ReLU,
     then score[p, cs] += feat[p, c4 block] @ score_weight[cs, c4 block]^T, C4 block by C4 block, so
     the C4-channel feature map stays in registers. Writes each score channel's k best (key,
     position) to candidate slots [chunk*k, chunk*k + k) of the (B*CS, M) buffers, merged by
-    topk_pool's merge. More than BLOCK_CS score channels take more programs (each recomputes the conv).
+    selection's merge. More than BLOCK_CS score channels take more programs (each recomputes the conv).
+    SPLIT (small batches, to give every SM a program): program split s of n_splits takes channels
+    [s * c4_per_split, (s + 1) * c4_per_split) of C4 and writes its float32 partial scores to
+    part[s, b, cs, p] of the (n_splits, B, CS, Hc*Wc) buffer instead; selection's chunk kernel sums
+    them in split order (the score is linear in the channels; BatchNorm and ReLU act per channel).
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
     chunk = tl.program_id(1)
     p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     live = p < Hc * Wc
@@ -294,7 +300,9 @@ def _snet_head_kernel(
     cs = tl.program_id(2) * BLOCK_CS + tl.arange(0, BLOCK_CS)
     cs_live = cs < CS
     score = tl.zeros([BLOCK_P, BLOCK_CS], dtype=tl.float32)
-    for c40 in range(0, C4, BLOCK_C4):  # the shape of conv2x2's dx loop (a channel-block loop); bodies differ
+    c4_start = split * c4_per_split
+    # A channel-block loop as conv2x2's dx loop; bodies differ.
+    for c40 in range(c4_start, tl.minimum(c4_start + c4_per_split, C4), BLOCK_C4):
         c4 = c40 + tl.arange(0, BLOCK_C4)
         c4_live = c4 < C4
         acc = conv2x2_at(x_ptr, w_ptr, base, r, c, live, c4, c4_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
@@ -306,9 +314,13 @@ def _snet_head_kernel(
         score = tl.dot(dot_operand(feat, OPERAND_DTYPE, DOT_DTYPE), dot_operand(ws, OPERAND_DTYPE, DOT_DTYPE), score,
                        input_precision=PRECISION)
     ok = live[:, None] & cs_live[None, :]
-    keys = tl.trans(tl.where(ok, sortable_key(score), EMPTY_KEY))
-    pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), NO_POSITION))
-    write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * CS + cs, cs_live, chunk * k, M, k)
+    if SPLIT:
+        at = ((split * B + b).to(tl.int64) * CS + cs[None, :]) * (Hc * Wc) + p[:, None]
+        tl.store(part_ptr + at, score, mask=ok)
+    else:
+        keys = tl.trans(tl.where(ok, sortable_key(score), EMPTY_KEY))
+        pos = tl.trans(tl.where(ok, p[:, None] + tl.zeros([BLOCK_P, BLOCK_CS], tl.int32), NO_POSITION))
+        write_candidates(keys, pos, cand_key_ptr, cand_pos_ptr, b * CS + cs, cs_live, chunk * k, M, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +336,9 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
     tiles = fitted_tiles("snet_block_fwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    # Small batches: narrower channel blocks until every SM has a program (block 3 at batch 1 on sm_90).
+    halve_to_fill(tiles, "BLOCK_CO", lambda t: triton.cdiv(n_groups, t["BLOCK_G"]) * triton.cdiv(Cout, t["BLOCK_CO"]),
+                  fill_target(x.device))
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     dev = x.device
     if stats_pass:
@@ -498,17 +513,34 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
     tiles = fitted_tiles("snet_head", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_C4=C4, BLOCK_CS=CS)
     n_chunks = triton.cdiv(Hc * Wc, tiles["BLOCK_P"])
+    n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * triton.cdiv(CS, tiles["BLOCK_CS"]), C4,
+                                          fill_target(x.device))
     M = n_chunks * k
-    cand_key = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
-    cand_pos = torch.empty((B * CS, M), dtype=torch.int32, device=x.device)
-    launch(_snet_head_kernel, (B, n_chunks, triton.cdiv(CS, tiles["BLOCK_CS"])),
-           x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, eps,
-           Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1),
-           k, M,
-           **tiles, **dot_args(compute_dtype, precision))
+    cand_key = torch.empty((B * CS, M if n_splits == 1 else 0), dtype=torch.int32, device=x.device)
+    cand_pos = torch.empty_like(cand_key)
+    part = torch.empty((n_splits, B, CS, Hc, Wc) if n_splits > 1 else 0, dtype=torch.float32, device=x.device)
+    launch(_snet_head_kernel, (B * n_splits, n_chunks, triton.cdiv(CS, tiles["BLOCK_CS"])),
+           x, weight, bias, gamma, beta, mean, var, score_weight, cand_key, cand_pos, part, eps,
+           B, Cin, C4, CS, H, W, Hc, Wc, *x.stride(), *weight.stride(), score_weight.stride(0), score_weight.stride(1),
+           k, M, n_splits, c4_per_split, SPLIT=n_splits > 1, **tiles, **dot_args(compute_dtype, precision))
+    if n_splits > 1:
+        cand_key, cand_pos = select_chunks(part, k)
     out = torch.empty((B, CS, k), dtype=compute_dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)
     return out, idx.view(B, CS, k)
+
+
+def _head_splits(tiles, programs, C4, target):
+    """(n_splits, c4_per_split): how snet_head splits C4 so that every SM has a program at small batch (at
+    most one split per channel block; BLOCK_C4 halves, down to 16, where that is not enough). One split,
+    the fused path, once the batch fills the GPU."""
+    def splits(t):
+        blocks = triton.cdiv(C4, t["BLOCK_C4"])
+        per_split = max(1, blocks // triton.cdiv(target, max(programs, 1)))
+        return triton.cdiv(blocks, per_split), per_split * t["BLOCK_C4"]
+
+    halve_to_fill(tiles, "BLOCK_C4", lambda t: programs * splits(t)[0], target)
+    return splits(tiles)
 
 
 @_snet_head_eval_op.register_fake

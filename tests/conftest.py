@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=["interpreter tiles", "gpu tiles"])
 def tiles(request):
     """Run a test with the interpreter's large tiles and with the tile sizes a GPU gets (more programs,
-    loops over channel blocks, several candidate chunks): results must not depend on them."""
+    loops over channel blocks, several candidate chunks, and the splits that give every SM of a GPU a
+    program at small batch: the head's channel split, the rank merge): results must not depend on them."""
     from lfm_kernels.backend import gpu_tile_sizes
 
     if request.param == "gpu tiles":

@@ -51,3 +51,18 @@ def block_params(cin, cout, seed=0, dtype=torch.float32):
             torch.randn(cout, generator=g, dtype=dtype) * 0.1,
             torch.randn(cout, generator=g, dtype=dtype) * 0.1,
             torch.rand(cout, generator=g, dtype=dtype) + 0.5]
+
+
+def record_launches(monkeypatch):
+    """A list that fills with (kernel name, constexprs and grid) for every interpreted Triton launch."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    run = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return launches
