@@ -1,11 +1,12 @@
 """Inference engines for `lfm eval` and `lfm predict`, and `lfm export`.
 
   torch    our torch backend as it is: on CPU its inference path (lfm_kernels.torch_inference: BatchNorm
-           folded, channels_last, oneDNN conv+ReLU, Top-K without a full sort); Triton kernels on CUDA.
+           folded, channels_last, pool blocks by cache-sized chunks, Top-K without a full sort); Triton
+           kernels on CUDA.
   compile  torch.compile of the same model (Inductor; on CPU it needs a C++ compiler, without one the
-           torch engine runs, with a warning).
+           torch engine runs, with a warning), called on a few images at a time on CPU (CALL_BYTES).
   onnx     the eval graph exported once to ONNX (cached by a hash of the weights and the input size) and
-           run by ONNX Runtime on CPU (`pip install lfm[cpu]`).
+           run by ONNX Runtime on CPU (`pip install lfm[cpu]`), a few images at a time.
 
 Every engine gives the authors' logits within 1e-4 (tests/test_engines.py).
 """
@@ -18,6 +19,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CommandFailed, UsageError, warn
@@ -27,6 +29,35 @@ DEFAULT_ENGINE = "torch"
 EXPORT_FORMATS = ("onnx", "pt2")
 # Exported graphs take any batch up to this size; height and width are fixed at export.
 MAX_EXPORT_BATCH = 4096
+
+
+# ONNX Runtime and Inductor compute a whole input per call, so a batch of 256x256 images writes its
+# first conv's map (64 channels, 16.6 MB per image) to memory and reads it back. Given at most this many
+# bytes of that map per call, about what a small machine's L3 cache holds, both run about 1.7x faster
+# at batch 8 on 2 cores (measured interleaved); the torch engine chunks inside its blocks instead. A
+# GPU wants whole batches: compile there is not chunked (and onnx runs on CPU only).
+CALL_BYTES = 16 << 20
+
+
+def images_per_call(x: torch.Tensor) -> int:
+    """How many images of the (B, 3, H, W) batch x one call of an exported or compiled graph takes."""
+    first_map = 64 * max(x.shape[2] - 1, 1) * max(x.shape[3] - 1, 1) * 4
+    return max(1, CALL_BYTES // first_map)
+
+
+class Chunked:
+    """Calls `run` on slices of a batch of images_per_call(x) images and concatenates the logits."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def eval(self):
+        self.run.eval()
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = images_per_call(x)
+        return self.run(x) if x.shape[0] <= n else torch.cat([self.run(part) for part in x.split(n)])
 
 
 def check_engine(engine: str, resize, precision: str):
@@ -144,6 +175,9 @@ class OnnxRunner:
         # Without its arena ONNX Runtime frees each batch's activations, which keeps `lfm predict` under
         # 1.5 GB at the default batch (1.6 GB with the arena), at no measurable cost in speed.
         options.enable_cpu_mem_arena = False
+        # Its threads sleep between runs instead of spinning, which took the cores from the decoding
+        # workers of `lfm predict` (and from torch, in a benchmark that interleaves engines).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
 
@@ -155,8 +189,10 @@ class OnnxRunner:
         if tuple(x.shape[2:]) != self.size:
             raise ValueError(f"the ONNX graph takes {self.size[0]}x{self.size[1]} inputs, got "
                              f"{x.shape[2]}x{x.shape[3]}")
-        logits = self.session.run(None, {"x": x.detach().float().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(logits)
+        n = images_per_call(x)
+        x = x.detach().float().cpu().contiguous().numpy()
+        logits = [self.session.run(None, {"x": x[i:i + n]})[0] for i in range(0, len(x), n)]
+        return torch.from_numpy(np.concatenate(logits))
 
 
 def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, command: str):
@@ -175,5 +211,6 @@ def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, com
             warn(command, "--engine compile needs a C++ compiler on CPU and none was found (set CXX); "
                           "running --engine torch")
             return model
-        return torch.compile(model, dynamic=None)
+        compiled = torch.compile(model, dynamic=None)
+        return Chunked(compiled) if device.type == "cpu" else compiled
     return model

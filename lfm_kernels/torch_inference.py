@@ -10,7 +10,7 @@ Same answers as the references (`*_reference`, kept as they are for the tests), 
   - pool blocks by cache-sized chunks (CHUNK_BYTES of conv output: a few images, or a band of rows of
     one): the pre-pool map is pooled while it is in cache instead of going to memory and back, which
     alone doubles the speed at batch 8 on 2 cores. Under torch.compile and torch.export the whole
-    batch goes in one call (one graph for any batch size).
+    batch goes in one call (one graph for any batch size), pooled by F.max_pool2d in an export.
   - max-pool without indices (F.max_pool2d computes them even when nothing needs them), before an
     in-place ReLU. oneDNN's fused conv+ReLU is not used: its ReLU turns NaN into 0, and our ops keep
     NaN (a broken checkpoint must score NaN, not a number).
@@ -62,6 +62,10 @@ def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_
     x = x.contiguous(memory_format=torch.channels_last)
     if not pool:
         return F.conv2d(x, weight, bias).relu_()
+    if torch.compiler.is_exporting():
+        # One graph for any batch; F.max_pool2d becomes ONNX's MaxPool, which ONNX Runtime runs in its
+        # blocked layout next to the convs (four strided slices there cost more than all the convs).
+        return F.max_pool2d(F.conv2d(x, weight, bias), 2).relu_()
     if torch.compiler.is_compiling() or not x.shape[0]:  # one graph for any batch (Inductor fuses the pool)
         return max_pool_2x2(F.conv2d(x, weight, bias)).relu_()
     # Pool first: max-pool and ReLU commute (both monotonic, both keep NaN), so ReLU touches a quarter.

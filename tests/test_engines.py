@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lfm import LFM
+from lfm import LFM, engines
 from lfm.cli import main
 from lfm.engines import OnnxRunner, cxx_compiler, export_model, prepare, weights_hash
 from lfm.errors import UsageError
@@ -76,6 +76,9 @@ def test_onnx_engine_exports_once_and_matches_the_authors(official, cache):
     assert OnnxRunner(model, (256, 256)).path.stat().st_mtime_ns == stamp  # cached, not exported again
     with pytest.raises(ValueError, match="takes 256x256 inputs, got 224x224"):
         runner(ref["x224"])
+    broken = ref["x256"][:1].clone()
+    broken[0, 0, 100, 100] = float("nan")  # one NaN pixel: ONNX Runtime's fused conv, ReLU and MaxPool keep it
+    assert runner(broken).isnan().all()
 
 
 def test_predict_engines_agree(weights, tmp_path, cache, capsys):
@@ -87,6 +90,17 @@ def test_predict_engines_agree(weights, tmp_path, cache, capsys):
         probs[engine] = _probs(capsys.readouterr().out)
     assert len(probs["torch"]) == 3
     np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-5)
+
+
+def test_chunked_calls_give_the_whole_batch_logits(model, monkeypatch):
+    monkeypatch.setattr(engines, "CALL_BYTES", 64 * 46 * 46 * 4 * 2)  # two 47x47 images per call
+    x = torch.randn(5, 3, 47, 47)
+    calls = []
+    chunked = engines.Chunked(lambda part: calls.append(len(part)) or model(part))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), model(x), atol=1e-5, rtol=0)
+    assert calls == [2, 2, 1]
+    assert engines.images_per_call(torch.zeros(1, 3, 256, 256)) == 1  # 16.6 MB of first map per image
 
 
 @pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
