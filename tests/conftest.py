@@ -36,18 +36,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["interpreter tiles", "gpu tiles"])
+@pytest.fixture(params=["interpreter tiles", "sm80 tiles", "sm90 tiles"])
 def tiles(request):
-    """Run a test with the interpreter's large tiles and with the tile sizes a GPU gets (more programs,
-    loops over channel blocks, several candidate chunks, and the splits that give every SM of a GPU a
-    program at small batch: the head's channel split, the rank merge): results must not depend on them."""
+    """Run a test with the interpreter's large tiles and with the tile sizes each GPU family gets (more
+    programs, loops over channel blocks, several candidate chunks, and the splits that give every SM of
+    a GPU a program at small batch: the head's channel split, the rank merge): results must not depend
+    on them."""
     from lfm_kernels.backend import gpu_tile_sizes
+    from lfm_kernels.configs import gpu_family
 
-    if request.param == "gpu tiles":
-        with gpu_tile_sizes():
-            yield request.param
-    else:
+    if request.param == "interpreter tiles":
         yield request.param
+    else:
+        with gpu_family(request.param.split()[0]), gpu_tile_sizes():
+            yield request.param
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 gets the whole contract by adding its entries to OPS):
 
 - the Triton kernels agree with the PyTorch reference in float64, forward and backward, with the
-  interpreter's tiles and with the tile sizes a GPU gets;
+  interpreter's tiles and with the tile sizes each GPU family gets; and for ops with dots, with every
+  entry of the launch table (family x TF32 / 16-bit dots) within that precision's tolerance;
 - its custom ops (those its forward and backward call) pass torch.library.opcheck;
 - it compiles with torch.compile(fullgraph=True), forward and backward, on both backends;
 - contiguous, channels_last and strided inputs give the same results;
@@ -12,6 +13,7 @@ gets the whole contract by adding its entries to OPS):
 
 Ops that draw random numbers (`random=True`) are checked against their own Triton float32 run under the
 same seed instead of the reference. Per-op files keep what is specific to their op."""
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DTYPE_TOL, distinct_map, layouts
 
 from lfm_kernels import npr_residual, random_k_pool, score_topk, snet_block, snet_head, topk_pool
+from lfm_kernels.backend import gpu_tile_sizes
+from lfm_kernels.configs import FAMILIES, gpu_family
 
 
 def _block_params(cin, cout, seed=0):
@@ -40,7 +44,8 @@ def _running_stats(cout, seed=1):
 @dataclass
 class OpCase:
     """inputs(B) -> (differentiable float64 tensors, the first a (B, C, H, W) batch; state tensors);
-    run(backend, inputs, state) -> output."""
+    run(backend, inputs, state, precision="ieee") -> output (precision: the float32 dots' input_precision,
+    for ops with dots)."""
     name: str
     inputs: Callable
     run: Callable
@@ -48,6 +53,7 @@ class OpCase:
     random: bool = False  # draws from torch's generator: compared with its own run under the same seed
     half_inputs: int = 1  # leading inputs given in bfloat16/float16 (the rest stay float32, as parameters)
     half_tol: float = 4.0  # DTYPE_TOL multiple for half-precision inputs
+    dots: bool = False  # runs tl.dot: its launch configurations depend on the dot kind
 
 
 def _image(B, C=3, H=11, W=10):
@@ -62,19 +68,22 @@ OPS = [
     OpCase("random_k_pool", lambda B: ([distinct_map(B, 3, 5, 6, dtype=torch.float64)], []),
            lambda backend, t, s: random_k_pool(t[0], 6, backend=backend), random=True),
     OpCase("score_topk", lambda B: ([_image(B, 24, 9, 10), torch.randn(20, 24, 1, 1, dtype=torch.float64)], []),
-           lambda backend, t, s: score_topk(t[0], t[1], 5, input_precision="ieee", backend=backend), half_inputs=2),
+           lambda backend, t, s, precision="ieee": score_topk(t[0], t[1], 5, input_precision=precision,
+                                                              backend=backend), half_inputs=2, dots=True),
     OpCase("snet_block eval", lambda B: ([_image(B, 20)] + _block_params(20, 40), _running_stats(40)),
-           lambda backend, t, s: snet_block(*t, *s, input_precision="ieee", backend=backend), half_tol=8.0),
+           lambda backend, t, s, precision="ieee": snet_block(*t, *s, input_precision=precision, backend=backend),
+           half_tol=8.0, dots=True),
     OpCase("snet_block train stem", lambda B: ([_image(B)] + _block_params(3, 24), _running_stats(24)),
-           lambda backend, t, s: snet_block(*t, *s, training=True, npr=True, input_precision="ieee",
-                                            backend=backend)),
+           lambda backend, t, s, precision="ieee": snet_block(*t, *s, training=True, npr=True,
+                                                              input_precision=precision, backend=backend), dots=True),
     OpCase("snet_block train no pool", lambda B: ([_image(B, 20)] + _block_params(20, 40), _running_stats(40)),
-           lambda backend, t, s: snet_block(*t, *s, training=True, pool=False, input_precision="ieee",
-                                            backend=backend)),
+           lambda backend, t, s, precision="ieee": snet_block(*t, *s, training=True, pool=False,
+                                                              input_precision=precision, backend=backend), dots=True),
     OpCase("snet_head eval", lambda B: ([_image(B, 20), *_block_params(20, 40)[:4],
                                          torch.randn(80, 40, 1, 1, dtype=torch.float64) / 40**0.5],
                                         _running_stats(40)),
-           lambda backend, t, s: snet_head(t[0], *t[1:5], *s, t[5], 3, input_precision="ieee", backend=backend)),
+           lambda backend, t, s, precision="ieee": snet_head(t[0], *t[1:5], *s, t[5], 3, input_precision=precision,
+                                                             backend=backend), dots=True),
 ]
 
 
@@ -115,6 +124,47 @@ def test_matches_reference_forward_and_backward(case, tiles):
     theirs = torch.autograd.grad(ref, ref_in, grad)
     for i, (a, b) in enumerate(zip(mine, theirs)):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=f"gradient of input {i}")
+
+
+@pytest.mark.parametrize("kind", ["tf32", "16-bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", [case for case in OPS if case.dots], ids=lambda c: c.name)
+def test_every_launch_configuration(case, family, kind):
+    """The launch table's TF32 and 16-bit entries of each GPU family (its full-float32 entries run in
+    test_matches_reference_forward_and_backward), with that family's tiles and small-batch splits, forward
+    and backward. The interpreter computes TF32 dots in float32, so TF32 is held to float32's tolerance
+    against the float64 reference: this checks the tiles, not TF32's rounding. 16-bit runs bfloat16
+    inputs: the forward against the reference of the rounded inputs; the backward against the same run
+    with the interpreter's tiles, because bfloat16 rounding flips a few ReLU gates and pool winners
+    against float64, whose gradients then differ entirely, while other tiles only reorder float32 sums."""
+    inputs, state = case.inputs(2)
+    half = case.half_inputs if kind == "16-bit" else 0
+    dtype = torch.bfloat16 if half else torch.float32
+
+    def run(tiles):
+        tensors = _as(dtype, inputs[:half], True) + _as(torch.float32, inputs[half:], True)
+        with tiles:
+            out = case.run("triton", tensors, _as(torch.float32, state, False), precision="tf32")
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            return out, torch.autograd.grad(out, tensors, grad.to(out.dtype)), tensors, grad
+
+    @contextlib.contextmanager
+    def family_tiles():
+        with gpu_family(family), gpu_tile_sizes():
+            yield
+
+    out, grads, tensors, grad = run(family_tiles())
+    ref_in = [t.detach().double().requires_grad_() for t in tensors]
+    ref = case.run("torch", ref_in, _as(torch.float64, state, False))
+    if half:
+        tol = DTYPE_TOL[torch.bfloat16] * case.half_tol
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        expected, tol = run(contextlib.nullcontext())[1], DTYPE_TOL[torch.bfloat16]
+    else:
+        torch.testing.assert_close(out.double(), ref, atol=case.atol, rtol=1e-5)
+        expected, tol = torch.autograd.grad(ref, ref_in, grad), 1e-4
+    for i, (a, b) in enumerate(zip(grads, expected)):
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol, msg=lambda m, i=i: f"gradient {i}: {m}")
 
 
 @pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)

@@ -82,7 +82,7 @@ def test_head_matches_block_then_score_topk(tiles, monkeypatch):
     values, idx = snet_head(x.float(), *[p.float() for p in params], score_weight.float(), 5, input_precision="ieee",
                             return_indices=True, backend="triton")
     split = [meta["SPLIT"] for name, meta in launches if name == "_snet_head_kernel"]
-    assert split == [tiles == "gpu tiles"]
+    assert split == [tiles != "interpreter tiles"]
     ref_values, ref_idx = snet_head_reference(x, *params, score_weight, 5, return_indices=True)
     torch.testing.assert_close(values.double(), ref_values, atol=1e-5, rtol=1e-5)
     assert torch.equal(idx, ref_idx)
@@ -191,8 +191,8 @@ def test_lfm_triton_eval_launches(official, monkeypatch, tiles):
             logits = model(x)
     launches += [name for name, _ in kernels]
     head = [meta for name, meta in kernels if name == "_snet_head_kernel"]
-    assert len(head) == 1 and head[0]["SPLIT"] == (tiles == "gpu tiles")
-    assert len(launches) == (7 if tiles == "gpu tiles" else 6), launches
+    assert len(head) == 1 and head[0]["SPLIT"] == (tiles != "interpreter tiles")
+    assert len(launches) == (6 if tiles == "interpreter tiles" else 7), launches
     reference = LFM(backend="torch").eval()
     reference.load_state_dict(official["state_dict"])
     with torch.no_grad():
