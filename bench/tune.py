@@ -2,7 +2,7 @@
 
     python -m bench.tune [--budget-s 300] [--table lfm_kernels/tuned_configs.json] [--force]
 
-LFM's workloads run once per dtype (inference at batch 256 and 256x256, a training step with rank dropout
+LFM's workloads run once per dtype (inference at batch 1 and 256 and 256x256, a training step with rank dropout
 and random-K at batch 32 and 224x224, npr_residual and topk_pool on their own) while every kernel launch is
 recorded (kernel, grid, arguments, constexprs). Each recorded launch is then replayed with each of a few
 launch options (num_warps x num_stages, LAUNCH_OPTIONS), which change neither the grid nor the results,
@@ -98,7 +98,8 @@ def workloads(dtype):
     model = LFM(backend="triton", dropout="paper", random_k_weight=0.02).cuda().to(dtype)
     images = dict(device="cuda", dtype=dtype)
     with torch.no_grad():
-        model.eval()(torch.randn(LARGE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, **images))
+        for batch in (1, LARGE_BATCH):  # batch 1 takes the small-batch splits (lfm predict on one photo)
+            model.eval()(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, **images))
     logits, aux = model.train()(torch.randn(TRAIN_BATCH, 3, TRAIN_SIZE, TRAIN_SIZE, **images), return_aux=True)
     target = torch.randint(0, 2, logits.shape, device="cuda").to(dtype)
     (F.binary_cross_entropy_with_logits(logits, target) + F.binary_cross_entropy_with_logits(aux, target)).backward()
