@@ -167,14 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_options(p)
     p.set_defaults(func=run_predict)
 
-    p = commands.add_parser("export", help="write the eval graph as ONNX or a torch.export program",
+    p = commands.add_parser("export", help="write the eval graph as ONNX, a torch.export program or an "
+                                           "AOTInductor package",
                             description="Export a model's eval graph (any batch, fixed input size) for serving "
-                                        "without lfm: ONNX (ONNX Runtime) or .pt2 (torch.export.load).")
+                                        "without lfm: ONNX (ONNX Runtime), pt2 (torch.export.load) or aoti "
+                                        "(a .pt2 of compiled native code, torch._inductor.aoti_load_package; "
+                                        "writing it needs a C++ compiler).")
     p.add_argument("out", metavar="OUT", help="file to write (e.g. lfm.onnx, lfm.pt2)")
     p.add_argument("--weights", required=True, help="the authors' .pth or our .safetensors")
     p.add_argument("--model", choices=MODEL_NAMES,
                    help="architecture of a .pth file (default lfm); our .safetensors record their own")
-    p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="onnx or pt2")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="onnx, pt2 or aoti")
     p.add_argument("--size", type=_at_least(1), default=TEST_SIZE,
                    help=f"input height and width the graph takes (default {TEST_SIZE})")
     p.set_defaults(func=run_export)

@@ -26,7 +26,9 @@ from .errors import CommandFailed, UsageError, warn
 
 ENGINES = ("torch", "compile", "onnx")
 DEFAULT_ENGINE = "torch"
-EXPORT_FORMATS = ("onnx", "pt2")
+# pt2: a torch.export program (torch.export.load); aoti: the same compiled ahead of time by AOTInductor into
+# a .pt2 package of native code (torch._inductor.aoti_load_package; needs a C++ compiler to write it).
+EXPORT_FORMATS = ("onnx", "pt2", "aoti")
 # Exported graphs take any batch up to this size; height and width are fixed at export.
 MAX_EXPORT_BATCH = 4096
 
@@ -133,20 +135,27 @@ def _export_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_model(model: torch.nn.Module, path, fmt: str, size: tuple[int, int]) -> Path:
-    """Write the eval graph of `model` for (B, 3, *size) inputs, any batch B, as ONNX or as a torch.export
-    program (.pt2, loaded with torch.export.load). Written aside and renamed, so a reader never sees half."""
+    """Write the eval graph of `model` for (B, 3, *size) inputs, any batch B, as ONNX, as a torch.export
+    program (.pt2, loaded with torch.export.load) or as an AOTInductor package (.pt2, loaded with
+    torch._inductor.aoti_load_package). Written aside and renamed, so a reader never sees half."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if fmt == "aoti" and cxx_compiler() is None:
+        raise UsageError("--format aoti compiles C++ and no compiler was found (set CXX); --format pt2 needs none")
     path = Path(path)
     model = _export_copy(model)
     example = torch.zeros(2, 3, *size)
     model.check_input(example)
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # AOTInductor writes its package only to a name ending in .pt2.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" + (".pt2" if fmt == "aoti" else ""))
     try:
         with torch.no_grad(), _quiet():
             if fmt == "pt2":
                 torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic), tmp)
+            elif fmt == "aoti":
+                program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
             else:
                 torch.onnx.export(model, (example,), tmp, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
                                   output_names=["logits"], external_data=False)

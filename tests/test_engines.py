@@ -63,6 +63,24 @@ def test_pt2_export_gives_the_same_logits_at_any_batch(model, tmp_path):
             torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(cxx_compiler() is None, reason="AOTInductor needs a C++ compiler")
+def test_aoti_package_gives_the_same_logits_at_any_batch(model, tmp_path):
+    path = export_model(model, tmp_path / "m.pt2", "aoti", (65, 71))
+    package = torch._inductor.aoti_load_package(str(path))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 65, 71)
+        with torch.no_grad():
+            torch.testing.assert_close(package(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_aoti_export_without_a_compiler_says_so(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(UsageError, match="--format aoti compiles C.. and no compiler was found"):
+        export_model(model, tmp_path / "m.pt2", "aoti", (64, 64))
+    assert not list(tmp_path.iterdir())
+
+
 def test_onnx_engine_exports_once_and_matches_the_authors(official, cache):
     pytest.importorskip("onnxruntime")
     model = LFM(backend="torch").eval()
