@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import torch_inference
+from . import torch_inference, torch_training
 
 # The same names as score_topk.py's import below: both ops validate with backend's checks (duplicates pairs them).
 from .backend import (
@@ -611,6 +611,9 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
         if not training and not _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
             return torch_inference.snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                         running_var, eps=eps, pool=pool, npr=npr)
+        if training and torch_training.fast_training(x, conv_weight, conv_bias, bn_weight, bn_bias):
+            return torch_training.snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                   running_var, eps=eps, momentum=momentum, pool=pool, npr=npr)
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
     x, compute_dtype = _kernel_input(x, npr)

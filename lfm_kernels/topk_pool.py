@@ -26,6 +26,7 @@ from .backend import (
 )
 from .selection import merge_candidates, select_chunks
 from .torch_inference import topk_pool_inference
+from .torch_training import topk_pool_train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +100,9 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     if resolve_backend(backend, x) == "torch":
         if not (drop is not None and training) and not (torch.is_grad_enabled() and x.requires_grad):
             return topk_pool_inference(x, k, return_indices=return_indices)
-        return topk_pool_reference(x, k, drop=drop, training=training, return_indices=return_indices)
+        dropout = (lambda values: rank_dropout_reference(values, *drop)[0]) if drop is not None and training else None
+        values, idx = topk_pool_train(x, k, dropout)
+        return (values, idx) if return_indices else values
     check_kernel_dtype("x", x)
     check_kernel_k(k)
     apply_drop = drop is not None and bool(training)

@@ -42,7 +42,8 @@ def npr_residual_inference(x):
         x = F.pad(x, (0, W % 2, 0, H % 2), mode="replicate")
     B, C, He, We = x.shape
     cells = x.reshape(B, C, He // 2, 2, We // 2, 2)
-    res = (cells - cells[:, :, :, :1, :, :1]).abs_().view(B, C, He, We)
+    res = cells - cells[:, :, :, :1, :, :1]
+    res = (res.abs() if res.requires_grad else res.abs_()).view(B, C, He, We)  # in place unless differentiated
     return res[:, :, :H, :W]
 
 

@@ -1,0 +1,139 @@
+"""The torch backend's training path on CPU: what snet_block and topk_pool run on the torch backend when
+they are trained (batch statistics, gradients): the references' outputs and gradients, computed faster.
+
+  - A pool block (conv -> BatchNorm with batch statistics -> ReLU -> 2x2 max-pool) is one autograd
+    function that works by cache-sized chunks of images (CHUNK_BYTES of conv output). Eager PyTorch
+    writes the conv output, the normalized map and the ReLU map, each as large as the conv output
+    (102 MB per map for LFM's block 1 at batch 8, 224x224, far more than the cache), and reads each
+    back in the forward and again in the backward. Here the conv output is the only full map kept:
+    the statistics of each chunk are taken while it is in cache (and combined exactly), normalization,
+    pooling and ReLU run chunk by chunk, keeping the pooled output, the pool indices and the conv output
+    at each pick; the backward takes BatchNorm's sums from the picks alone, then rebuilds each chunk's
+    input gradient and runs the conv backward on it while it is in cache. Activations are channels_last,
+    which oneDNN convolves faster.
+  - Pool before ReLU: they commute, and the gradient reaches the same element (the window's first
+    maximum, as F.max_pool2d picks it, when it is positive; nothing otherwise).
+  - Top-K picks its positions with torch_inference.topk_select (no full sort) and gathers the values,
+    so the gradient goes to the same positions as the reference's.
+The references run instead under torch.compile and torch.export, under autocast, for dtypes other than
+float32 and float64 or mixed ones, off CPU and for an empty batch (fast_training says which).
+"""
+import torch
+import torch.nn.functional as F
+
+from .torch_inference import npr_residual_inference, topk_select
+
+# Bytes of conv output per chunk: a chunk's conv output, normalized map and input gradient stay in cache
+# together (one image of block 1 at 224x224 is 12.7 MB). Measured on 2 cores: 8 MB trains about 1.3x
+# faster than 64 MB.
+CHUNK_BYTES = 8 << 20
+
+
+def fast_training(x, *tensors) -> bool:
+    """Whether the training path takes these inputs (else the reference runs)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and all(t is None or t.dtype == x.dtype for t in tensors))
+
+
+def _channels_last_rows(t):
+    """A channels_last (n, C, H, W) tensor as its (n, H*W, C) view."""
+    return t.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class _PoolBlock(torch.autograd.Function):
+    """maxpool2x2(relu(batchnorm(conv2d(x, weight, bias)))) with batch statistics; returns the output, the
+    batch mean and the biased batch variance (for the running statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, eps):
+        x = x.contiguous(memory_format=torch.channels_last)
+        n = max(1, CHUNK_BYTES // ((x.shape[2] - 1) * (x.shape[3] - 1) * weight.shape[0] * x.element_size()))
+        ys, stats = [], []
+        for part in x.split(n):
+            ys.append(F.conv2d(part, weight, bias))
+            # Statistics while the chunk is in cache, in two passes (torch.var_mean is 5x slower here).
+            rows = _channels_last_rows(ys[-1]).flatten(0, 1)
+            chunk_mean = rows.mean(0)
+            stats.append(((rows - chunk_mean).square_().mean(0), chunk_mean))
+        # Chunk statistics combined exactly: var = sum over chunks of share * (var_i + (mean_i - mean)^2).
+        var_i, mean_i = (torch.stack(s) for s in zip(*stats))
+        share = torch.tensor([y.shape[0] / x.shape[0] for y in ys], dtype=x.dtype).unsqueeze(1)
+        mean = (share * mean_i).sum(0)
+        var = (share * (var_i + (mean_i - mean) ** 2)).sum(0)
+        rstd = torch.rsqrt(var + eps)
+        scale, shift = (gamma * rstd).view(-1, 1, 1), (beta - mean * gamma * rstd).view(-1, 1, 1)
+        out = torch.empty((x.shape[0], weight.shape[0], ys[0].shape[2] // 2, ys[0].shape[3] // 2), dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        idxs, y_ats = [], []
+        for i, y in zip(range(0, x.shape[0], n), ys):
+            pooled, idx = F.max_pool2d(torch.addcmul(shift, y, scale), 2, return_indices=True)
+            torch.clamp_min(pooled, 0, out=out[i:i + n])
+            idxs.append(idx)
+            y_ats.append(_channels_last_rows(y).gather(1, _channels_last_rows(idx)))  # for BatchNorm's gradient
+        ctx.save_for_backward(x, weight, gamma, mean, rstd, out, *ys, *idxs, *y_ats)
+        ctx.has_bias, ctx.n = bias is not None, n
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, weight, gamma, mean, rstd, out, *chunks = ctx.saved_tensors
+        k = len(chunks) // 3
+        ys, idxs, y_ats = chunks[:k], chunks[k:2 * k], chunks[2 * k:]
+        n = ctx.n
+        # ReLU's gradient; BatchNorm's sums need only the positions the pool picked.
+        g = (grad * (out > 0)).contiguous(memory_format=torch.channels_last)
+        g_rows = _channels_last_rows(g)
+        count = x.shape[0] * ys[0].shape[2] * ys[0].shape[3]
+        d_beta = g_rows.sum((0, 1))
+        starts = range(0, x.shape[0], n)
+        d_gamma = sum((g_rows[i:i + n] * (y_at - mean)).sum((0, 1)) for i, y_at in zip(starts, y_ats)) * rstd
+        # dy = gamma rstd (dz - mean(dz) - yhat mean(dz yhat)) = a dz + b y + c, per channel.
+        a = gamma * rstd
+        b = -a * rstd * d_gamma / count
+        c = -a * d_beta / count - b * mean
+        a, b, c = a.view(-1, 1, 1), b.view(-1, 1, 1), c.view(-1, 1, 1)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        dx, dw, db = [], None, None
+        for i, y, idx in zip(starts, ys, idxs):
+            dz = torch.ops.aten.max_pool2d_with_indices_backward(g[i:i + n], y, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                                  False, idx)
+            dy = torch.addcmul(torch.addcmul(c, y, b), dz, a)
+            # The conv's backward on this chunk while its dy is in cache; weight and bias gradients add up.
+            part = torch.ops.aten.convolution_backward(dy, x[i:i + n], weight, [weight.shape[0]], [1, 1], [0, 0],
+                                                       [1, 1], False, [0, 0], 1, mask)
+            dx.append(part[0])
+            if mask[1]:
+                dw = part[1] if dw is None else dw.add_(part[1])
+            if mask[2]:
+                db = part[2] if db is None else db.add_(part[2])
+        return torch.cat(dx) if mask[0] else None, dw, db, d_gamma, d_beta, None
+
+
+def snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5,
+                     momentum=0.1, pool=True, npr=False):
+    """snet_block_reference(..., training=True): batch statistics, running statistics (when given) updated
+    in place as nn.BatchNorm2d does (momentum, unbiased variance)."""
+    if npr:
+        x = npr_residual_inference(x)
+    if not pool:  # block 4: its map fits in cache; plain ops in channels_last
+        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), conv_weight, conv_bias)
+        return F.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps))
+    out, mean, var = _PoolBlock.apply(x, conv_weight, conv_bias, bn_weight, bn_bias, eps)
+    if running_mean is not None:
+        n = x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var * n / max(n - 1, 1), alpha=momentum)
+    return out
+
+
+def topk_pool_train(x, k: int, dropout=None):
+    """topk_pool_reference(x, k, drop=..., training=True) with the positions from topk_select:
+    (values, positions); `dropout(values)` is applied to the values when given."""
+    flat = x.flatten(2)
+    with torch.no_grad():
+        _, idx = topk_select(flat, k)
+    values = flat.gather(-1, idx)
+    return (values if dropout is None else dropout(values)), idx
