@@ -154,8 +154,10 @@ def export_model(model: torch.nn.Module, path, fmt: str, size: tuple[int, int]) 
             if fmt == "pt2":
                 torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic), tmp)
             elif fmt == "aoti":
+                from torch._inductor import aoti_compile_and_package
+
                 program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+                aoti_compile_and_package(program, package_path=str(tmp))
             else:
                 torch.onnx.export(model, (example,), tmp, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
                                   output_names=["logits"], external_data=False)
