@@ -45,7 +45,8 @@ def _reference_training(data: Path) -> dict:
     opts = TrainOptions(data=str(data), resize=None, crop=None, dropout="off", lr=LR, batch_size=GLOBAL_BATCH)
     torch.manual_seed(opts.seed)
     model = build_model(opts.model_config(), backend="torch").train()
-    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=LR, betas=opts.betas)
+    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=LR, betas=opts.betas,
+                                 fused=True)  # as lfm train
     dataset = ImageDataset(training_items(data, "train"), TrainTransform.from_options(opts), seed=opts.seed)
     samplers = [DistributedSampler(dataset, num_replicas=WORLD, rank=r, shuffle=True, seed=opts.seed)
                 for r in range(WORLD)]
