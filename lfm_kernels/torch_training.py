@@ -16,7 +16,8 @@ they are trained (batch statistics, gradients): the references' outputs and grad
   - Top-K picks its positions with torch_inference.topk_select (no full sort) and gathers the values,
     so the gradient goes to the same positions as the reference's.
 The references run instead under torch.compile and torch.export, under autocast, for dtypes other than
-float32 and float64 or mixed ones, off CPU and for an empty batch (fast_training says which).
+float32 and float64 or mixed ones, off CPU and for an empty batch (fast_training says which), and for
+blocks in eval mode with gradients (running statistics).
 """
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from .torch_inference import npr_residual_inference, topk_select
 
 # Bytes of conv output per chunk: a chunk's conv output, normalized map and input gradient stay in cache
-# together (one image of block 1 at 224x224 is 12.7 MB). Measured on 2 cores: 8 MB trains about 1.3x
+# together (one image of block 1 at 224x224 is 12.7 MB). Measured on 2 cores: 8 MB trains about 1.5x
 # faster than 64 MB.
 CHUNK_BYTES = 8 << 20
 
