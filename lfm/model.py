@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfm_kernels import random_k_pool, score_topk, snet_head, topk_pool
-from lfm_kernels.backend import check_backend_name, check_precision
+from lfm_kernels.backend import check_backend_name
 from lfm_kernels.nn import SNetBlock
+from lfm_kernels.precision import check_precision
 
 SNET_CHANNELS = (3, 64, 128, 256, 512)
 SCORE_CHANNELS = 64

@@ -53,7 +53,7 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
 
 def check_backend(backend: str | None, device: torch.device):
     """Refuse a backend that cannot run on `device` before any image is read."""
-    from lfm_kernels.backend import interpreter_enabled
+    from lfm_kernels.configs import interpreter_enabled
 
     if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise UsageError(f"--backend triton needs a CUDA device (device is {device}; on CPU only with "

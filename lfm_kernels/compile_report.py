@@ -36,8 +36,9 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 import lfm_kernels
-from lfm_kernels.backend import MAX_KERNEL_K, PRECISIONS
+from lfm_kernels.checks import MAX_KERNEL_K
 from lfm_kernels.configs import FAMILY_SMS, gpu_family
+from lfm_kernels.precision import PRECISIONS
 
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",

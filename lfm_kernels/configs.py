@@ -7,18 +7,22 @@ Every entry compiles for its family with no stack, no local memory and no STL/LD
 and with triton 3.6 (the GPU machines' version; it refuses dots with K < 16), which
 `python -m lfm_kernels.compile_report` checks, with the tensor-core instruction kind.
 
-Under the interpreter, launchers scale tiles up (backend.interpreter_tiles); results never depend
-on tiles. `python -m bench.tune` times num_warps x num_stages on a GPU and writes its winners to
-tuned_configs.json beside this file; `tuned_options` applies them over the table for that GPU.
+This module is the one launch policy: `launch_config` gives a launch its tiles (fitted to the
+extents it is given), warps, stages and floating-point fusion; under the interpreter it scales tiles
+up (results never depend on tiles); `gpu_family` and `gpu_tile_sizes` make a CPU run launch as a
+GPU family would. Every kernel runs through `launch`, which `observe_launches` lets tools watch
+(the compile report, the byte ledger, host-time benchmarks, tests) or stub out. `python -m bench.tune`
+times num_warps x num_stages on a GPU and writes its winners to tuned_configs.json beside this file;
+`tuned_options` applies them over the table for that GPU.
 """
 import contextlib
 import functools
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from .backend import interpreter_tiles
 
 FAMILIES = ("sm80", "sm90")
 # SMs of the GPU each family is planned for (A100; H100/H200): the programs a launch needs to give every
@@ -76,7 +80,45 @@ _CONFIGS = {
     "npr_residual": {("*", "*"): dict(BLOCK=512, num_warps=4, num_stages=3)},
 }
 
+# Floating-point fusion (a*b+c as one FMA, rounded once) for every launch, passed explicitly so that a new
+# Triton default cannot change our numerics silently.
+FP_FUSION = True
+
+# The interpreter pays per operation, not per element: row tiles it takes instead of the table's (channel
+# tiles get 4x the table's cap in tile_size).
+_INTERPRETER_ROWS = {"snet_block_fwd": ("BLOCK_G", 1024), "snet_block_bwd": ("BLOCK_G", 1024),
+                     "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
+                     "topk": ("TILE_ELEMENTS", 16384)}
+
 _forced_family = None
+_gpu_tiles_in_interpreter = False
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def gpu_tile_sizes():
+    """Run the interpreter with the tile sizes a GPU gets, so tests cover the code paths of GPU tiles
+    (more programs, loops over channel blocks) and not only the interpreter's larger tiles."""
+    global _gpu_tiles_in_interpreter
+    previous, _gpu_tiles_in_interpreter = _gpu_tiles_in_interpreter, True
+    try:
+        yield
+    finally:
+        _gpu_tiles_in_interpreter = previous
+
+
+def interpreter_tiles() -> bool:
+    """Whether launches take the interpreter's tiles (about 4x larger; results never depend on tiling)."""
+    return interpreter_enabled() and not _gpu_tiles_in_interpreter
+
+
+def tile_size(n: int, cap: int) -> int:
+    """A power-of-2 block covering n, at least 16 (tl.dot's minimum) and at most `cap` (4x under the
+    interpreter's tiles)."""
+    return min(cap * 4 if interpreter_tiles() else cap, max(16, 1 << (n - 1).bit_length()))
 
 
 @contextlib.contextmanager
@@ -123,20 +165,31 @@ def dot_kind(compute_dtype: torch.dtype, precision: str = "tf32") -> str:
 
 
 def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype = torch.float32,
-                  precision: str = "tf32") -> dict:
-    """A copy of the table's entry for `kernel` on `device` with operands computed in `compute_dtype`."""
+                  precision: str = "tf32", **extents) -> dict:
+    """The launch of `kernel` on `device` with operands computed in `compute_dtype`: a copy of the table's
+    entry, each BLOCK_<NAME> given an extent fitted to it (tile_size: a power of 2 covering it, up to the
+    table's cap), the interpreter's row tile under the interpreter, and the fp-fusion choice."""
     entries = _CONFIGS[kernel]
     kind, fam = dot_kind(compute_dtype, precision), family(device)
-    for key in ((kind, fam), (kind, "*"), ("*", fam), ("*", "*")):
-        if key in entries:
-            return dict(entries[key])
-    raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
+    key = next((key for key in ((kind, fam), (kind, "*"), ("*", fam), ("*", "*")) if key in entries), None)
+    if key is None:
+        raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
+    config = dict(entries[key], enable_fp_fusion=FP_FUSION)
+    if interpreter_tiles() and kernel in _INTERPRETER_ROWS:
+        rows, size = _INTERPRETER_ROWS[kernel]
+        config[rows] = size
+    for name, extent in extents.items():
+        config[name] = tile_size(extent, config[name])
+    return config
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")  # compile options, not kernel arguments
 
 
 def json_constexprs(meta: dict) -> dict:
     """A launch's constexprs as JSON values (a tl.dtype by its name), launch options left out."""
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in meta.items()
-            if k not in ("num_warps", "num_stages")}
+            if k not in LAUNCH_OPTIONS}
 
 
 def tuned_key(device: str, triton_version: str, kernel_name: str, dtype: str, constexprs: dict) -> tuple:
@@ -170,7 +223,49 @@ def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:
     return tuned.get(key, {})
 
 
+@dataclass
+class Launch:
+    """One kernel launch as `launch` makes it: the @triton.jit kernel, its grid, its positional arguments
+    and its constexprs and compile options (meta)."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+_observers = []
+
+
+@contextlib.contextmanager
+def observe_launches(callback, *, run: bool = True):
+    """Call callback(Launch) for every kernel launch while active; with run=False the kernels are not run
+    (to count, list or compile launches, or to time the host side of a forward). Nests."""
+    _observers.append((callback, run))
+    try:
+        yield
+    finally:
+        _observers.remove((callback, run))
+
+
 def launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), with the num_warps/num_stages that bench.tune measured fastest for this
-    launch on this GPU in place of the table's, where it measured them."""
-    kernel[grid](*args, **(meta | tuned_options(kernel.fn.__name__, args, meta)))
+    """kernel[grid](*args, **meta): every launch of the package goes through here. Takes the num_warps/
+    num_stages that bench.tune measured fastest for this launch on this GPU where it measured them, and
+    always passes the fp-fusion choice."""
+    meta = {"enable_fp_fusion": FP_FUSION} | meta | tuned_options(kernel.fn.__name__, args, meta)
+    run = True
+    for callback, runs in _observers:
+        callback(Launch(kernel, tuple(grid), args, meta))
+        run = run and runs
+    if run:
+        kernel[grid](*args, **meta)

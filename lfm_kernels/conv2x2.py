@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import dot_args, interpreter_tiles, tile_size
 from .configs import launch, launch_config
+from .precision import dot_args
 
 
 @triton.jit
@@ -170,26 +170,13 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def fitted_tiles(kernel: str, x: torch.Tensor, compute_dtype: torch.dtype, precision: str, rows: str,
-                 interpreter_rows: int, **extents) -> dict:
-    """The table's launch configuration (configs.py) for this launch: each BLOCK_<NAME> given an extent is
-    fitted to it (a power of 2 covering it, up to the table's cap); under the interpreter the row tile
-    `rows` gets interpreter_rows and the channel caps are 4x (results never depend on tiles)."""
-    config = launch_config(kernel, x.device, compute_dtype, precision)
-    if interpreter_tiles():
-        config[rows] = interpreter_rows
-    for name, extent in extents.items():
-        config[name] = tile_size(extent, config[name])
-    return config
-
-
 def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
     """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
     partial sums added in a fixed order."""
     B, Cin, H, W = x.shape
     Hc, Wc = H - 1, W - 1
     n_pos = B * Hc * Wc
-    tiles = fitted_tiles("conv2x2_dw", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = launch_config("conv2x2_dw", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
     splits = max(1, min(max_splits, triton.cdiv(n_pos, 8 * block_p)))
     per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
@@ -205,7 +192,7 @@ def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):
     """d(conv input), x's shape and dtype, channels_last, from d(conv out) (B*Hc*Wc, Cout)."""
     B, Cin, H, W = x.shape
     Cout = weight.shape[0]
-    tiles = fitted_tiles("conv2x2_dx", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = launch_config("conv2x2_dx", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if dx.numel():
         launch(_conv2x2_dx_kernel, (triton.cdiv(B * H * W, tiles["BLOCK_P"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),

@@ -2,9 +2,11 @@
 import torch
 from torch import nn
 
-from .backend import check_backend_name, check_drop, check_precision
+from .backend import check_backend_name
 from .npr_residual import npr_residual
+from .precision import check_precision
 from .random_k_pool import random_k_pool
+from .randomness import check_drop
 from .score_topk import score_topk
 from .snet import snet_block
 from .topk_pool import topk_pool

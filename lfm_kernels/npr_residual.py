@@ -8,8 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import check_float_tensor, check_kernel_dtype, on_input_device, resolve_backend
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor
 from .configs import launch, launch_config
+from .precision import check_kernel_dtype
 
 
 def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = True) -> torch.Tensor:

@@ -9,16 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import (
-    check_float_tensor,
-    check_k,
-    check_kernel_dtype,
-    check_kernel_k,
-    draw_seed,
-    on_input_device,
-    resolve_backend,
-)
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import launch
+from .precision import check_kernel_dtype
+from .randomness import draw_seed
 from .selection import (
     EMPTY_KEY,
     NO_POSITION,

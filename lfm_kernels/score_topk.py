@@ -10,24 +10,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import (
-    autocast_dtype,
-    check_drop,
-    check_float_tensor,
-    check_k,
-    check_kernel_dtype,
-    check_kernel_k,
-    check_precision,
-    check_same_device,
-    dot_args,
-    draw_seed,
-    dropout_scale,
-    on_input_device,
-    resolve_backend,
-    resolve_precision,
-    tile_size,
-)
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import launch, launch_config
+from .precision import autocast_dtype, check_kernel_dtype, check_precision, dot_args, resolve_precision
+from .randomness import check_drop, draw_seed, dropout_scale
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
 
@@ -138,8 +125,7 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
                    pmax: float, apply_drop: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
-    tiles = launch_config("score_topk_chunk", feat.device, feat.dtype, precision)
-    tiles |= dict(BLOCK_N=tile_size(N, tiles["BLOCK_N"]), BLOCK_CO=tile_size(Cout, tiles["BLOCK_CO"]))
+    tiles = launch_config("score_topk_chunk", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CO=Cout)
     n_chunks = triton.cdiv(N, tiles["BLOCK_N"])
     M = n_chunks * k
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
@@ -170,16 +156,14 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
     dscore = torch.ops.lfm.scatter_rows(grad.float(), idx, keep, scale, [B, Cout, H, W])
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
-    tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision)
-    tiles |= dict(BLOCK_N=tile_size(N, tiles["BLOCK_N"]), BLOCK_CI=tile_size(Cin, tiles["BLOCK_CI"]),
-                  BLOCK_CO=tile_size(Cout, tiles["BLOCK_CO"]))
+    tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
+                          BLOCK_CO=Cout)
     if B:
         launch(_score_topk_dfeat_kernel, (B, triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
                dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1), **tiles,
                **dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    tiles = launch_config("score_topk_dweight", feat.device)
-    tiles["BLOCK_CI"] = tile_size(Cin, tiles["BLOCK_CI"])
+    tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)
     launch(_score_topk_dweight_kernel, (Cout, triton.cdiv(Cin, tiles["BLOCK_CI"])),
            grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
            BLOCK_K=triton.next_power_of_2(idx.shape[-1]), **tiles)

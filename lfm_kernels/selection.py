@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import MAX_KERNEL_K, dropout_scale, interpreter_tiles, on_input_device, rank_drop_probs
+from .backend import on_input_device
+from .checks import MAX_KERNEL_K
 from .configs import fill_target, halve_to_fill, launch, launch_config
+from .randomness import dropout_scale, rank_drop_probs
 
 EMPTY_KEY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
 NAN_KEY = tl.constexpr(2147483647)  # the key of NaN: above every number
@@ -248,9 +250,9 @@ def launch_options() -> dict:
 
 
 def tile_elements() -> int:
-    """Elements per [rows, positions] tile (configs.py). The interpreter pays per operation, not per
-    element, so it gets 16x larger tiles; results never depend on tiling (Philox keys on logical indices)."""
-    return _selection_config()["TILE_ELEMENTS"] * (16 if interpreter_tiles() else 1)
+    """Elements per [rows, positions] tile (configs.py; 16x under the interpreter's tiles). Results never
+    depend on tiling (Philox keys on logical indices)."""
+    return _selection_config()["TILE_ELEMENTS"]
 
 
 def merge_slots() -> int:

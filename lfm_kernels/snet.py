@@ -26,23 +26,13 @@ import triton.language as tl
 from . import torch_inference, torch_training
 
 # The same names as score_topk.py's import below: both ops validate with backend's checks (duplicates pairs them).
-from .backend import (
-    autocast_dtype,
-    check_drop,
-    check_float_tensor,
-    check_k,
-    check_kernel_dtype,
-    check_kernel_k,
-    check_precision,
-    check_same_device,
-    dot_args,
-    on_input_device,
-    resolve_backend,
-    resolve_precision,
-)
-from .configs import fill_target, halve_to_fill, launch
-from .conv2x2 import conv2x2_at, dot_operand, fitted_tiles, launch_conv2x2_dw, launch_conv2x2_dx
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
+from .configs import fill_target, halve_to_fill, launch, launch_config
+from .conv2x2 import conv2x2_at, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx
 from .npr_residual import npr_residual_reference
+from .precision import autocast_dtype, check_kernel_dtype, check_precision, dot_args, resolve_precision
+from .randomness import check_drop
 from .score_topk import score_topk
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
 from .topk_pool import topk_pool_reference
@@ -335,7 +325,7 @@ def _launch_block_fwd(x, w, bias, gamma, beta, mean, var, eps, *, stats_pass, po
     whole = stats_pass or not pool  # every conv output, or only those inside a pool window
     GH, GW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if whole else (Hc // 2, Wc // 2)
     n_groups = B * GH * GW
-    tiles = fitted_tiles("snet_block_fwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = launch_config("snet_block_fwd", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     # Small batches: narrower channel blocks until every SM has a program (block 3 at batch 1 on sm_90).
     halve_to_fill(tiles, "BLOCK_CO", lambda t: triton.cdiv(n_groups, t["BLOCK_G"]) * triton.cdiv(Cout, t["BLOCK_CO"]),
                   fill_target(x.device))
@@ -448,7 +438,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
     GH, GW = triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)
     n_groups, n_pos = B * GH * GW, B * Hc * Wc
-    tiles = fitted_tiles("snet_block_bwd", x, compute_dtype, precision, "BLOCK_G", 1024, BLOCK_CI=Cin, BLOCK_CO=Cout)
+    tiles = launch_config("snet_block_bwd", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dots = dot_args(compute_dtype, precision)
     grid = (triton.cdiv(n_groups, tiles["BLOCK_G"]), triton.cdiv(Cout, tiles["BLOCK_CO"]))
     rstd = torch.rsqrt(var + eps)
@@ -511,7 +501,7 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Inference of block 4 (running statistics) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
-    tiles = fitted_tiles("snet_head", x, compute_dtype, precision, "BLOCK_P", 512, BLOCK_C4=C4, BLOCK_CS=CS)
+    tiles = launch_config("snet_head", x.device, compute_dtype, precision, BLOCK_C4=C4, BLOCK_CS=CS)
     n_chunks = triton.cdiv(Hc * Wc, tiles["BLOCK_P"])
     n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * triton.cdiv(CS, tiles["BLOCK_CS"]), C4,
                                           fill_target(x.device))

@@ -12,18 +12,10 @@ lfm::scatter_rows. The triton backend takes k <= MAX_KERNEL_K.
 """
 import torch
 
-from .backend import (
-    check_drop,
-    check_float_tensor,
-    check_k,
-    check_kernel_dtype,
-    check_kernel_k,
-    draw_seed,
-    dropout_scale,
-    on_input_device,
-    rank_drop_probs,
-    resolve_backend,
-)
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k
+from .precision import check_kernel_dtype
+from .randomness import check_drop, draw_seed, dropout_scale, rank_drop_probs
 from .selection import merge_candidates, select_chunks
 from .torch_inference import topk_pool_inference
 from .torch_training import topk_pool_train

@@ -42,8 +42,7 @@ def tiles(request):
     programs, loops over channel blocks, several candidate chunks, and the splits that give every SM of
     a GPU a program at small batch: the head's channel split, the rank merge): results must not depend
     on them."""
-    from lfm_kernels.backend import gpu_tile_sizes
-    from lfm_kernels.configs import gpu_family
+    from lfm_kernels.configs import gpu_family, gpu_tile_sizes
 
     if request.param == "interpreter tiles":
         yield request.param

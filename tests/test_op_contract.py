@@ -23,8 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from utils import DTYPE_TOL, distinct_map, layouts
 
 from lfm_kernels import npr_residual, random_k_pool, score_topk, snet_block, snet_head, topk_pool
-from lfm_kernels.backend import gpu_tile_sizes
-from lfm_kernels.configs import FAMILIES, gpu_family
+from lfm_kernels.configs import FAMILIES, gpu_family, gpu_tile_sizes
 
 
 def _block_params(cin, cout, seed=0):

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from utils import binomial_sigmas, distinct_map, layouts
 
 from lfm_kernels import topk_pool, topk_pool_reference
-from lfm_kernels.backend import rank_drop_probs
 from lfm_kernels.nn import TopKPool
+from lfm_kernels.randomness import rank_drop_probs
 
 
 @pytest.mark.parametrize("shape,k", [((2, 3, 7, 9), 5), ((1, 2, 30, 30), 16), ((2, 1, 3, 3), 9),
@@ -155,7 +155,7 @@ def test_large_k_merges_in_bounded_tiles(monkeypatch):
 
 
 def test_k_beyond_the_kernels_bound_is_refused_before_launch():
-    from lfm_kernels.backend import MAX_KERNEL_K
+    from lfm_kernels.checks import MAX_KERNEL_K
 
     x = torch.randn(1, 1, 40, 40)
     with pytest.raises(ValueError, match=rf"k <= {MAX_KERNEL_K}, got k={MAX_KERNEL_K + 1}.*backend='torch'"):
@@ -179,7 +179,8 @@ def test_rank_merge_gives_the_round_merge_answers(drop, monkeypatch):
     ties, NaN and empty candidate slots (a row shorter than a chunk)."""
     from utils import record_launches
 
-    from lfm_kernels.backend import draw_seed, gpu_tile_sizes
+    from lfm_kernels.configs import gpu_tile_sizes
+    from lfm_kernels.randomness import draw_seed
     from lfm_kernels.selection import merge_candidates, select_chunks
 
     x = torch.randint(0, 5, (2, 3, 9, 15)).float()  # under GPU tiles the last 64-position chunk holds 7 < k

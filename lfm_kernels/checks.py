@@ -1,0 +1,45 @@
+"""Argument checks the ops share: each raises ValueError naming the offending value, before any launch."""
+import torch
+
+# The Triton selection runs k rounds of "max, remove" over tiles of at most 2 * MAX_KERNEL_K candidates
+# per row: beyond that a round costs more than a sort, and the tiles no longer fit in registers.
+MAX_KERNEL_K = 1024
+
+
+def check_float_tensor(name: str, x, ndim: int):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"{name} has unsupported dtype {x.dtype}")
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def check_same_dtype(**tensors):
+    """Both backends refuse what F.conv2d refuses: operands of different floating-point dtypes."""
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n} {d}" for n, d in dtypes.items())
+        raise ValueError(f"tensors must have one dtype, got {listing}")
+
+
+def check_k(k, positions: int):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if k < 1 or k > positions:
+        raise ValueError(f"k must be in [1, H*W={positions}], got k={k}")
+
+
+def check_kernel_k(k: int):
+    """The Triton backend's bound on k (after check_k)."""
+    if k > MAX_KERNEL_K:
+        raise ValueError(f"backend='triton' supports k <= {MAX_KERNEL_K}, got k={k}; use backend='torch' for larger k")

@@ -1,0 +1,60 @@
+"""Dtypes and dot precision: what the kernels take, what their dots compute in, and autocast."""
+import torch
+
+from .configs import interpreter_enabled
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRECISIONS = ("tf32", "ieee")
+
+
+def check_kernel_dtype(name: str, x: torch.Tensor):
+    """The Triton kernels compute in float32 and take float32, float16 and bfloat16 inputs."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"backend='triton' takes float32, float16 or bfloat16 for {name}, got {x.dtype}")
+
+
+def check_precision(input_precision):
+    if input_precision is not None and input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be None or one of {PRECISIONS}, got {input_precision!r}")
+
+
+def conv_tf32_enabled() -> bool:
+    """Whether torch lets cuDNN convolutions use TF32 for float32 (torch.backends.cudnn.allow_tf32, or
+    the newer torch.backends.cudnn.conv.fp32_precision; the legacy getter refuses a mix of the two)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def resolve_precision(input_precision) -> str:
+    """"tf32" or "ieee" for float32 tensor-core dots: an explicit choice, else what torch's cuDNN switch
+    says, so that turning TF32 off for convolutions turns it off for ours too."""
+    check_precision(input_precision)
+    if input_precision is not None:
+        return input_precision
+    return "tf32" if conv_tf32_enabled() else "ieee"
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_args(dtype: torch.dtype, precision: str) -> dict:
+    """Constexprs for tl.dot on operands computed in `dtype` (the input's, or autocast's):
+    OPERAND_DTYPE, what operands are rounded to; DOT_DTYPE, what tl.dot gets (the interpreter of triton
+    3.9 computes bfloat16 dots wrongly, so there rounded bf16 values are widened to float32, exactly);
+    PRECISION, "tf32" or "ieee" for float32 (16-bit operands use their own tensor-core path)."""
+    operand = _tl_dtype(dtype)
+    dot = _tl_dtype(torch.float32) if dtype == torch.bfloat16 and interpreter_enabled() else operand
+    return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
+
+
+def autocast_dtype(x: torch.Tensor):
+    """The dtype autocast would run a convolution on x in (None outside autocast), as F.conv2d does."""
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(kind)
+    return None
