@@ -17,6 +17,7 @@ from .randomness import draw_seed
 from .selection import (
     EMPTY_KEY,
     NO_POSITION,
+    key_to_value,
     launch_options,
     load_candidates,
     pop_max,
@@ -67,7 +68,8 @@ def _random_k_merge_kernel(
     at = rows.to(tl.int64) * k
     for r in range(0, k):
         _, where, asc, order = pop_max(asc, order)
-        value = tl.sum(tl.where(chosen == where[:, None], values, 0.0), axis=1)
+        # The value at its position, exactly (a zero keeps its sign).
+        value = key_to_value(tl.max(tl.where(chosen == where[:, None], sortable_key(values), EMPTY_KEY), axis=1))
         tl.store(out_ptr + at + r, value.to(out_ptr.dtype.element_ty), mask=row_live)
         tl.store(idx_ptr + at + r, where.to(tl.int64), mask=row_live)
 

@@ -36,11 +36,18 @@ NO_POSITION = tl.constexpr(2147483647)  # position of an empty candidate slot: a
 
 @triton.jit
 def sortable_key(v):
-    """float32 -> int32 with the same order; -0.0 == 0.0 and NaN above +inf."""
+    """float32 -> int32, one-to-one on non-NaN values (so key_to_value gives the value back, the sign of
+    a zero included) and ordered as the values, with -0.0 (key -1) just below +0.0 (key 0) and NaN
+    above +inf. Selection compares rank_key(key), in which -0.0 and +0.0 are equal, as torch.topk's."""
     bits = v.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    key = tl.where(v == 0.0, 0, key)
     return tl.where(v != v, NAN_KEY, key)
+
+
+@triton.jit
+def rank_key(key):
+    """The key selection ranks by: the two zeros tie (their keys are -1 and 0, adjacent)."""
+    return tl.where(key == -1, 0, key)
 
 
 @triton.jit
@@ -51,12 +58,14 @@ def key_to_value(key):
 
 @triton.jit
 def pop_max(keys, pos):
-    """One selection round on a [R, N] tile: per row the largest key (lowest position among
-    equal keys), which is then removed. Returns (key [R], position [R], keys, pos)."""
-    best = tl.max(keys, axis=1)
-    where = tl.min(tl.where(keys == best[:, None], pos, NO_POSITION), axis=1)
+    """One selection round on a [R, N] tile: per row the largest key (lowest position among keys
+    of equal rank_key), which is then removed. Returns (its exact key [R], position [R], keys, pos)."""
+    ranked = rank_key(keys)
+    best = tl.max(ranked, axis=1)
+    where = tl.min(tl.where(ranked == best[:, None], pos, NO_POSITION), axis=1)
     hit = pos == where[:, None]
-    return best, where, tl.where(hit, EMPTY_KEY, keys), tl.where(hit, NO_POSITION, pos)
+    key = tl.max(tl.where(hit, keys, EMPTY_KEY), axis=1)  # -0.0 or +0.0 where best is a zero
+    return key, where, tl.where(hit, EMPTY_KEY, keys), tl.where(hit, NO_POSITION, pos)
 
 
 @triton.jit
@@ -194,7 +203,7 @@ def _topk_rank_merge_kernel(
     """Stage 2 for few rows (too few for a program per SM). Grid: (B*C, cdiv(M, BLOCK_I)).
 
     The rank of each of BLOCK_I candidates of a row is the number of the row's M candidates ahead of
-    it in selection order (a larger key, or an equal key at a lower position), counted in blocks of
+    it in selection order (a larger rank_key, or an equal one at a lower position), counted in blocks of
     BLOCK_J. Real candidates have distinct positions and every one is ahead of an empty slot, so the
     ranks below k are those _topk_merge_kernel's rounds give; those candidates are stored at their rank.
     """
@@ -209,7 +218,8 @@ def _topk_rank_merge_kernel(
         j = j0 + tl.arange(0, BLOCK_J)
         other_key = tl.load(cand_key_ptr + at + j, mask=j < M, other=EMPTY_KEY)[None, :]
         other_pos = tl.load(cand_pos_ptr + at + j, mask=j < M, other=NO_POSITION)[None, :]
-        ahead = (other_key > key[:, None]) | ((other_key == key[:, None]) & (other_pos < pos[:, None]))
+        other_key, mine = rank_key(other_key), rank_key(key)[:, None]
+        ahead = (other_key > mine) | ((other_key == mine) & (other_pos < pos[:, None]))
         rank += tl.sum(ahead.to(tl.int32), axis=1)
     _store_ranked(out_ptr, idx_ptr, keep_ptr, probs_ptr, seed_ptr, row, C, rank, key, pos, i_live & (rank < k), k,
                   scale, APPLY_DROP)

@@ -76,3 +76,11 @@ def test_large_k_merges_in_bounded_tiles(monkeypatch):
     assert all(len(set(row.tolist())) == 20 for row in idx.flatten(0, 1))  # distinct positions
     torch.testing.assert_close(values, x.flatten(2).gather(-1, idx))
     assert (values.diff(dim=-1) > 0).all()  # ascending
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_sampled_zero_keeps_its_sign(backend):
+    x = torch.full((2, 3, 4, 5), -0.0)
+    x[:, :, ::2] = 0.0
+    values, idx = random_k_pool(x, 12, return_indices=True, backend=backend)
+    assert torch.equal(torch.signbit(values), torch.signbit(x.flatten(2).gather(-1, idx)))

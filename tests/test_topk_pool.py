@@ -200,3 +200,17 @@ def test_rank_merge_gives_the_round_merge_answers(drop, monkeypatch):
     assert torch.equal(results["ranks"][1].view(2, 3, k), ref_idx)
     if drop is None:
         torch.testing.assert_close(results["ranks"][0], ref_values, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_selected_zero_keeps_its_sign(backend):
+    # -0.0 and +0.0 tie (torch.topk's order; the lower position wins), and each selected value is the input's,
+    # sign included, forward and through the backward's gather of the same positions.
+    x = torch.tensor([-0.0, -1.0, 0.0, -0.0, 2.0, -0.0, -3.0, 0.0, -2.0]).view(1, 1, 3, 3).repeat(2, 3, 1, 1)
+    x[1, 2] = -0.0
+    for requires_grad in (False, True):
+        values, idx = topk_pool(x.clone().requires_grad_(requires_grad), 7, return_indices=True, backend=backend)
+        ref_values, ref_idx = topk_pool_reference(x, 7, return_indices=True)
+        assert torch.equal(idx, ref_idx)
+        assert torch.equal(torch.signbit(values), torch.signbit(ref_values)), (values, ref_values)
+        assert torch.signbit(values[0, 0, 1:4]).tolist() == [True, False, True]
