@@ -31,31 +31,34 @@ FAMILY_SMS = {"sm80": 108, "sm90": 132}
 TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 _CONFIGS = {
-    # [BLOCK_G 2x2 groups, BLOCK_CO channels] accumulator, reduction BLOCK_CI channels x 4 taps, one pool
-    # position at a time. sm90: 64-group tiles give wgmma (HGMMA), with 8 warps to stay out of local
-    # memory. Full-float32 ("ieee") dots run on FMA units with broadcast operands: smaller tiles.
-    "snet_block_fwd": {
-        ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("tf32", "sm80"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-        ("ieee", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-        ("ieee", "sm90"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-        ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
+    # The SNet blocks' implicit GEMM (conv2x2.conv_tile): [BLOCK_M pixels (BLOCK_M // 4 whole pool windows),
+    # BLOCK_CO channels] accumulator, K in steps of BLOCK_CI channels x 4 taps, num_stages loads in flight.
+    # sm90: 128-row tiles with N = 128 give wide wgmma; full-float32 ("ieee") dots run on FMA units: smaller.
+    "snet_block": {
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
     },
-    # The backward holds more live tiles (output gradient, argmax, normalized output): narrower channel
-    # blocks; on sm90 64-group tiles give wgmma.
+    # The stem: float32 FMAs over K = 12 (no dot), bound by its output bytes; 32 windows x 64 channels.
+    "snet_stem": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
+    # Training statistics: the same GEMM with a reduction epilogue.
+    "snet_block_stats": {
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
+    },
+    # The backward passes hold more live tiles (zhat, dy, the gradient and argmax loads): narrower channels.
     "snet_block_bwd": {
-        ("16-bit", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("tf32", "sm80"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1),
-        ("*", "sm90"): dict(BLOCK_G=64, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
-        ("ieee", "sm80"): dict(BLOCK_G=16, BLOCK_CI=16, BLOCK_CO=16, num_warps=4, num_stages=1),
-        ("ieee", "sm90"): dict(BLOCK_G=32, BLOCK_CI=16, BLOCK_CO=16, num_warps=8, num_stages=1),
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=4, num_stages=2),
     },
-    # Block 4 + scoring: [BLOCK_P positions, BLOCK_C4] feature tile kept in registers, BLOCK_CS score channels
-    # per program (more take more programs). 64 positions already give wgmma on sm90. Wider C4 blocks (64)
-    # or, on sm80, wider CI blocks (32) spill with the candidate selection after the loop.
+    # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
+    # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another.
     "snet_head": {
-        ("*", "sm80"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
-        ("*", "sm90"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_C4=32, BLOCK_CS=64, num_warps=8, num_stages=1),
+        ("16-bit", "*"): dict(BLOCK_P=128, BLOCK_CI=64, BLOCK_C4=128, BLOCK_CS=64, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=32, BLOCK_C4=128, BLOCK_CS=64, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
     },
     # d(conv input): [BLOCK_P pixels, BLOCK_CI] per program, reduction over BLOCK_CO x 4 taps.
     "conv2x2_dx": {("*", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1)},
@@ -86,7 +89,8 @@ FP_FUSION = True
 
 # The interpreter pays per operation, not per element: row tiles it takes instead of the table's (channel
 # tiles get 4x the table's cap in tile_size).
-_INTERPRETER_ROWS = {"snet_block_fwd": ("BLOCK_G", 1024), "snet_block_bwd": ("BLOCK_G", 1024),
+_INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1024),
+                     "snet_block_stats": ("BLOCK_M", 1024), "snet_block_bwd": ("BLOCK_M", 1024),
                      "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
                      "topk": ("TILE_ELEMENTS", 16384)}
 

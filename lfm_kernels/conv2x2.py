@@ -2,16 +2,18 @@
 its input- and weight-gradient kernels.
 
 A conv output at pixel (r, c) sums, over the 4 taps (ky, kx) and the input channels, x[r+ky, c+kx]
-times the tap's [Cin, Cout] weight slice: tap_product issues one tl.dot of a [rows, BLOCK_CI] input
-tile (gathered through x's strides, optionally as |NPR residual|) by a [BLOCK_CI, BLOCK_CO] weight
-slice, and conv2x2_at runs the whole reduction into one float32 accumulator. Operands are rounded to
-the conv's dtype first (dot_operand). Kernels:
+times the tap's [Cin, Cout] weight slice. The forward kernels run it as a GEMM with M = output pixels
+(conv_rows: whole pool windows where the block pools), N = output channels and K = 4 taps x Cin, on
+NHWC activations and a packed (4, Cin, Cout) weight (packed_weight), so that every A and B tile is a
+set of contiguous vectors (conv_tile). Operands are rounded to the conv's dtype (dot_operand).
+Kernels:
   _conv2x2_dx_kernel   d(conv input) from d(conv out): implicit GEMM over the 4 taps
   _conv2x2_dw_kernel   d(conv weight): split-K GEMM over positions, partials summed in a fixed order
 """
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .configs import launch, launch_config
 from .precision import dot_args
@@ -42,38 +44,55 @@ def dot_operand(v, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, tap_offset, OPERAND_DTYPE: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
-    """[BLOCK_CI, BLOCK_CO] slice of the (Cout, Cin, 2, 2) weight at one tap, as a dot operand."""
-    w = tl.load(w_ptr + tap_offset + ci[:, None] * swi + co[None, :] * swo,
-                mask=ci_live[:, None] & co_live[None, :], other=0.0)
-    return dot_operand(w, OPERAND_DTYPE, DOT_DTYPE)
+def conv_rows(n_rows, OH, OW, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The BLOCK_M GEMM rows of program_id(0): the conv pixels (b, r, c) they compute, the output row g
+    each belongs to and whether g < n_rows. With POOL the rows are whole 2x2 pool windows: row m is
+    position m // (BLOCK_M//4) (row-major in the window) of window g = pid * BLOCK_M//4 + m % (BLOCK_M//4)
+    of the (B, OH, OW) window grid, so that pool_windows can take the max in the epilogue; else row m
+    is pixel g = pid * BLOCK_M + m of the (B, OH, OW) conv output."""
+    m = tl.arange(0, BLOCK_M)
+    if POOL:
+        g = tl.program_id(0) * (BLOCK_M // 4) + m % (BLOCK_M // 4)
+        pos = m // (BLOCK_M // 4)
+    else:
+        g = tl.program_id(0) * BLOCK_M + m
+        pos = m * 0
+    gw = g % OW
+    gh = (g // OW) % OH
+    b = g // (OW * OH)
+    if POOL:
+        return g, b, gh * 2 + pos // 2, gw * 2 + pos % 2, g < n_rows
+    return g, b, gh, gw, g < n_rows
 
 
 @triton.jit
-def tap_product(acc, x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR: tl.constexpr,
-                 OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x[rr, cc, ci block] @ w: one conv tap for one position of every group."""
-    xt = input_tile(x_ptr, base, rr, cc, live, ci, ci_live, H, W, sxc, sxh, sxw, NPR)
-    return tl.dot(dot_operand(xt, OPERAND_DTYPE, DOT_DTYPE), w, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def conv2x2_at(x_ptr, w_ptr, base, r, c, live, co, co_live, Cin, H, W, sxc, sxh, sxw, swo, swi, swh, sww,
-                NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-                OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of BLOCK_M rows: Cin
-    blocks x 4 taps of [BLOCK_M, BLOCK_CI] @ [BLOCK_CI, BLOCK_CO] dots into one accumulator."""
+def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of images b: an implicit
+    GEMM with K = Cin blocks x 4 taps. x is NHWC (B, H, W, Cin) contiguous, so each tap's A tile is
+    BLOCK_M rows of BLOCK_CI contiguous channels at a constant shift of the row's pixel (vector loads the
+    pipeliner can put in flight); w is the packed (4, Cin, Cout) B operand (packed_weight), whose dtype
+    operands are rounded to. With NPR, the A tile is |x - x[2*(i//2), 2*(j//2)]| taken in x's dtype."""
+    image = b.to(tl.int64) * H * W * Cin
+    pixel = image + (r * W + c).to(tl.int64) * Cin
+    operand = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
     for ci0 in range(0, Cin, BLOCK_CI):
         ci = ci0 + tl.arange(0, BLOCK_CI)
         ci_live = ci < Cin
+        ok = live[:, None] & ci_live[None, :]
         for tap in tl.static_range(4):
             ky = tap // 2
             kx = tap % 2
-            w = tap_weight(w_ptr, ci, ci_live, co, co_live, swo, swi, ky * swh + kx * sww, OPERAND_DTYPE, DOT_DTYPE)
-            acc = tap_product(acc, x_ptr, base, r + ky, c + kx, live, ci, ci_live, H, W, sxc, sxh, sxw, w, NPR,
-                               OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+            a = tl.load(x_ptr + (pixel + (ky * W + kx) * Cin)[:, None] + ci[None, :], mask=ok, other=0.0)
+            if NPR:
+                anchor = image + (((r + ky) // 2 * 2) * W + (c + kx) // 2 * 2).to(tl.int64) * Cin
+                a0 = tl.load(x_ptr + anchor[:, None] + ci[None, :], mask=ok, other=0.0)
+                a = tl.abs(a.to(tl.float32) - a0.to(tl.float32))
+            w = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
+                        mask=ci_live[:, None] & co_live[None, :], other=0.0)
+            acc = tl.dot(dot_operand(a, operand, DOT_DTYPE), dot_operand(w, operand, DOT_DTYPE), acc,
+                         input_precision=PRECISION)
     return acc
 
 
@@ -170,6 +189,24 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+_packed = WeakIdKeyDictionary()  # weight tensor -> {dtype: (its version when packed, packed copy)}
+
+
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (Cout, Cin, 2, 2) conv weight as conv_tile's B operand: (4, Cin, Cout) contiguous in `dtype`, tap
+    ky*2+kx first. Kept per weight tensor until the weight changes (its version counter), so inference
+    packs once and a training step once per update."""
+    if weight.is_inference():  # no version counter to tell a change
+        return weight.permute(2, 3, 1, 0).to(dtype).contiguous()
+    per_dtype = _packed.setdefault(weight, {})
+    version, packed = per_dtype.get(dtype, (None, None))
+    if version != weight._version:
+        with torch.inference_mode(False), torch.no_grad():
+            packed = weight.permute(2, 3, 1, 0).to(dtype).contiguous()
+        per_dtype[dtype] = (weight._version, packed)
+    return packed
+
+
 def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
     """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
     partial sums added in a fixed order."""

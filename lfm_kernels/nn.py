@@ -8,7 +8,7 @@ from .precision import check_precision
 from .random_k_pool import random_k_pool
 from .randomness import check_drop
 from .score_topk import score_topk
-from .snet import snet_block
+from .snet_block import snet_block
 from .topk_pool import topk_pool
 
 

@@ -1,0 +1,555 @@
+"""SNet block fused: [abs-NPR residual ->] 2x2 conv -> BatchNorm -> ReLU [-> 2x2 max-pool].
+
+snet_block(x, ...) == maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))) with
+nn.BatchNorm2d semantics. Activations between blocks are NHWC (channels_last); the conv is
+conv2x2.py's implicit GEMM with M = output pixels laid out as whole pool windows, so BatchNorm (a
+per-channel scale and shift computed in the kernel from the conv bias, gamma, beta, mean and
+variance: no folded weight copy that an update could leave stale), ReLU and the pool happen in the
+epilogue and only the pooled map is written. The stem (npr: the image's residual, 3 channels, K = 12)
+is memory-bound: it runs as plain float32 FMAs, as cuDNN does, in every precision mode.
+Training runs a statistics pass first (per-program partial count, mean and M2 of the conv, merged in a
+fixed order: deterministic, no atomics), then the same normalize kernel as inference with the window
+argmax saved (uint8). The backward recomputes the conv: a pass of per-program sums of dy and dy*zhat,
+then a pass writing d(conv out), then conv2x2.py's input and weight gradients. ReLU and max-pool
+propagate NaN as PyTorch does. Kernels:
+  _snet_block_kernel        conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference and training
+  _snet_stem_kernel         the same for the stem: abs-NPR + conv as float32 FMAs
+  _snet_block_stats_kernel  per-program count, mean and M2 of conv + bias (training statistics)
+  _snet_block_dy_sums_kernel  backward: per-program sums of dy and dy * zhat
+  _snet_block_dz_kernel       backward: d(conv out) from those sums' means
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import torch_inference, torch_training
+from .backend import on_input_device, resolve_backend
+from .checks import check_float_tensor, check_same_device, check_same_dtype
+from .configs import fill_target, halve_to_fill, launch, launch_config
+from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
+from .npr_residual import npr_residual_reference
+from .precision import autocast_dtype, check_kernel_dtype, check_precision, dot_args, resolve_precision
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5,
+                         momentum=0.1, training=False, pool=True, npr=False):
+    if npr:
+        x = npr_residual_reference(x, 2, True)
+    y = F.conv2d(x, conv_weight, conv_bias)
+    y = F.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps))
+    return F.max_pool2d(y, 2) if pool else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def relu(v):
+    """max(v, 0) with NaN kept, as torch.relu (tl.maximum alone returns the non-NaN operand)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live):
+    """[1, BLOCK_CO] scale and shift with conv(x) * scale + shift == batchnorm(conv(x) + bias), from Cout
+    values of each vector (float32, correctly rounded)."""
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + co, mask=co_live, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)
+    scale = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
+    return scale[None, :], ((bias - mean) * scale + beta)[None, :]
+
+
+@triton.jit
+def _max_first(best, arg, y, pos):
+    """The running window max and argmax with y at window position pos: first max wins, a NaN always
+    (as max_pool2d)."""
+    return tl.maximum(best, y, propagate_nan=tl.PropagateNan.ALL), tl.where((y > best) | (y != y), pos, arg)
+
+
+@triton.jit
+def _store_normalized(y, g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL: tl.constexpr,
+                      SAVE_ARGMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """The epilogue of both normalize kernels: y [BLOCK_M, BLOCK_CO] (rows as conv_rows lays them out),
+    rounded to out's dtype (max-pooling rounded values gives the rounded max), pooled over each window's
+    4 rows with POOL; stored to the NHWC output (and the uint8 argmax with SAVE_ARGMAX) at output row g."""
+    y = y.to(out_ptr.dtype.element_ty)
+    if POOL:
+        # [4 positions x BLOCK_M//4 windows] rows -> four [windows, BLOCK_CO] tiles, one per position.
+        by_position = tl.permute(tl.reshape(y, (2, 2, BLOCK_M // 4, BLOCK_CO)), (2, 3, 0, 1))
+        left, right = tl.split(by_position)
+        y0, y2 = tl.split(left)
+        y1, y3 = tl.split(right)
+        best, arg = _max_first(y0, tl.zeros([BLOCK_M // 4, BLOCK_CO], dtype=tl.int32), y1, 1)
+        best, arg = _max_first(best, arg, y2, 2)
+        best, arg = _max_first(best, arg, y3, 3)
+        g = tl.program_id(0) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)  # the windows, once each
+        live = g < n_rows
+        y = best
+    at = g.to(tl.int64)[:, None] * Cout + co[None, :]
+    ok = live[:, None] & co_live[None, :]
+    tl.store(out_ptr + at, y, mask=ok)
+    if SAVE_ARGMAX:
+        tl.store(argmax_ptr + at, arg.to(tl.uint8), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _snet_block_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, argmax_ptr, eps,
+    n_rows, H, W, OH, OW, Cin, Cout,
+    POOL: tl.constexpr, SAVE_ARGMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Conv + BatchNorm (given mean and var) + ReLU [+ 2x2 max-pool]. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL
+    else BLOCK_M), cdiv(Cout, BLOCK_CO)).
+
+    Reads the NHWC block input x (B, H, W, Cin) and the packed weight; one [BLOCK_M, BLOCK_CO] accumulator
+    over K = Cin x 4 taps (conv_tile); writes the NHWC output (B, OH, OW, Cout): pooled windows (OH x OW
+    = floor of the conv map's half) with POOL, else the conv map, and with SAVE_ARGMAX the uint8 window
+    argmax (0..3) in the same layout.
+    """
+    g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    acc = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, False, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                    DOT_DTYPE, PRECISION)
+    scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
+    _store_normalized(relu(acc * scale + shift), g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL,
+                      SAVE_ARGMAX, BLOCK_M, BLOCK_CO)
+
+
+@triton.jit
+def _snet_stem_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, argmax_ptr, eps,
+    n_rows, H, W, OH, OW, Cin, Cout,
+    POOL: tl.constexpr, SAVE_ARGMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+):
+    """The stem: |NPR residual| of the image + conv + BatchNorm + ReLU [+ pool]. Grid: as _snet_block_kernel's.
+
+    Reads the image x (B, Cin, H, W) contiguous and the (Cout, Cin, 2, 2) weight; the conv's Cin x 4
+    products per output are float32 FMAs on operands rounded to OPERAND_DTYPE (K = 12 leaves tensor
+    cores idle; the kernel is bound by its output bytes). Writes as _snet_block_kernel.
+    """
+    g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
+    for ci in range(0, Cin):
+        plane = x_ptr + (b.to(tl.int64) * Cin + ci) * H * W
+        for tap in tl.static_range(4):
+            rr = r + tap // 2
+            cc = c + tap % 2
+            v = tl.load(plane + rr * W + cc, mask=live, other=0.0).to(tl.float32)
+            v = tl.abs(v - tl.load(plane + (rr // 2 * 2) * W + cc // 2 * 2, mask=live, other=0.0).to(tl.float32))
+            w = tl.load(w_ptr + (co * Cin + ci) * 4 + tap, mask=co_live, other=0.0)
+            w = dot_operand(w, OPERAND_DTYPE, tl.float32)
+            acc += dot_operand(v, OPERAND_DTYPE, tl.float32)[:, None] * w[None, :]
+    scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
+    _store_normalized(relu(acc * scale + shift), g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL,
+                      SAVE_ARGMAX, BLOCK_M, BLOCK_CO)
+
+
+@triton.jit
+def _snet_block_stats_kernel(
+    x_ptr, w_ptr, bias_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Batch statistics, partial. Grid: (cdiv(n_rows, BLOCK_M), cdiv(Cout, BLOCK_CO)).
+
+    Computes conv + bias at BLOCK_M pixels of the (B, OH, OW) conv map from the NHWC input and writes this
+    program's pixel count, and per channel the mean and M2 of its pixels, to part_count[pid],
+    part_mean[pid, :], part_m2[pid, :] (merged by the launcher in a fixed order).
+    """
+    _, b, r, c, live = conv_rows(n_rows, OH, OW, False, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    a = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
+    a += tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    n = tl.sum(live.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(live[:, None], a, 0.0), axis=0) / tl.maximum(n, 1.0)
+    d = a - mean[None, :]
+    pid = tl.program_id(0)
+    tl.store(part_count_ptr + pid, n)
+    tl.store(part_mean_ptr + pid * Cout + co, mean, mask=co_live)
+    tl.store(part_m2_ptr + pid * Cout + co, tl.sum(tl.where(live[:, None], d * d, 0.0), axis=0), mask=co_live)
+
+
+@triton.jit
+def _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W, OH, OW, Cin, Cout, POOL: tl.constexpr,
+              NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward passes' common part over BLOCK_M conv pixels (whole windows of the (OH, OW) grid that
+    covers the conv map with POOL): the recomputed normalized conv output zhat, the gradient dy at the
+    BatchNorm output (the output gradient routed through the saved argmax and the ReLU), gamma * rstd,
+    and the pixel rows, output channels and their liveness. bn is float32 (5, Cout): bias, mean, rstd,
+    gamma, beta."""
+    g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_live = co < Cout
+    Hc = H - 1
+    Wc = W - 1
+    valid = live & (r < Hc) & (c < Wc)
+    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
+    bias = tl.load(bn_ptr + co, mask=co_live, other=0.0)[None, :]
+    mean = tl.load(bn_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
+    rstd = tl.load(bn_ptr + 2 * Cout + co, mask=co_live, other=0.0)[None, :]
+    gamma = tl.load(bn_ptr + 3 * Cout + co, mask=co_live, other=0.0)[None, :]
+    beta = tl.load(bn_ptr + 4 * Cout + co, mask=co_live, other=0.0)[None, :]
+    zhat = (a + bias - mean) * rstd
+    if POOL:  # the window's gradient goes to its argmax position; windows past the floor of the half get none
+        m = tl.arange(0, BLOCK_M)
+        Hp = Hc // 2
+        Wp = Wc // 2
+        win = (b.to(tl.int64) * Hp + r // 2) * Wp + c // 2
+        pooled = (valid & (r // 2 < Hp) & (c // 2 < Wp))[:, None] & co_live[None, :]
+        at = win[:, None] * Cout + co[None, :]
+        arg = tl.load(argmax_ptr + at, mask=pooled, other=4).to(tl.int32)
+        da = tl.load(grad_ptr + at, mask=pooled & (arg == (m // (BLOCK_M // 4))[:, None]), other=0.0)
+    else:
+        da = tl.load(grad_ptr + g.to(tl.int64)[:, None] * Cout + co[None, :], mask=valid[:, None] & co_live[None, :],
+                     other=0.0)
+    dy = tl.where(valid[:, None] & (zhat * gamma + beta > 0), da.to(tl.float32), 0.0)
+    return zhat, dy, gamma * rstd, b, r, c, valid, co, co_live
+
+
+@triton.jit
+def _snet_block_dy_sums_kernel(
+    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    POOL: tl.constexpr, NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward, pass 1. Grid: as _snet_block_dz_kernel's. Writes this program's per-channel sums of dy and
+    dy * zhat to sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer."""
+    zhat, dy, _, _, _, _, _, co, co_live = _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W, OH, OW,
+                                                    Cin, Cout, POOL, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO, DOT_DTYPE,
+                                                    PRECISION)
+    at = tl.program_id(0) * Cout + co
+    tl.store(sums_ptr + at, tl.sum(dy, axis=0), mask=co_live)
+    tl.store(sums_ptr + tl.num_programs(0) * Cout + at, tl.sum(dy * zhat, axis=0), mask=co_live)
+
+
+@triton.jit
+def _snet_block_dz_kernel(
+    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dz_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    POOL: tl.constexpr, NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward, pass 2. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
+
+    d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)), the two means in means (2, Cout)
+    (zeros when the statistics were not the batch's), written as float32 (B, H-1, W-1, Cout) to dz.
+    """
+    zhat, dy, g, b, r, c, valid, co, co_live = _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W,
+                                                         OH, OW, Cin, Cout, POOL, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                                                         DOT_DTYPE, PRECISION)
+    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
+    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
+    at = ((b.to(tl.int64) * (H - 1) + r) * (W - 1) + c) * Cout
+    tl.store(dz_ptr + at[:, None] + co[None, :], g * (dy - c1 - zhat * c2), mask=valid[:, None] & co_live[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """x as the GEMM kernels read it: channels_last and dense (a no-op between blocks)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _grid(kernel, x, w, n_rows, pool, compute_dtype, precision, **extents):
+    """(tiles, grid) of a block launch over n_rows output rows (windows with pool, else pixels); channel
+    blocks narrow at small batch until every SM has a program."""
+    Cout = w.shape[0]
+    tiles = launch_config(kernel, x.device, compute_dtype, precision, BLOCK_CO=Cout, **extents)
+
+    def grid(t):
+        return triton.cdiv(n_rows, t["BLOCK_M"] // 4 if pool else t["BLOCK_M"]), triton.cdiv(Cout, t["BLOCK_CO"])
+
+    halve_to_fill(tiles, "BLOCK_CO", lambda t: grid(t)[0] * grid(t)[1], fill_target(x.device))
+    return tiles, grid(tiles)
+
+
+def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, precision, compute_dtype,
+                      save_argmax=False):
+    """relu(batchnorm(conv)) [pooled] with the given statistics: (NHWC out, window argmax or None)."""
+    B, Cin, H, W = x.shape
+    Cout, Hc, Wc = w.shape[0], H - 1, W - 1
+    OH, OW = (Hc // 2, Wc // 2) if pool else (Hc, Wc)
+    out = torch.empty((B, Cout, OH, OW), dtype=compute_dtype, device=x.device, memory_format=torch.channels_last)
+    argmax = torch.empty_like(out, dtype=torch.uint8) if pool and save_argmax else None
+    n_rows = B * OH * OW
+    if not n_rows:
+        return out, argmax
+    flags = dict(POOL=pool, SAVE_ARGMAX=argmax is not None)
+    if npr:
+        tiles, grid = _grid("snet_stem", x, w, n_rows, pool, compute_dtype, precision)
+        launch(_snet_stem_kernel, grid, x.contiguous(), w.contiguous(), bias, gamma, beta, mean, var, out,
+               argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
+               OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
+    else:
+        tiles, grid = _grid("snet_block", x, w, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
+        launch(_snet_block_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, gamma, beta, mean, var, out,
+               argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
+               **_dots(compute_dtype, precision))
+    return out, argmax
+
+
+def _dots(compute_dtype, precision):
+    dots = dot_args(compute_dtype, precision)
+    return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
+
+
+def _batch_stats(x, w, bias, npr, precision, compute_dtype):
+    """Per-channel mean and biased variance of conv(x) + bias, merged from per-program (count, mean, M2)
+    with Chan's formula in program order."""
+    B, Cin, H, W = x.shape
+    Cout, Hc, Wc = w.shape[0], H - 1, W - 1
+    n_rows = B * Hc * Wc
+    tiles, grid = _grid("snet_block_stats", x, w, n_rows, False, compute_dtype, precision, BLOCK_CI=Cin)
+    count = torch.zeros(grid[0], dtype=torch.float32, device=x.device)
+    mean = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+    m2 = torch.zeros_like(mean)
+    if n_rows:
+        launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, count, mean, m2,
+               n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr, **tiles, **_dots(compute_dtype, precision))
+    n = count.sum()
+    mu = (count[:, None] * mean).sum(0) / n
+    var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
+    return mu, var
+
+
+def block_precision(npr: bool, precision: str) -> str:
+    """The stem computes in full float32 (memory-bound: TF32 would cost accuracy and gain nothing)."""
+    return "ieee" if npr else precision
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+def _out_shape(x, w, pool):
+    B, _, H, W = x.shape
+    Hc, Wc = H - 1, W - 1
+    return (B, w.shape[0], Hc // 2, Wc // 2) if pool else (B, w.shape[0], Hc, Wc)
+
+
+def _fake_out(x, w, pool, dtype):
+    return torch.empty(_out_shape(x, w, pool), dtype=dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("lfm::snet_block_eval", mutates_args=())
+@on_input_device
+def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                        beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
+                        precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
+    return _launch_normalize(x, weight, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
+                             precision=block_precision(npr, precision), compute_dtype=compute_dtype)[0]
+
+
+@_snet_block_eval_op.register_fake
+def _(x, weight, bias, gamma, beta, mean, var, eps, pool, npr, precision, compute_dtype):
+    return _fake_out(x, weight, pool, compute_dtype)
+
+
+@torch.library.custom_op("lfm::snet_block_train", mutates_args=())
+@on_input_device
+def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                         beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
+                         pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
+    (out, window argmax or an empty tensor, mean used, biased variance used)."""
+    precision = block_precision(npr, precision)
+    if batch_stats:
+        mean_used, var_used = _batch_stats(x, weight, bias, npr, precision, compute_dtype)
+    else:
+        mean_used, var_used = mean.float().clone(), var.float().clone()
+    out, argmax = _launch_normalize(x, weight, bias, gamma, beta, mean_used, var_used, eps, pool=pool, npr=npr,
+                                    precision=precision, compute_dtype=compute_dtype, save_argmax=True)
+    if argmax is None:
+        argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
+    return out, argmax, mean_used, var_used
+
+
+@_snet_block_train_op.register_fake
+def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision, compute_dtype):
+    argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
+    stats = x.new_empty(weight.shape[0], dtype=torch.float32)
+    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("lfm::snet_block_backward", mutates_args=())
+@on_input_device
+def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
+                            precision: str, compute_dtype: torch.dtype, need_dx: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): two passes through pool, ReLU and
+    BatchNorm to d(conv out), then its weight and input gradients."""
+    precision = block_precision(npr, precision)
+    B, Cin, H, W = x.shape
+    Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
+    OH, OW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if pool else (Hc, Wc)  # windows covering every conv pixel
+    n_rows, n_pix = B * OH * OW, B * Hc * Wc
+    tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
+    bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
+    x_nhwc, w_packed = nhwc(x), packed_weight(weight, compute_dtype)
+    args = (x_nhwc, w_packed, bn, grad, argmax if pool else grad)
+    shape = (n_rows, H, W, OH, OW, Cin, Cout)
+    flags = dict(POOL=pool, NPR=npr, **tiles, **_dots(compute_dtype, precision))
+    sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
+    dz = torch.empty((n_pix, Cout), dtype=torch.float32, device=x.device)
+    if n_rows:
+        launch(_snet_block_dy_sums_kernel, grid, *args, sums, *shape, **flags)
+    dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
+    means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else torch.zeros_like(sums[:, 0])
+    if n_rows:
+        launch(_snet_block_dz_kernel, grid, *args, means, dz, *shape, **flags)
+    dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()
+    dbias = dz.sum(0).to(bias.dtype)
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
+        if npr:  # dx so far is the gradient at the residual
+            dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
+    return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+
+
+@_snet_block_backward_op.register_fake
+def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, compute_dtype,
+      need_dx):
+    # dx as the kernels write it: channels_last, or contiguous from the residual's backward with npr.
+    layout = torch.contiguous_format if npr else torch.channels_last
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout) if need_dx else x.new_empty(0)
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return dx, dweight, torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision, compute_dtype = inputs
+    _, argmax, mean_used, var_used = output
+    ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
+    ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
+    ctx.mark_non_differentiable(argmax, mean_used, var_used)
+
+
+def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
+    need_dx = ctx.needs_input_grad[0]
+    dx, dweight, dbias, dgamma, dbeta = torch.ops.lfm.snet_block_backward(
+        grad.contiguous(memory_format=torch.channels_last), *ctx.saved_tensors, *ctx.options, need_dx)
+    return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None, None
+
+
+_snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                input_precision):
+    """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend."""
+    check_float_tensor("x", x, 4)
+    check_float_tensor("conv_weight", conv_weight, 4)
+    Cout, Cin = conv_weight.shape[:2]
+    if conv_weight.shape[2:] != (2, 2) or Cin != x.shape[1] or Cin == 0 or Cout == 0:
+        raise ValueError(f"conv_weight must have shape (Cout, {x.shape[1]}, 2, 2) with Cout >= 1 for x with "
+                         f"{x.shape[1]} channels (at least 1), got {tuple(conv_weight.shape)}")
+    named = dict(conv_bias=conv_bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
+                 running_var=running_var)
+    for name, t in named.items():
+        if t is not None and tuple(t.shape) != (Cout,):
+            raise ValueError(f"{name} must have shape ({Cout},), got {tuple(t.shape)}")
+    if bn_weight is None or bn_bias is None:
+        raise ValueError("bn_weight and bn_bias are required")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("eval mode needs running_mean and running_var")
+    check_same_device(x=x, conv_weight=conv_weight, **{n: t for n, t in named.items() if t is not None})
+    if autocast_dtype(x) is None:
+        check_same_dtype(x=x, conv_weight=conv_weight, conv_bias=conv_bias)
+    min_size = 3 if pool else 2
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f"x must be at least {min_size}x{min_size} for a 2x2 conv{' and pool' if pool else ''}, "
+                         f"got {x.shape[2]}x{x.shape[3]}")
+    if training and x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+                         "(one conv output per channel)")
+    check_precision(input_precision)
+
+
+def kernel_input(x, npr):
+    """(x as the kernels take it, the dtype the conv computes in). Under autocast the conv computes in
+    autocast's dtype, as F.conv2d would (accumulation and statistics stay float32); the stem keeps the
+    image in its own dtype, so the neighbor-pixel residual is taken before rounding, as the reference does."""
+    compute_dtype = autocast_dtype(x) or x.dtype
+    if not npr:
+        x = x.to(compute_dtype)
+    check_kernel_dtype("x", x)
+    return x, compute_dtype
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_bias_or_zeros(conv_weight, conv_bias):
+    return conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """nn.BatchNorm2d's update from a batch's mean and biased variance over n values: the unbiased variance,
+    momentum; an empty batch leaves them alone."""
+    if running_mean is None or n == 0:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * n / max(n - 1, 1)).to(running_var.dtype), alpha=momentum)
+
+
+def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5, momentum=0.1,
+               training=False, pool=True, npr=False, input_precision=None, backend=None):
+    """maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))), fused; see the module docstring.
+
+    nn.BatchNorm2d semantics: in training, batch statistics, and running statistics (when given)
+    updated in place with `momentum` and the unbiased variance (not on an empty batch). Float32 inputs
+    use TF32 tensor cores when torch allows them for cuDNN convolutions (input_precision=None), or as
+    input_precision ("tf32" or "ieee") says; the stem (npr) always computes in full float32.
+    """
+    check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                input_precision)
+    if resolve_backend(backend, x) == "torch":
+        if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
+            return torch_inference.snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                        running_var, eps=eps, pool=pool, npr=npr)
+        if training and torch_training.fast_training(x, conv_weight, conv_bias, bn_weight, bn_bias):
+            return torch_training.snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                   running_var, eps=eps, momentum=momentum, pool=pool, npr=npr)
+        return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
+                                    momentum=momentum, training=training, pool=pool, npr=npr)
+    x, compute_dtype = kernel_input(x, npr)
+    precision = resolve_precision(input_precision)
+    bias = conv_bias_or_zeros(conv_weight, conv_bias)
+    if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
+        return torch.ops.lfm.snet_block_eval(x, conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                             pool, npr, precision, compute_dtype)
+    stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
+    out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
+                                                       bool(training), pool, npr, precision, compute_dtype)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
+                             momentum)
+    return out
