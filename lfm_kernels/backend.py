@@ -2,7 +2,8 @@
 
 Backends:
   "torch"  - the pure-PyTorch implementation of each op; runs on any device.
-  "triton" - the Triton kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1.
+  "triton" - the Triton kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (or while
+             configs.observe_launches stubs launches out: the compile report, host-time benchmarks).
   "auto"   - triton for CUDA tensors, torch otherwise (the default).
 The default comes from the environment variable LFM_BACKEND when it is set.
 """
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-from .configs import interpreter_enabled
+from .configs import interpreter_enabled, launches_stubbed
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "LFM_BACKEND"
@@ -31,7 +32,7 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
     backend = check_backend_name(backend)
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if backend == "triton" and not tensor.is_cuda and not interpreter_enabled():
+    if backend == "triton" and not tensor.is_cuda and not (interpreter_enabled() or launches_stubbed()):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}); "
             "on CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"

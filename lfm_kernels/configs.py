@@ -32,32 +32,34 @@ TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 _CONFIGS = {
     # The SNet blocks' implicit GEMM (conv2x2.conv_tile): [BLOCK_M pixels (BLOCK_M // 4 whole pool windows),
-    # BLOCK_CO channels] accumulator, K in steps of BLOCK_CI channels x 4 taps, num_stages loads in flight.
-    # sm90: 128-row tiles with N = 128 give wide wgmma; full-float32 ("ieee") dots run on FMA units: smaller.
+    # BLOCK_CO channels] accumulator, K in steps of BLOCK_CI channels x 4 taps, num_stages steps in flight
+    # (each step's 4 A and 4 B tiles take shared memory: BLOCK_CI is what keeps 3 stages within sm_90's
+    # 228 KB). 128-row tiles with N = 128 give wide wgmma; full-float32 ("ieee") dots run on FMA units.
     "snet_block": {
-        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=128, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=128, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
     },
     # The stem: float32 FMAs over K = 12 (no dot), bound by its output bytes; 32 windows x 64 channels.
     "snet_stem": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
     # Training statistics: the same GEMM with a reduction epilogue.
     "snet_block_stats": {
-        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=128, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=128, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
     },
     # The backward passes hold more live tiles (zhat, dy, the gradient and argmax loads): narrower channels.
     "snet_block_bwd": {
-        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=64, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=4, num_stages=2),
     },
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
-    # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another.
+    # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
+    # BLOCK_C4 = 64 keeps them in registers.
     "snet_head": {
-        ("16-bit", "*"): dict(BLOCK_P=128, BLOCK_CI=64, BLOCK_C4=128, BLOCK_CS=64, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=32, BLOCK_C4=128, BLOCK_CS=64, num_warps=8, num_stages=3),
+        ("16-bit", "*"): dict(BLOCK_P=128, BLOCK_CI=32, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
+        ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=16, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
     },
     # d(conv input): [BLOCK_P pixels, BLOCK_CI] per program, reduction over BLOCK_CO x 4 taps.
@@ -260,6 +262,11 @@ def observe_launches(callback, *, run: bool = True):
         yield
     finally:
         _observers.remove((callback, run))
+
+
+def launches_stubbed() -> bool:
+    """Whether an observer stops launches (then the triton backend may take CPU tensors: nothing runs)."""
+    return any(not runs for _, runs in _observers)
 
 
 def launch(kernel, grid, *args, **meta):
