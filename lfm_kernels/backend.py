@@ -53,3 +53,20 @@ def on_input_device(op):
             return op(*args, **kwargs)
 
     return launch
+
+
+def batch_folding_vmap(op):
+    """A torch.func.vmap rule for a custom op whose first argument and every output lead with the batch
+    dimension and whose other tensor arguments are per call (weights, seeds): the vmapped dimension joins
+    the batch, one launch for all."""
+
+    def rule(info, in_dims, x, *rest):
+        if any(d is not None for d in in_dims[1:]):
+            raise ValueError(f"vmap over {op._name} batches its first argument only, got in_dims={in_dims}")
+        n = info.batch_size
+        out = op(x.movedim(in_dims[0], 0).flatten(0, 1), *rest)
+        if isinstance(out, tuple):
+            return tuple(t.unflatten(0, (n, -1)) for t in out), (0,) * len(out)
+        return out.unflatten(0, (n, -1)), 0
+
+    return rule

@@ -52,9 +52,13 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
 
 
+def autocast_enabled(x: torch.Tensor) -> bool:
+    kind = x.device.type
+    return kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
+
+
 def autocast_dtype(x: torch.Tensor):
     """The dtype autocast would run a convolution on x in (None outside autocast), as F.conv2d does."""
-    kind = x.device.type
-    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
-        return torch.get_autocast_dtype(kind)
+    if autocast_enabled(x) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(x.device.type)
     return None

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
+from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import launch
 from .precision import check_kernel_dtype
@@ -113,6 +113,7 @@ def _backward(ctx, grad, _grad_idx):
 
 
 _random_k_pool_op.register_autograd(_backward, setup_context=_setup_context)
+_random_k_pool_op.register_vmap(batch_folding_vmap(_random_k_pool_op))
 
 
 def random_k_pool(x, k, *, return_indices=False, backend=None):

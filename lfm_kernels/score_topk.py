@@ -10,10 +10,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
-from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
+from .backend import batch_folding_vmap, on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device, check_same_dtype
 from .configs import launch, launch_config
-from .precision import autocast_dtype, check_kernel_dtype, check_precision, dot_args, resolve_precision
+from .precision import (
+    autocast_dtype,
+    autocast_enabled,
+    check_kernel_dtype,
+    check_precision,
+    dot_args,
+    resolve_precision,
+)
 from .randomness import check_drop, draw_seed, dropout_scale
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
@@ -191,6 +198,7 @@ def _backward(ctx, grad, _grad_idx, _grad_keep):
 
 
 _score_topk_op.register_autograd(_backward, setup_context=_setup_context)
+_score_topk_op.register_vmap(batch_folding_vmap(_score_topk_op))
 
 
 def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=False, input_precision=None,
@@ -201,9 +209,11 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     check_float_tensor("feat", feat, 4)
     check_float_tensor("weight", weight, 4)
     check_same_device(feat=feat, weight=weight)
-    if weight.shape[1] != feat.shape[1] or weight.shape[2:] != (1, 1):
-        raise ValueError(f"weight must have shape (Cout, {feat.shape[1]}, 1, 1) for feat with "
-                         f"{feat.shape[1]} channels, got {tuple(weight.shape)}")
+    if weight.shape[1] != feat.shape[1] or weight.shape[2:] != (1, 1) or 0 in weight.shape[:2]:
+        raise ValueError(f"weight must have shape (Cout, {feat.shape[1]}, 1, 1) with Cout >= 1 for feat with "
+                         f"{feat.shape[1]} channels (at least 1), got {tuple(weight.shape)}")
+    if not autocast_enabled(feat):  # autocast casts the operands to one dtype, as F.conv2d's
+        check_same_dtype(feat=feat, weight=weight)
     check_k(k, feat.shape[2] * feat.shape[3])
     drop = check_drop(drop)
     check_precision(input_precision)
@@ -215,7 +225,7 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     check_kernel_dtype("weight", weight)
     check_kernel_k(k)
     apply_drop = drop is not None and bool(training)
-    seed = draw_seed(feat.device) if apply_drop else feat.new_zeros(2, dtype=torch.int64)
+    seed = draw_seed(feat.device) if apply_drop else torch.zeros(2, dtype=torch.int64, device=feat.device)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)
     values, idx, _ = torch.ops.lfm.score_topk(feat, weight, k, seed, pmin, pmax, apply_drop,
                                               resolve_precision(input_precision))

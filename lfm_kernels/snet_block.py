@@ -29,7 +29,14 @@ from .checks import check_float_tensor, check_same_device, check_same_dtype
 from .configs import fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
-from .precision import autocast_dtype, check_kernel_dtype, check_precision, dot_args, resolve_precision
+from .precision import (
+    autocast_dtype,
+    autocast_enabled,
+    check_kernel_dtype,
+    check_precision,
+    dot_args,
+    resolve_precision,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +486,7 @@ def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, run
     if not training and (running_mean is None or running_var is None):
         raise ValueError("eval mode needs running_mean and running_var")
     check_same_device(x=x, conv_weight=conv_weight, **{n: t for n, t in named.items() if t is not None})
-    if autocast_dtype(x) is None:
+    if not autocast_enabled(x):  # autocast casts the operands to one dtype, as F.conv2d's
         check_same_dtype(x=x, conv_weight=conv_weight, conv_bias=conv_bias)
     min_size = 3 if pool else 2
     if x.shape[2] < min_size or x.shape[3] < min_size:

@@ -12,7 +12,7 @@ lfm::scatter_rows. The triton backend takes k <= MAX_KERNEL_K.
 """
 import torch
 
-from .backend import on_input_device, resolve_backend
+from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .precision import check_kernel_dtype
 from .randomness import check_drop, draw_seed, dropout_scale, rank_drop_probs
@@ -82,6 +82,7 @@ def _backward(ctx, grad, _grad_idx, _grad_keep):
 
 
 _topk_pool_op.register_autograd(_backward, setup_context=_setup_context)
+_topk_pool_op.register_vmap(batch_folding_vmap(_topk_pool_op))
 
 
 def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=None):
@@ -98,7 +99,7 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     check_kernel_dtype("x", x)
     check_kernel_k(k)
     apply_drop = drop is not None and bool(training)
-    seed = draw_seed(x.device) if apply_drop else x.new_zeros(2, dtype=torch.int64)
+    seed = draw_seed(x.device) if apply_drop else torch.zeros(2, dtype=torch.int64, device=x.device)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)
     values, idx, _ = torch.ops.lfm.topk_pool(x, k, seed, pmin, pmax, apply_drop)
     return (values, idx) if return_indices else values

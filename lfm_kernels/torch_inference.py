@@ -117,7 +117,7 @@ def topk_select(flat, k: int):
     slot = torch.where(take, take.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1, k).long()
     positions = torch.arange(flat.shape[-1], device=flat.device).expand_as(flat)
     idx = torch.zeros((*flat.shape[:-1], k + 1), dtype=torch.int64, device=flat.device)
-    idx = idx.scatter_(-1, slot, positions)[..., :k]
+    idx = idx.scatter(-1, slot, positions)[..., :k]  # out of place, so that torch.func.vmap can batch it
     values = flat.gather(-1, idx)
     if k <= RANK_MATRIX_MAX_K:
         order = _rank_order(values)
@@ -143,7 +143,7 @@ def _rank_order(values):
     before = torch.ones(k, k, dtype=torch.bool, device=values.device).tril(-1)
     rank = (above | (equal & before)).sum(-1)
     positions = torch.arange(k, device=values.device).expand_as(rank)
-    return torch.empty_like(rank).scatter_(-1, rank, positions)
+    return torch.empty_like(rank).scatter(-1, rank, positions)
 
 
 def topk_pool_inference(x, k: int, *, return_indices=False):

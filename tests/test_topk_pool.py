@@ -173,11 +173,11 @@ def test_dropped_infinities_give_nan_as_the_reference_and_f_dropout():
 
 
 @pytest.mark.parametrize("drop", [None, (0.1, 0.5)])
-def test_rank_merge_gives_the_round_merge_answers(drop, monkeypatch):
+def test_rank_merge_gives_the_round_merge_answers(drop):
     """Too few rows for a program per SM (batch 1 on a GPU) take the rank merge, one program per block of a
     row's candidates; with more rows the k-round merge runs. Same values, positions and kept ranks, with
     ties, NaN and empty candidate slots (a row shorter than a chunk)."""
-    from utils import record_launches
+    from utils import recorded_launches
 
     from lfm_kernels.configs import gpu_tile_sizes
     from lfm_kernels.randomness import draw_seed
@@ -186,14 +186,15 @@ def test_rank_merge_gives_the_round_merge_answers(drop, monkeypatch):
     x = torch.randint(0, 5, (2, 3, 9, 15)).float()  # under GPU tiles the last 64-position chunk holds 7 < k
     x[0, 1, 3, 4] = x[1, 2, 0, 0] = float("nan")
     seed, k = draw_seed("cpu"), 12
-    launches = record_launches(monkeypatch)
     results = {}
-    for name, context in (("rounds", contextlib.nullcontext), ("ranks", gpu_tile_sizes)):
-        with context():
-            out = torch.empty(2, 3, k)
-            idx, keep = merge_candidates(*select_chunks(x, k), out, k, seed=seed, drop=drop)
-        results[name] = out, idx, keep
-    assert [n for n, _ in launches if "merge" in n] == ["_topk_merge_kernel", "_topk_rank_merge_kernel"]
+    with recorded_launches() as launches:
+        for name, context in (("rounds", contextlib.nullcontext), ("ranks", gpu_tile_sizes)):
+            with context():
+                out = torch.empty(2, 3, k)
+                idx, keep = merge_candidates(*select_chunks(x, k), out, k, seed=seed, drop=drop)
+            results[name] = out, idx, keep
+    assert [launch.name for launch in launches if "merge" in launch.name] == ["_topk_merge_kernel",
+                                                                              "_topk_rank_merge_kernel"]
     for a, b in zip(results["rounds"], results["ranks"]):
         torch.testing.assert_close(a, b, equal_nan=True, atol=0, rtol=0)
     ref_values, ref_idx = topk_pool_reference(x, k, return_indices=True)

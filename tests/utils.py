@@ -1,4 +1,6 @@
 """Helpers shared by the op tests."""
+import contextlib
+
 import torch
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -53,16 +55,11 @@ def block_params(cin, cout, seed=0, dtype=torch.float32):
             torch.rand(cout, generator=g, dtype=dtype) + 0.5]
 
 
-def record_launches(monkeypatch):
-    """A list that fills with (kernel name, constexprs and grid) for every interpreted Triton launch."""
-    from triton.runtime.interpreter import InterpretedFunction
+@contextlib.contextmanager
+def recorded_launches():
+    """A list that fills with every kernel launch (configs.Launch: name, grid, args, meta) while active."""
+    from lfm_kernels.configs import observe_launches
 
     launches = []
-    run = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        launches.append((self.fn.__name__, kwargs))
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
-    return launches
+    with observe_launches(launches.append):
+        yield launches
