@@ -77,3 +77,21 @@ def test_random_shapes(b, cin, cout, h, w, data):
     feat, weight = (t.float() for t in _inputs(b, cin, h, w, cout, seed=cin * cout))
     torch.testing.assert_close(score_topk(feat, weight, k, backend="triton"),
                                score_topk_reference(feat, weight, k), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_edge_shapes_and_dtypes_raise_the_same_error_on_both_backends(backend):
+    feat = torch.randn(2, 3, 4, 5)
+    for bad_feat, bad_weight, match in ((torch.randn(2, 0, 4, 5), torch.randn(4, 0, 1, 1), "Cout >= 1"),
+                                        (feat, torch.randn(0, 3, 1, 1), "Cout >= 1"),
+                                        (feat.bfloat16(), torch.randn(4, 3, 1, 1), "one dtype")):
+        with pytest.raises(ValueError, match=match):
+            score_topk(bad_feat, bad_weight, 2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vmap_batches_like_a_loop(backend):
+    feats, weight = torch.randn(3, 2, 4, 5, 6), torch.randn(5, 4, 1, 1)
+    batched = torch.func.vmap(lambda f: score_topk(f, weight, 4, input_precision="ieee", backend=backend))(feats)
+    looped = torch.stack([score_topk(f, weight, 4, input_precision="ieee", backend=backend) for f in feats])
+    torch.testing.assert_close(batched, looped, atol=0, rtol=0)

@@ -215,3 +215,12 @@ def test_a_selected_zero_keeps_its_sign(backend):
         assert torch.equal(idx, ref_idx)
         assert torch.equal(torch.signbit(values), torch.signbit(ref_values)), (values, ref_values)
         assert torch.signbit(values[0, 0, 1:4]).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vmap_batches_like_a_loop(backend):
+    x = torch.randn(3, 2, 4, 5, 6)
+    batched = torch.func.vmap(lambda t: topk_pool(t, 4, return_indices=True, backend=backend))(x)
+    looped = [topk_pool(t, 4, return_indices=True, backend=backend) for t in x]
+    for got, want in zip(batched, zip(*looped)):
+        assert torch.equal(got, torch.stack(want))
