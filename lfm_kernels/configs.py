@@ -90,7 +90,7 @@ _CONFIGS = {
 FP_FUSION = True
 
 # The interpreter pays per operation, not per element: row tiles it takes instead of the table's (channel
-# tiles get 4x the table's cap in tile_size).
+# tiles get 4x the table's cap in launch_config).
 _INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1024),
                      "snet_block_stats": ("BLOCK_M", 1024), "snet_block_bwd": ("BLOCK_M", 1024),
                      "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
@@ -121,12 +121,6 @@ def interpreter_tiles() -> bool:
     return interpreter_enabled() and not _gpu_tiles_in_interpreter
 
 
-def tile_size(n: int, cap: int) -> int:
-    """A power-of-2 block covering n, at least 16 (tl.dot's minimum) and at most `cap` (4x under the
-    interpreter's tiles)."""
-    return min(cap * 4 if interpreter_tiles() else cap, max(16, 1 << (n - 1).bit_length()))
-
-
 @contextlib.contextmanager
 def gpu_family(name: str):
     """Launch as a GPU of family `name` would (the compile report records each family's launches)."""
@@ -140,23 +134,46 @@ def gpu_family(name: str):
         _forced_family = previous
 
 
-def family(device: torch.device) -> str:
-    if _forced_family is not None:
-        return _forced_family
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launchers (triton.cdiv is a constexpr function, costly to call from Python)."""
+    return -(-a // b)
+
+
+def _policy_state(device: torch.device) -> tuple:
+    """What a launch's policy depends on besides its own arguments: the memo key of family, fill_target and
+    launch_config."""
+    return device.type, device.index, _forced_family, _gpu_tiles_in_interpreter, interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _family(state: tuple) -> str:
+    kind, index, forced, _, _ = state
+    if forced is not None:
+        return forced
+    if kind == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9:
         return "sm90"
     return "sm80"
+
+
+def family(device: torch.device) -> str:
+    return _family(_policy_state(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _fill_target(state: tuple) -> int:
+    kind, index, forced, gpu_tiles, interpreter = state
+    if forced is not None:
+        return FAMILY_SMS[forced]
+    if kind == "cuda":
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 1 if interpreter and not gpu_tiles else FAMILY_SMS[_family(state)]
 
 
 def fill_target(device: torch.device) -> int:
     """Programs a launch needs so that every SM of the GPU gets one: small launches (batch 1) split work
     until they reach it (more output tiles, or a split reduction summed in a fixed order). 1 on CPU, except
     under the interpreter's GPU tiles, so that tests run the split paths a GPU takes."""
-    if _forced_family is not None:
-        return FAMILY_SMS[_forced_family]
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1 if interpreter_tiles() else FAMILY_SMS[family(device)]
+    return _fill_target(_policy_state(device))
 
 
 def halve_to_fill(tiles: dict, name: str, programs, target: int, smallest: int = 16) -> dict:
@@ -173,19 +190,28 @@ def dot_kind(compute_dtype: torch.dtype, precision: str = "tf32") -> str:
 def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                   precision: str = "tf32", **extents) -> dict:
     """The launch of `kernel` on `device` with operands computed in `compute_dtype`: a copy of the table's
-    entry, each BLOCK_<NAME> given an extent fitted to it (tile_size: a power of 2 covering it, up to the
-    table's cap), the interpreter's row tile under the interpreter, and the fp-fusion choice."""
+    entry, each BLOCK_<NAME> given an extent fitted to it (a power of 2 covering it, at least 16 for tl.dot,
+    at most the table's cap, 4x that under the interpreter's tiles), the interpreter's row tile under the
+    interpreter, and the fp-fusion choice. Memoized: launchers call it on every launch."""
+    state = _policy_state(device)
+    return dict(_launch_config(kernel, state, dot_kind(compute_dtype, precision), tuple(sorted(extents.items()))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict:
     entries = _CONFIGS[kernel]
-    kind, fam = dot_kind(compute_dtype, precision), family(device)
+    fam = _family(state)
     key = next((key for key in ((kind, fam), (kind, "*"), ("*", fam), ("*", "*")) if key in entries), None)
     if key is None:
         raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
     config = dict(entries[key], enable_fp_fusion=FP_FUSION)
-    if interpreter_tiles() and kernel in _INTERPRETER_ROWS:
+    interpreter_sized = state[4] and not state[3]
+    if interpreter_sized and kernel in _INTERPRETER_ROWS:
         rows, size = _INTERPRETER_ROWS[kernel]
         config[rows] = size
-    for name, extent in extents.items():
-        config[name] = tile_size(extent, config[name])
+    for name, extent in extents:
+        cap = config[name] * 4 if interpreter_sized else config[name]
+        config[name] = min(cap, max(16, 1 << (extent - 1).bit_length()))
     return config
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .configs import launch, launch_config
+from .configs import cdiv, launch, launch_config
 from .precision import dot_args
 
 
@@ -189,22 +189,27 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-_packed = WeakIdKeyDictionary()  # weight tensor -> {dtype: (its version when packed, packed copy)}
+_packed = WeakIdKeyDictionary()  # weight tensor -> {(pack, dtype): (its version when packed, packed copy)}
 
 
-def packed_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (Cout, Cin, 2, 2) conv weight as conv_tile's B operand: (4, Cin, Cout) contiguous in `dtype`, tap
-    ky*2+kx first. Kept per weight tensor until the weight changes (its version counter), so inference
-    packs once and a training step once per update."""
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype, pack=None) -> torch.Tensor:
+    """A weight as a GEMM kernel's B operand, contiguous in `dtype`: by default a (Cout, Cin, 2, 2) conv
+    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Kept per weight tensor until
+    the weight changes (its version counter), so inference packs once and training once per update."""
+    pack = pack or conv_operand
     if weight.is_inference():  # no version counter to tell a change
-        return weight.permute(2, 3, 1, 0).to(dtype).contiguous()
-    per_dtype = _packed.setdefault(weight, {})
-    version, packed = per_dtype.get(dtype, (None, None))
+        return pack(weight).to(dtype).contiguous()
+    per_weight = _packed.setdefault(weight, {})
+    version, packed = per_weight.get((pack, dtype), (None, None))
     if version != weight._version:
         with torch.inference_mode(False), torch.no_grad():
-            packed = weight.permute(2, 3, 1, 0).to(dtype).contiguous()
-        per_dtype[dtype] = (weight._version, packed)
+            packed = pack(weight).to(dtype).contiguous()
+        per_weight[pack, dtype] = (weight._version, packed)
     return packed
+
+
+def conv_operand(weight: torch.Tensor) -> torch.Tensor:
+    return weight.permute(2, 3, 1, 0)
 
 
 def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
@@ -215,11 +220,11 @@ def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
     n_pos = B * Hc * Wc
     tiles = launch_config("conv2x2_dw", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
-    splits = max(1, min(max_splits, triton.cdiv(n_pos, 8 * block_p)))
-    per_split = max(block_p, triton.cdiv(triton.cdiv(n_pos, splits), block_p) * block_p)
-    splits = max(1, triton.cdiv(n_pos, per_split))
+    splits = max(1, min(max_splits, cdiv(n_pos, 8 * block_p)))
+    per_split = max(block_p, cdiv(cdiv(n_pos, splits), block_p) * block_p)
+    splits = max(1, cdiv(n_pos, per_split))
     part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
-    launch(_conv2x2_dw_kernel, (triton.cdiv(Cout, tiles["BLOCK_CO"]), triton.cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
+    launch(_conv2x2_dw_kernel, (cdiv(Cout, tiles["BLOCK_CO"]), cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
            dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(), NPR=npr, **tiles,
            **dot_args(compute_dtype, precision))
     return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
@@ -232,7 +237,7 @@ def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):
     tiles = launch_config("conv2x2_dx", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if dx.numel():
-        launch(_conv2x2_dx_kernel, (triton.cdiv(B * H * W, tiles["BLOCK_P"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
+        launch(_conv2x2_dx_kernel, (cdiv(B * H * W, tiles["BLOCK_P"]), cdiv(Cin, tiles["BLOCK_CI"])),
                dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(), **tiles,
                **dot_args(compute_dtype, precision))
     return dx

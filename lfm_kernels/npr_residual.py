@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .backend import on_input_device, resolve_backend
 from .checks import check_float_tensor
-from .configs import launch, launch_config
+from .configs import cdiv, launch, launch_config
 from .precision import check_kernel_dtype
 
 
@@ -97,7 +97,7 @@ def _launch(kernel, x, *tensors_and_out, factor, absolute):
     B, C, H, W = x.shape
     if x.numel():
         config = launch_config("npr_residual", x.device)
-        launch(kernel, (triton.cdiv(H * W, config["BLOCK"]), B * C), *tensors_and_out, C, H, W, *x.stride(), factor,
+        launch(kernel, (cdiv(H * W, config["BLOCK"]), B * C), *tensors_and_out, C, H, W, *x.stride(), factor,
                ABSOLUTE=absolute, **config)
 
 

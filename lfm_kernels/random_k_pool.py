@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
-from .configs import launch
+from .configs import cdiv, launch
 from .precision import check_kernel_dtype
 from .randomness import draw_seed
 from .selection import (
@@ -87,7 +87,7 @@ def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torc
     if not B * C:
         return out, idx
     launch(
-        _random_k_merge_kernel, (triton.cdiv(B * C, block_r),),
+        _random_k_merge_kernel, (cdiv(B * C, block_r),),
         cand_key, cand_pos, x, out, idx, B * C, C, W, *x.stride(), M, k,
         BLOCK_R=block_r, BLOCK_M=block_m, BLOCK_K=triton.next_power_of_2(k), **launch_options(),
     )

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device, check_same_dtype
-from .configs import launch, launch_config
+from .configs import cdiv, launch, launch_config
 from .precision import (
     autocast_dtype,
     autocast_enabled,
@@ -133,12 +133,12 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     tiles = launch_config("score_topk_chunk", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CO=Cout)
-    n_chunks = triton.cdiv(N, tiles["BLOCK_N"])
+    n_chunks = cdiv(N, tiles["BLOCK_N"])
     M = n_chunks * k
     cand_key = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     cand_pos = torch.empty((B * Cout, M), dtype=torch.int32, device=feat.device)
     if B:
-        launch(_score_topk_chunk_kernel, (B, n_chunks, triton.cdiv(Cout, tiles["BLOCK_CO"])),
+        launch(_score_topk_chunk_kernel, (B, n_chunks, cdiv(Cout, tiles["BLOCK_CO"])),
                feat, weight, cand_key, cand_pos, Cout, Cin, N, W, *feat.stride(), weight.stride(0), weight.stride(1),
                k, M, **tiles, **dot_args(feat.dtype, precision))
     out = torch.empty((B, Cout, k), dtype=feat.dtype, device=feat.device)
@@ -166,12 +166,12 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
                           BLOCK_CO=Cout)
     if B:
-        launch(_score_topk_dfeat_kernel, (B, triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(Cin, tiles["BLOCK_CI"])),
+        launch(_score_topk_dfeat_kernel, (B, cdiv(N, tiles["BLOCK_N"]), cdiv(Cin, tiles["BLOCK_CI"])),
                dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1), **tiles,
                **dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)
-    launch(_score_topk_dweight_kernel, (Cout, triton.cdiv(Cin, tiles["BLOCK_CI"])),
+    launch(_score_topk_dweight_kernel, (Cout, cdiv(Cin, tiles["BLOCK_CI"])),
            grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
            BLOCK_K=triton.next_power_of_2(idx.shape[-1]), **tiles)
     return dfeat, dweight

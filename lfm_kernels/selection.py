@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .backend import on_input_device
 from .checks import MAX_KERNEL_K
-from .configs import fill_target, halve_to_fill, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .randomness import dropout_scale, rank_drop_probs
 
 EMPTY_KEY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
@@ -283,11 +283,11 @@ def reduce_candidates(cand_key, cand_pos, k):
     group = merge_slots()
     block_r = rows_per_program(group)
     while M > group:
-        groups = triton.cdiv(M, group)
+        groups = cdiv(M, group)
         next_key = torch.empty((n_rows, groups * k), dtype=torch.int32, device=cand_key.device)
         next_pos = torch.empty_like(next_key)
         if n_rows:
-            launch(_topk_reduce_kernel, (triton.cdiv(n_rows, block_r), groups),
+            launch(_topk_reduce_kernel, (cdiv(n_rows, block_r), groups),
                    cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group,
                    **launch_options())
         cand_key, cand_pos, M = next_key, next_pos, groups * k
@@ -317,14 +317,14 @@ def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     block_m, target = triton.next_power_of_2(M), fill_target(out.device)
     if n_rows >= target:
         tiles = halve_to_fill({"BLOCK_R": rows_per_program(block_m)}, "BLOCK_R",
-                              lambda t: triton.cdiv(n_rows, t["BLOCK_R"]), target, smallest=1)
-        launch(_topk_merge_kernel, (triton.cdiv(n_rows, tiles["BLOCK_R"]),), *args, n_rows, out.shape[1], M, k, scale,
+                              lambda t: cdiv(n_rows, t["BLOCK_R"]), target, smallest=1)
+        launch(_topk_merge_kernel, (cdiv(n_rows, tiles["BLOCK_R"]),), *args, n_rows, out.shape[1], M, k, scale,
                APPLY_DROP=apply_drop, BLOCK_M=block_m, **tiles, **launch_options())
     else:
-        tiles = halve_to_fill({"BLOCK_I": block_m}, "BLOCK_I", lambda t: n_rows * triton.cdiv(M, t["BLOCK_I"]),
+        tiles = halve_to_fill({"BLOCK_I": block_m}, "BLOCK_I", lambda t: n_rows * cdiv(M, t["BLOCK_I"]),
                               target, smallest=4)
         tiles["BLOCK_J"] = max(16, min(block_m, tile_elements() // tiles["BLOCK_I"]))
-        launch(_topk_rank_merge_kernel, (n_rows, triton.cdiv(M, tiles["BLOCK_I"])), *args, out.shape[1], M, k, scale,
+        launch(_topk_rank_merge_kernel, (n_rows, cdiv(M, tiles["BLOCK_I"])), *args, out.shape[1], M, k, scale,
                APPLY_DROP=apply_drop, **tiles, **launch_options())
     return idx, keep
 
@@ -344,18 +344,18 @@ def select_chunks(x, k, *, seed=None):
     target = fill_target(x.device)
 
     def programs(t):
-        return triton.cdiv(B * C, t["BLOCK_R"]) * triton.cdiv(N, t["BLOCK_N"])
+        return cdiv(B * C, t["BLOCK_R"]) * cdiv(N, t["BLOCK_N"])
 
     halve_to_fill(tiles, "BLOCK_R", programs, target, smallest=1)
     halve_to_fill(tiles, "BLOCK_N", programs, target, smallest=max(64, triton.next_power_of_2(2 * k)))
-    n_chunks = triton.cdiv(N, tiles["BLOCK_N"])
+    n_chunks = cdiv(N, tiles["BLOCK_N"])
     M = n_chunks * k
     cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     if not B * C:
         return cand_key, cand_pos
     launch(
-        _topk_chunk_kernel, (triton.cdiv(B * C, tiles["BLOCK_R"]), n_chunks),
+        _topk_chunk_kernel, (cdiv(B * C, tiles["BLOCK_R"]), n_chunks),
         terms, cand_key, cand_pos, seed if seed is not None else cand_key,
         B * C, C, N, W, S, *terms.stride(), k, M,
         RANDOM_KEYS=seed is not None, **tiles, **launch_options(),
@@ -375,7 +375,7 @@ def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor |
     block_r = rows_per_program(block_k)
     if n_rows:
         keep = keep.contiguous() if keep is not None else None
-        launch(_scatter_rows_kernel, (triton.cdiv(n_rows, block_r),),
+        launch(_scatter_rows_kernel, (cdiv(n_rows, block_r),),
                grad.contiguous(), idx.contiguous(), keep if keep is not None else idx, dx, n_rows, N, k, scale,
                HAS_KEEP=keep is not None, BLOCK_R=block_r, BLOCK_K=block_k, **launch_options())
     return dx

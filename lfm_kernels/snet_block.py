@@ -26,7 +26,7 @@ import triton.language as tl
 from . import torch_inference, torch_training
 from .backend import on_input_device, resolve_backend
 from .checks import check_float_tensor, check_same_device, check_same_dtype
-from .configs import fill_target, halve_to_fill, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
 from .precision import (
@@ -283,7 +283,7 @@ def _grid(kernel, x, w, n_rows, pool, compute_dtype, precision, **extents):
     tiles = launch_config(kernel, x.device, compute_dtype, precision, BLOCK_CO=Cout, **extents)
 
     def grid(t):
-        return triton.cdiv(n_rows, t["BLOCK_M"] // 4 if pool else t["BLOCK_M"]), triton.cdiv(Cout, t["BLOCK_CO"])
+        return cdiv(n_rows, t["BLOCK_M"] // 4 if pool else t["BLOCK_M"]), cdiv(Cout, t["BLOCK_CO"])
 
     halve_to_fill(tiles, "BLOCK_CO", lambda t: grid(t)[0] * grid(t)[1], fill_target(x.device))
     return tiles, grid(tiles)
@@ -410,7 +410,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     precision = block_precision(npr, precision)
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
-    OH, OW = (triton.cdiv(Hc, 2), triton.cdiv(Wc, 2)) if pool else (Hc, Wc)  # windows covering every conv pixel
+    OH, OW = (cdiv(Hc, 2), cdiv(Wc, 2)) if pool else (Hc, Wc)  # windows covering every conv pixel
     n_rows, n_pix = B * OH * OW, B * Hc * Wc
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])

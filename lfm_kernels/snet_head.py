@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .backend import on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
-from .configs import fill_target, halve_to_fill, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_tile, dot_operand, packed_weight
 from .precision import dot_args, resolve_precision
 from .randomness import check_drop
@@ -132,14 +132,19 @@ def _snet_head_partial_kernel(
 # ---------------------------------------------------------------------------------------------
 # Op
 # ---------------------------------------------------------------------------------------------
+def score_operand(score_weight: torch.Tensor) -> torch.Tensor:
+    """The (CS, C4, 1, 1) scoring weight as the scoring GEMM's (C4, CS) B operand."""
+    return score_weight.flatten(1).t()
+
+
 def _head_splits(tiles, programs, C4, target):
     """(n_splits, c4_per_split): how the head splits C4 so that every SM has a program at small batch (at
     most one split per channel block; BLOCK_C4 halves, down to 16, where that is not enough). One split,
     the fused path, once the batch fills the GPU."""
     def splits(t):
-        blocks = triton.cdiv(C4, t["BLOCK_C4"])
-        per_split = max(1, blocks // triton.cdiv(target, max(programs, 1)))
-        return triton.cdiv(blocks, per_split), per_split * t["BLOCK_C4"]
+        blocks = cdiv(C4, t["BLOCK_C4"])
+        per_split = max(1, blocks // cdiv(target, max(programs, 1)))
+        return cdiv(blocks, per_split), per_split * t["BLOCK_C4"]
 
     halve_to_fill(tiles, "BLOCK_C4", lambda t: programs * splits(t)[0], target)
     return splits(tiles)
@@ -155,12 +160,12 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
     tiles = launch_config("snet_head", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_C4=C4, BLOCK_CS=CS)
-    n_chunks = triton.cdiv(Hc * Wc, tiles["BLOCK_P"])
-    cs_blocks = triton.cdiv(CS, tiles["BLOCK_CS"])
+    n_chunks = cdiv(Hc * Wc, tiles["BLOCK_P"])
+    cs_blocks = cdiv(CS, tiles["BLOCK_CS"])
     n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * cs_blocks, C4, fill_target(x.device))
     dots = dot_args(compute_dtype, precision)
     args = (nhwc(x), packed_weight(weight, compute_dtype), bias, gamma, beta, mean, var,
-            score_weight.reshape(CS, C4).t().to(compute_dtype).contiguous())
+            packed_weight(score_weight, compute_dtype, score_operand))
     meta = dict(**tiles, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
     if n_splits > 1:
         part = torch.empty((n_splits, B, CS, Hc, Wc), dtype=torch.float32, device=x.device)
