@@ -1,6 +1,6 @@
 """Inference engines for `lfm eval` and `lfm predict`, and `lfm export`.
 
-  torch    our torch backend as it is: on CPU its inference path (lfm_kernels.torch_inference: BatchNorm
+  torch    our torch backend as it is: on CPU its inference path (lfm_kernels.snet_block_torch: BatchNorm
            folded, channels_last, pool blocks by cache-sized chunks, Top-K without a full sort); Triton
            kernels on CUDA.
   compile  torch.compile of the same model (Inductor; on CPU it needs a C++ compiler, without one the

@@ -5,6 +5,7 @@ For even sizes and f=2 this is exactly the authors' frozen down/up-sampling conv
 odd sizes work too (the last row/column forms a partial cell anchored at its own top-left).
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -21,6 +22,20 @@ def npr_residual_reference(x: torch.Tensor, factor: int = 2, absolute: bool = Tr
     anchor = anchor.repeat_interleave(factor, dim=-1)[..., :w]
     res = x - anchor
     return res.abs() if absolute else res
+
+
+def npr_residual_inference(x):
+    """|x - x[2*(i//2), 2*(j//2)]| (npr_residual_reference(x, 2, True)) through a view of 2x2 cells;
+    an odd side is padded by one replicated row/column first and cropped after (its partial cell is
+    anchored at its own top-left either way)."""
+    H, W = x.shape[-2:]
+    if H % 2 or W % 2:
+        x = F.pad(x, (0, W % 2, 0, H % 2), mode="replicate")
+    B, C, He, We = x.shape
+    cells = x.reshape(B, C, He // 2, 2, We // 2, 2)
+    res = cells - cells[:, :, :, :1, :, :1]
+    res = (res.abs() if res.requires_grad else res.abs_()).view(B, C, He, We)  # in place unless differentiated
+    return res[:, :, :H, :W]
 
 
 @triton.jit

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import torch_inference, torch_training
 from .backend import on_input_device, resolve_backend
 from .checks import check_float_tensor, check_same_device, check_same_dtype
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
@@ -37,6 +36,7 @@ from .precision import (
     dot_args,
     resolve_precision,
 )
+from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,16 +517,6 @@ def conv_bias_or_zeros(conv_weight, conv_bias):
     return conv_bias if conv_bias is not None else conv_weight.new_zeros(conv_weight.shape[0])
 
 
-def update_running_stats(running_mean, running_var, mean, var, n, momentum):
-    """nn.BatchNorm2d's update from a batch's mean and biased variance over n values: the unbiased variance,
-    momentum; an empty batch leaves them alone."""
-    if running_mean is None or n == 0:
-        return
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * n / max(n - 1, 1)).to(running_var.dtype), alpha=momentum)
-
-
 def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, *, eps=1e-5, momentum=0.1,
                training=False, pool=True, npr=False, input_precision=None, backend=None):
     """maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))), fused; see the module docstring.
@@ -540,10 +530,10 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
                 input_precision)
     if resolve_backend(backend, x) == "torch":
         if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
-            return torch_inference.snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+            return snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                         running_var, eps=eps, pool=pool, npr=npr)
-        if training and torch_training.fast_training(x, conv_weight, conv_bias, bn_weight, bn_bias):
-            return torch_training.snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+        if training and fast_training(x, conv_weight, conv_bias, bn_weight, bn_bias):
+            return snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                    running_var, eps=eps, momentum=momentum, pool=pool, npr=npr)
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)

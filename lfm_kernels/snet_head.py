@@ -204,7 +204,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     drop = check_drop(drop)
     inference = not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
     if not (inference and resolve_backend(backend, x) == "triton"):
-        # The composition; on the torch backend in inference both ops take torch_inference's fast path.
+        # The composition; on the torch backend in inference both ops take their torch modules' fast paths.
         feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                           momentum=momentum, training=training, pool=False, input_precision=input_precision,
                           backend=backend)

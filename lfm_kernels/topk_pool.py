@@ -17,8 +17,7 @@ from .checks import check_float_tensor, check_k, check_kernel_k
 from .precision import check_kernel_dtype
 from .randomness import check_drop, draw_seed, dropout_scale, rank_drop_probs
 from .selection import merge_candidates, select_chunks
-from .torch_inference import topk_pool_inference
-from .torch_training import topk_pool_train
+from .topk_torch import topk_pool_inference, topk_pool_train
 
 
 # ---------------------------------------------------------------------------------------------

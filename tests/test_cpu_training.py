@@ -1,4 +1,4 @@
-"""The torch backend's training path on CPU (lfm_kernels.torch_training): the references' outputs, gradients
+"""The torch backend's training path on CPU (lfm_kernels.snet_block_torch): the references' outputs, gradients
 and running statistics."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from utils import block_params
 
 from bench.authors import AuthorsLFM
 from lfm import LFM
-from lfm_kernels import snet_block, snet_block_reference, topk_pool, topk_pool_reference, torch_training
+from lfm_kernels import snet_block, snet_block_reference, snet_block_torch, topk_pool, topk_pool_reference
 
 
 def _block_run(fn, x, params, npr, pool, seed=1):
@@ -38,7 +38,7 @@ def _assert_block_matches(x, params, npr, pool, tol):
     (False, 20, 7, 8, False),   # block 4
 ])
 def test_block_matches_the_reference_in_float64(monkeypatch, chunk_bytes, npr, Cin, H, W, pool):
-    monkeypatch.setattr(torch_training, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(snet_block_torch, "CHUNK_BYTES", chunk_bytes)
     x = torch.randn(5, Cin, H, W, dtype=torch.float64)
     params = block_params(Cin, 16, dtype=torch.float64)
     _assert_block_matches(x, params, npr, pool, 1e-10)
@@ -62,7 +62,7 @@ def test_block_float32_is_as_accurate_as_the_reference():
 
 
 def test_block_pool_ties_send_the_gradient_where_max_pool_does(monkeypatch):
-    monkeypatch.setattr(torch_training, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(snet_block_torch, "CHUNK_BYTES", 1)
     x = torch.zeros(3, 8, 9, 9, dtype=torch.float64)
     x[:, :, 4:, 4:] = torch.randint(-1, 2, (3, 8, 5, 5)).double()  # flat regions and few values: ties everywhere
     params = block_params(8, 4, dtype=torch.float64)
@@ -72,12 +72,12 @@ def test_block_pool_ties_send_the_gradient_where_max_pool_does(monkeypatch):
 def test_other_inputs_take_the_reference():
     x = torch.randn(2, 8, 6, 6)
     params = block_params(8, 4)
-    assert torch_training.fast_training(x, *params)
-    assert not torch_training.fast_training(x.half(), *[p.half() for p in params])
-    assert not torch_training.fast_training(x[:0], *params)
-    assert not torch_training.fast_training(x.double(), *params)  # mixed dtypes
+    assert snet_block_torch.fast_training(x, *params)
+    assert not snet_block_torch.fast_training(x.half(), *[p.half() for p in params])
+    assert not snet_block_torch.fast_training(x[:0], *params)
+    assert not snet_block_torch.fast_training(x.double(), *params)  # mixed dtypes
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not torch_training.fast_training(x, *params)
+        assert not snet_block_torch.fast_training(x, *params)
     weight = params[0].requires_grad_(True)
     out = snet_block(x.bfloat16(), weight.bfloat16(), *[p.bfloat16() for p in params[1:]], training=True,
                      backend="torch")

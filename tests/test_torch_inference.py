@@ -1,4 +1,4 @@
-"""The torch backend's inference path (lfm_kernels.torch_inference) against the pure references."""
+"""The torch backend's inference path (snet_block_torch, topk_torch, npr_residual_inference) against the references."""
 import pytest
 import torch
 from utils import block_params
@@ -7,15 +7,16 @@ from lfm import LFM
 from lfm_kernels import (
     snet_block,
     snet_block_reference,
+    snet_block_torch,
     snet_head,
     snet_head_reference,
     topk_pool,
     topk_pool_reference,
-    torch_inference,
 )
-from lfm_kernels.npr_residual import npr_residual_reference
+from lfm_kernels.npr_residual import npr_residual_inference, npr_residual_reference
+from lfm_kernels.snet_block_torch import max_pool_2x2
 from lfm_kernels.topk_pool import topk_select_reference
-from lfm_kernels.torch_inference import RANK_MATRIX_MAX_K, max_pool_2x2, npr_residual_inference, topk_select
+from lfm_kernels.topk_torch import RANK_MATRIX_MAX_K, topk_select
 
 
 def _same_bits(a, b):
@@ -100,7 +101,7 @@ def test_block_eval_matches_reference(B, Cin, Cout, H, W, npr, pool, dtype):
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 40000])  # row bands of one row, of several rows, image chunks
 @pytest.mark.parametrize("npr,H,W", [(True, 9, 11), (True, 12, 10), (False, 8, 7)])
 def test_block_eval_by_chunks_matches_reference(monkeypatch, chunk_bytes, npr, H, W):
-    monkeypatch.setattr(torch_inference, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(snet_block_torch, "CHUNK_BYTES", chunk_bytes)
     Cin = 3 if npr else 20
     x = torch.randn(5, Cin, H, W)
     x[3, :, 4, 5] = float("nan")
