@@ -423,7 +423,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     if n_rows:
         launch(_snet_block_dy_sums_kernel, grid, *args, sums, *shape, **flags)
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
-    means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else torch.zeros_like(sums[:, 0])
+    means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
     if n_rows:
         launch(_snet_block_dz_kernel, grid, *args, means, dz, *shape, **flags)
     dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()

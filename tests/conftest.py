@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["interpreter tiles", "sm80 tiles", "sm90 tiles"])
+@pytest.fixture(params=["interpreter tiles", pytest.param("sm80 tiles", marks=pytest.mark.slow), "sm90 tiles"])
 def tiles(request):
     """Run a test with the interpreter's large tiles and with the tile sizes each GPU family gets (more
     programs, loops over channel blocks, several candidate chunks, and the splits that give every SM of

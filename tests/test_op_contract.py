@@ -50,7 +50,8 @@ class OpCase:
     run: Callable
     atol: float = 1e-5
     random: bool = False  # draws from torch's generator: compared with its own run under the same seed
-    half_inputs: int = 1  # leading inputs given in bfloat16/float16 (the rest stay float32, as parameters)
+    half_inputs: int = 1  # leading inputs given in bfloat16/float16: those a conv needs in one dtype (the rest,
+    # BatchNorm's parameters, stay float32 as F.batch_norm allows)
     half_tol: float = 4.0  # DTYPE_TOL multiple for half-precision inputs
     dots: bool = False  # runs tl.dot: its launch configurations depend on the dot kind
 
@@ -71,18 +72,20 @@ OPS = [
                                                               backend=backend), half_inputs=2, dots=True),
     OpCase("snet_block eval", lambda B: ([_image(B, 20)] + _block_params(20, 40), _running_stats(40)),
            lambda backend, t, s, precision="ieee": snet_block(*t, *s, input_precision=precision, backend=backend),
-           half_tol=8.0, dots=True),
+           half_inputs=3, half_tol=8.0, dots=True),
     OpCase("snet_block train stem", lambda B: ([_image(B)] + _block_params(3, 24), _running_stats(24)),
            lambda backend, t, s, precision="ieee": snet_block(*t, *s, training=True, npr=True,
-                                                              input_precision=precision, backend=backend), dots=True),
+                                                              input_precision=precision, backend=backend),
+           half_inputs=3, dots=True),
     OpCase("snet_block train no pool", lambda B: ([_image(B, 20)] + _block_params(20, 40), _running_stats(40)),
            lambda backend, t, s, precision="ieee": snet_block(*t, *s, training=True, pool=False,
-                                                              input_precision=precision, backend=backend), dots=True),
+                                                              input_precision=precision, backend=backend),
+           half_inputs=3, dots=True),
     OpCase("snet_head eval", lambda B: ([_image(B, 20), *_block_params(20, 40)[:4],
                                          torch.randn(80, 40, 1, 1, dtype=torch.float64) / 40**0.5],
                                         _running_stats(40)),
            lambda backend, t, s, precision="ieee": snet_head(t[0], *t[1:5], *s, t[5], 3, input_precision=precision,
-                                                             backend=backend), dots=True),
+                                                             backend=backend), half_inputs=6, dots=True),
 ]
 
 
@@ -125,6 +128,7 @@ def test_matches_reference_forward_and_backward(case, tiles):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=f"gradient of input {i}")
 
 
+@pytest.mark.slow  # every launch-table entry: minutes under the interpreter
 @pytest.mark.parametrize("kind", ["tf32", "16-bit"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", [case for case in OPS if case.dots], ids=lambda c: c.name)
@@ -198,6 +202,7 @@ class _RecordCustomOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow  # opcheck runs each custom op several times under the interpreter
 @pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)
 def test_opcheck_of_every_custom_op_it_calls(case):
     inputs, state = case.inputs(2)
