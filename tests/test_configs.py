@@ -1,0 +1,67 @@
+"""The launch policy (lfm_kernels/configs.py): one table, fitted tiles, pinned fp fusion, the launch observer."""
+import importlib
+
+import pytest
+import torch
+from utils import recorded_launches
+
+from lfm import LFM
+from lfm_kernels import configs
+
+
+def test_every_launch_of_a_training_step_and_an_inference_passes_fp_fusion_explicitly():
+    model = LFM(backend="triton")
+    x = torch.randn(2, 3, 48, 48)
+    with recorded_launches() as launches:
+        model.train()(x).sum().backward()
+        with torch.no_grad():
+            model.eval()(x)
+    assert len({launch.name for launch in launches}) >= 10
+    for launch in launches:
+        assert launch.meta["enable_fp_fusion"] is configs.FP_FUSION, launch.name
+        assert {"num_warps", "num_stages"} <= set(launch.meta), launch.name
+
+
+def test_launch_config_fits_tiles_to_extents_within_the_table_cap():
+    table = configs._CONFIGS["snet_block"][("tf32", "*")]
+    with configs.gpu_family("sm90"), configs.gpu_tile_sizes():
+        small = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CI=3,
+                                      BLOCK_CO=40)
+        large = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CI=512,
+                                      BLOCK_CO=512)
+    assert (small["BLOCK_CI"], small["BLOCK_CO"]) == (16, 64)  # tl.dot's minimum K; a power of 2 covering 40
+    assert (large["BLOCK_CI"], large["BLOCK_CO"]) == (table["BLOCK_CI"], table["BLOCK_CO"])
+    assert large["BLOCK_M"] == table["BLOCK_M"] and large["num_stages"] == table["num_stages"]
+    small["BLOCK_CO"] = 1  # a copy: the memoized entry stays as it was
+    with configs.gpu_family("sm90"), configs.gpu_tile_sizes():
+        again = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CI=3,
+                                      BLOCK_CO=40)
+    assert again["BLOCK_CO"] == 64
+    interpreter = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CI=512,
+                                        BLOCK_CO=512)
+    assert interpreter["BLOCK_M"] == 1024 and interpreter["BLOCK_CO"] == 4 * table["BLOCK_CO"]
+
+
+def test_stubbed_launches_run_nothing_and_observers_nest():
+    op = importlib.import_module("lfm_kernels.npr_residual")  # the module: the package exports the function
+
+    x = torch.randn(1, 2, 5, 6)
+    outer, inner = [], []
+    stubbed, ran = torch.full_like(x, 7.0), torch.full_like(x, 7.0)
+    with configs.observe_launches(outer.append):
+        with configs.observe_launches(inner.append, run=False):
+            assert configs.launches_stubbed()
+            op._launch(op._npr_residual_fwd_kernel, x, x, stubbed, factor=2, absolute=True)
+        op._launch(op._npr_residual_fwd_kernel, x, x, ran, factor=2, absolute=True)
+    assert not configs.launches_stubbed()
+    assert [launch.name for launch in outer] == ["_npr_residual_fwd_kernel"] * 2
+    assert [launch.name for launch in inner] == ["_npr_residual_fwd_kernel"]
+    assert torch.equal(stubbed, torch.full_like(x, 7.0))  # never written
+    torch.testing.assert_close(ran, op.npr_residual_reference(x, 2, True))
+
+
+def test_unknown_kernel_or_family_is_refused():
+    with pytest.raises(KeyError, match="no_such_kernel"):
+        configs.launch_config("no_such_kernel", torch.device("cpu"))
+    with pytest.raises(ValueError, match="sm70"), configs.gpu_family("sm70"):
+        pass
