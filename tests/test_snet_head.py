@@ -28,7 +28,8 @@ def test_head_matches_block_then_score_topk(tiles):
     assert torch.equal(idx, ref_idx)
 
 
-@pytest.mark.parametrize("tiles", ["interpreter tiles", pytest.param("sm90 tiles", marks=pytest.mark.slow)], indirect=True)
+@pytest.mark.parametrize("tiles", ["interpreter tiles", pytest.param("sm90 tiles", marks=pytest.mark.slow)],
+                         indirect=True)
 def test_lfm_triton_eval_launches(official, tiles):
     """6 launches; 7 where the batch is too small to give every SM a program, so that the head splits its
     channels and a selection kernel sums the partial scores (gpu tiles at batch 1)."""
