@@ -24,14 +24,6 @@ def check_same_device(**tensors):
         raise ValueError(f"tensors must be on one device, got {listing}")
 
 
-def check_same_dtype(**tensors):
-    """Both backends refuse what F.conv2d refuses: operands of different floating-point dtypes."""
-    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{n} {d}" for n, d in dtypes.items())
-        raise ValueError(f"tensors must have one dtype, got {listing}")
-
-
 def check_k(k, positions: int):
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"k must be an int, got {k!r}")

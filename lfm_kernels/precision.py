@@ -62,3 +62,26 @@ def autocast_dtype(x: torch.Tensor):
     if autocast_enabled(x) and x.dtype == torch.float32:
         return torch.get_autocast_dtype(x.device.type)
     return None
+
+
+def check_conv_dtypes(**tensors):
+    """Refuse what F.conv2d refuses: operands of different dtypes, outside autocast (which casts them to one);
+    the first tensor's device says which autocast applies. Both backends call it."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    if autocast_enabled(next(iter(given.values()))):
+        return
+    if len({t.dtype for t in given.values()}) > 1:
+        listing = ", ".join(f"{n} {t.dtype}" for n, t in given.items())
+        raise ValueError(f"tensors must have one dtype, got {listing}")
+
+
+def conv_input(name: str, x: torch.Tensor, keep_dtype: bool = False):
+    """(x as the kernels take it, the dtype the conv computes in). Under autocast the conv computes in
+    autocast's dtype, as F.conv2d would (accumulation and statistics stay float32); with keep_dtype (the
+    stem) x stays in its own dtype, so the neighbor-pixel residual is taken before rounding, as the
+    reference does."""
+    compute_dtype = autocast_dtype(x) or x.dtype
+    if not keep_dtype:
+        x = x.to(compute_dtype)
+    check_kernel_dtype(name, x)
+    return x, compute_dtype

@@ -11,16 +11,9 @@ import triton
 import triton.language as tl
 
 from .backend import batch_folding_vmap, on_input_device, resolve_backend
-from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device, check_same_dtype
+from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import cdiv, launch, launch_config
-from .precision import (
-    autocast_dtype,
-    autocast_enabled,
-    check_kernel_dtype,
-    check_precision,
-    dot_args,
-    resolve_precision,
-)
+from .precision import check_conv_dtypes, check_kernel_dtype, check_precision, conv_input, dot_args, resolve_precision
 from .randomness import check_drop, draw_seed, dropout_scale
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
@@ -212,16 +205,14 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     if weight.shape[1] != feat.shape[1] or weight.shape[2:] != (1, 1) or 0 in weight.shape[:2]:
         raise ValueError(f"weight must have shape (Cout, {feat.shape[1]}, 1, 1) with Cout >= 1 for feat with "
                          f"{feat.shape[1]} channels (at least 1), got {tuple(weight.shape)}")
-    if not autocast_enabled(feat):  # autocast casts the operands to one dtype, as F.conv2d's
-        check_same_dtype(feat=feat, weight=weight)
+    check_conv_dtypes(feat=feat, weight=weight)
     check_k(k, feat.shape[2] * feat.shape[3])
     drop = check_drop(drop)
     check_precision(input_precision)
     if resolve_backend(backend, feat) == "torch":  # topk_pool's torch backend: its fast path where no gradient
         return topk_pool(F.conv2d(feat, weight), k, drop=drop, training=training, return_indices=return_indices,
                          backend="torch")
-    feat = feat.to(autocast_dtype(feat) or feat.dtype)  # as F.conv2d under autocast
-    check_kernel_dtype("feat", feat)
+    feat, _ = conv_input("feat", feat)
     check_kernel_dtype("weight", weight)
     check_kernel_k(k)
     apply_drop = drop is not None and bool(training)

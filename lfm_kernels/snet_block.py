@@ -24,18 +24,11 @@ import triton
 import triton.language as tl
 
 from .backend import on_input_device, resolve_backend
-from .checks import check_float_tensor, check_same_device, check_same_dtype
+from .checks import check_float_tensor, check_same_device
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
-from .precision import (
-    autocast_dtype,
-    autocast_enabled,
-    check_kernel_dtype,
-    check_precision,
-    dot_args,
-    resolve_precision,
-)
+from .precision import check_conv_dtypes, check_precision, conv_input, dot_args, resolve_precision
 from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
 
 
@@ -486,8 +479,7 @@ def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, run
     if not training and (running_mean is None or running_var is None):
         raise ValueError("eval mode needs running_mean and running_var")
     check_same_device(x=x, conv_weight=conv_weight, **{n: t for n, t in named.items() if t is not None})
-    if not autocast_enabled(x):  # autocast casts the operands to one dtype, as F.conv2d's
-        check_same_dtype(x=x, conv_weight=conv_weight, conv_bias=conv_bias)
+    check_conv_dtypes(x=x, conv_weight=conv_weight, conv_bias=conv_bias)
     min_size = 3 if pool else 2
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f"x must be at least {min_size}x{min_size} for a 2x2 conv{' and pool' if pool else ''}, "
@@ -496,17 +488,6 @@ def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, run
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
                          "(one conv output per channel)")
     check_precision(input_precision)
-
-
-def kernel_input(x, npr):
-    """(x as the kernels take it, the dtype the conv computes in). Under autocast the conv computes in
-    autocast's dtype, as F.conv2d would (accumulation and statistics stay float32); the stem keeps the
-    image in its own dtype, so the neighbor-pixel residual is taken before rounding, as the reference does."""
-    compute_dtype = autocast_dtype(x) or x.dtype
-    if not npr:
-        x = x.to(compute_dtype)
-    check_kernel_dtype("x", x)
-    return x, compute_dtype
 
 
 def needs_grad(*tensors) -> bool:
@@ -537,7 +518,7 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
                                                    running_var, eps=eps, momentum=momentum, pool=pool, npr=npr)
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
-    x, compute_dtype = kernel_input(x, npr)
+    x, compute_dtype = conv_input("x", x, keep_dtype=npr)
     precision = resolve_precision(input_precision)
     bias = conv_bias_or_zeros(conv_weight, conv_bias)
     if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):

@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from .backend import on_input_device, resolve_backend
-from .checks import check_float_tensor, check_k, check_kernel_k, check_same_dtype
+from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_tile, dot_operand, packed_weight
-from .precision import autocast_enabled, dot_args, resolve_precision
+from .precision import check_conv_dtypes, conv_input, dot_args, resolve_precision
 from .randomness import check_drop
 from .score_topk import score_topk
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
@@ -27,7 +27,6 @@ from .snet_block import (
     batchnorm_affine,
     check_block,
     conv_bias_or_zeros,
-    kernel_input,
     needs_grad,
     nhwc,
     relu,
@@ -200,8 +199,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     if score_weight.shape[1:] != (conv_weight.shape[0], 1, 1) or score_weight.shape[0] == 0:
         raise ValueError(f"score_weight must have shape (Cs, {conv_weight.shape[0]}, 1, 1) with Cs >= 1, got "
                          f"{tuple(score_weight.shape)}")
-    if not autocast_enabled(x):  # as score_topk in the composition
-        check_same_dtype(x=x, score_weight=score_weight)
+    check_conv_dtypes(x=x, score_weight=score_weight)  # as score_topk in the composition
     check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
     drop = check_drop(drop)
     inference = not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
@@ -213,7 +211,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
         return score_topk(feat, score_weight, k, drop=drop, training=training, return_indices=return_indices,
                           input_precision=input_precision, backend=backend)
     check_kernel_k(k)
-    x, compute_dtype = kernel_input(x, False)
+    x, compute_dtype = conv_input("x", x)
     values, idx = torch.ops.lfm.snet_head_eval(x, conv_weight, conv_bias_or_zeros(conv_weight, conv_bias), bn_weight,
                                                bn_bias, running_mean, running_var, eps, score_weight, k,
                                                resolve_precision(input_precision), compute_dtype)
