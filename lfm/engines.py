@@ -1,8 +1,8 @@
 """Inference engines for `lfm eval` and `lfm predict`, and `lfm export`.
 
   torch    our torch backend as it is: on CPU its inference path (lfm_kernels.snet_block_torch: BatchNorm
-           folded, channels_last, pool blocks by cache-sized chunks, Top-K without a full sort); Triton
-           kernels on CUDA.
+           folded, channels_last, pool blocks by cache-sized chunks, Top-K without a full sort); on CUDA
+           the Triton kernels, replayed from a CUDA graph captured per input shape (CudaGraphRunner).
   compile  torch.compile of the same model (Inductor; on CPU it needs a C++ compiler, without one the
            torch engine runs, with a warning), called on a few images at a time on CPU (CALL_BYTES).
   onnx     the eval graph exported once to ONNX (cached by a hash of the weights and the input size) and
@@ -206,8 +206,50 @@ class OnnxRunner:
         return torch.from_numpy(np.concatenate(logits))
 
 
+class CudaGraphRunner:
+    """The model's inference replayed from a CUDA graph, one captured per input shape and dtype (at most
+    MAX_GRAPHS of them; other shapes run as they are): a replay costs the host a few microseconds, where
+    a forward's Python and launches cost far more than the GPU's work at batch 1. Captured after two
+    warm-up forwards on a side stream (kernels compiled, weights packed), so that capture records only
+    launches; the weights must not change while the runner is in use (inference)."""
+
+    MAX_GRAPHS = 8
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.graphs = model, {}
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.graphs:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                return self.model(x)
+            self.graphs[key] = self._capture(x)
+        static_in, static_out, graph = self.graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor):
+        static_in = x.detach().clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):
+                self.model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = self.model(static_in)
+        return static_in, static_out, graph
+
+
 def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, command: str):
-    """What scores batches for `engine`: the model itself, torch.compile of it, or an OnnxRunner."""
+    """What scores batches for `engine`: the model itself (in a CudaGraphRunner on CUDA), torch.compile of
+    it, or an OnnxRunner."""
     if engine == "onnx":
         if device.type != "cpu":
             raise UsageError(f"--engine onnx runs on CPU (device is {device}); use --device cpu or --engine torch")
@@ -224,4 +266,4 @@ def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, com
             return model
         compiled = torch.compile(model, dynamic=None)
         return Chunked(compiled) if device.type == "cpu" else compiled
-    return model
+    return CudaGraphRunner(model) if device.type == "cuda" else model
