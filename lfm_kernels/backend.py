@@ -4,7 +4,8 @@ Backends:
   "torch"  - the pure-PyTorch implementation of each op; runs on any device.
   "triton" - the Triton kernels; CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (or while
              configs.observe_launches stubs launches out: the compile report, host-time benchmarks).
-  "auto"   - triton for CUDA tensors, torch otherwise (the default).
+  "auto"   - triton for CUDA tensors, torch otherwise (the default); on a GPU family where a GPU run of
+             these kernels measured the cuDNN composition faster for an op (configs.auto_backend), torch.
 The default comes from the environment variable LFM_BACKEND when it is set.
 """
 import functools
@@ -12,7 +13,7 @@ import os
 
 import torch
 
-from .configs import interpreter_enabled, launches_stubbed
+from .configs import auto_backend, interpreter_enabled, launches_stubbed
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "LFM_BACKEND"
@@ -27,11 +28,12 @@ def check_backend_name(backend):
     return backend
 
 
-def resolve_backend(backend, tensor: torch.Tensor) -> str:
-    """Pick "torch" or "triton" for an op whose main input is `tensor`."""
+def resolve_backend(backend, tensor: torch.Tensor, op: str = "", training: bool = False) -> str:
+    """Pick "torch" or "triton" for `op` (its name in configs.auto_backend's table) on its main input
+    `tensor`, in training (batch statistics or gradients) or inference."""
     backend = check_backend_name(backend)
     if backend == "auto":
-        return "triton" if tensor.is_cuda else "torch"
+        return auto_backend(op, tensor, training)
     if backend == "triton" and not tensor.is_cuda and not (interpreter_enabled() or launches_stubbed()):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}); "

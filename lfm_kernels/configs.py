@@ -17,6 +17,7 @@ times num_warps x num_stages on a GPU and writes its winners to tuned_configs.js
 """
 import contextlib
 import functools
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ FAMILIES = ("sm80", "sm90")
 # SM work when the launch runs as that family without a GPU (the compile report, the interpreter's GPU tiles).
 FAMILY_SMS = {"sm80": 108, "sm90": 132}
 TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
+# Which path backend="auto" takes on a GPU, per op, family, mode and dtype, where a GPU run measured ours
+# slower than the cuDNN composition (python -m bench.auto_backend writes it from a GPU run's results).
+AUTO_TABLE = Path(__file__).with_name("auto_backend.json")
 
 _CONFIGS = {
     # The SNet blocks' implicit GEMM (conv2x2.conv_tile): [BLOCK_M pixels (BLOCK_M // 4 whole pool windows),
@@ -306,3 +310,36 @@ def launch(kernel, grid, *args, **meta):
         run = run and runs
     if run:
         kernel[grid](*args, **meta)
+
+
+def kernels_fingerprint() -> str:
+    """sha256 (16 hex digits) of this package's sources: which kernels a GPU measurement was of."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _auto_table() -> dict:
+    """AUTO_TABLE's choices, if it was measured on these kernels (else none: nothing is known slower)."""
+    if not AUTO_TABLE.exists():
+        return {}
+    table = json.loads(AUTO_TABLE.read_text())
+    if table.get("fingerprint") != kernels_fingerprint():
+        return {}
+    return {(e["family"], e["op"], e["mode"], e["dtype"]): e["backend"] for e in table["entries"]}
+
+
+def auto_choice(family_name: str, op: str, mode: str, dtype: str) -> str:
+    """"triton" (ours) unless a GPU run of these kernels on this family measured the cuDNN composition
+    ("torch") faster for this op, mode ("inference" or "training") and dtype."""
+    return _auto_table().get((family_name, op, mode, dtype), "triton")
+
+
+def auto_backend(op: str, x: torch.Tensor, training: bool) -> str:
+    """backend="auto" for op on x: auto_choice on CUDA, "torch" elsewhere."""
+    if not x.is_cuda:
+        return "torch"
+    return auto_choice(family(x.device), op, "training" if training else "inference",
+                       str(x.dtype).removeprefix("torch."))

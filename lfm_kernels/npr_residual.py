@@ -161,7 +161,7 @@ def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, bac
     check_float_tensor("x", x, 4)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-    if resolve_backend(backend, x) == "torch":
+    if resolve_backend(backend, x, "npr_residual", torch.is_grad_enabled() and x.requires_grad) == "torch":
         return npr_residual_reference(x, factor, absolute)
     check_kernel_dtype("x", x)
     B, C, H, W = x.shape

@@ -120,7 +120,7 @@ def random_k_pool(x, k, *, return_indices=False, backend=None):
     """Values at k distinct uniform random positions per (b, c), sorted ascending; (B, C, k)."""
     check_float_tensor("x", x, 4)
     check_k(k, x.shape[2] * x.shape[3])
-    if resolve_backend(backend, x) == "torch":
+    if resolve_backend(backend, x, "random_k_pool", torch.is_grad_enabled() and x.requires_grad) == "torch":
         return random_k_pool_reference(x, k, return_indices=return_indices)
     check_kernel_dtype("x", x)
     check_kernel_k(k)

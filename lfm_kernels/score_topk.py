@@ -209,7 +209,8 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     check_k(k, feat.shape[2] * feat.shape[3])
     drop = check_drop(drop)
     check_precision(input_precision)
-    if resolve_backend(backend, feat) == "torch":  # topk_pool's torch backend: its fast path where no gradient
+    trains = training or (torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad))
+    if resolve_backend(backend, feat, "score_topk", trains) == "torch":  # topk_pool's torch path (fast without grads)
         return topk_pool(F.conv2d(feat, weight), k, drop=drop, training=training, return_indices=return_indices,
                          backend="torch")
     feat, _ = conv_input("feat", feat)

@@ -509,19 +509,20 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     """
     check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
                 input_precision)
-    if resolve_backend(backend, x) == "torch":
-        if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
-            return snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                        running_var, eps=eps, pool=pool, npr=npr)
+    trains = training or needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias)
+    if resolve_backend(backend, x, f"snet_block/cin={x.shape[1]}", trains) == "torch":
+        if not trains:
+            return snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                        eps=eps, pool=pool, npr=npr)
         if training and fast_training(x, conv_weight, conv_bias, bn_weight, bn_bias):
-            return snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                   running_var, eps=eps, momentum=momentum, pool=pool, npr=npr)
+            return snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                    eps=eps, momentum=momentum, pool=pool, npr=npr)
         return snet_block_reference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                                     momentum=momentum, training=training, pool=pool, npr=npr)
     x, compute_dtype = conv_input("x", x, keep_dtype=npr)
     precision = resolve_precision(input_precision)
     bias = conv_bias_or_zeros(conv_weight, conv_bias)
-    if not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias):
+    if not trains:
         return torch.ops.lfm.snet_block_eval(x, conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
                                              pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training

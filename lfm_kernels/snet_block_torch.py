@@ -1,6 +1,7 @@
 """The torch backend of snet_block: what it runs on CPU (the references' answers and gradients, faster).
 
-Inference (nothing trained, no gradient needed):
+Inference (nothing trained, no gradient needed; on a GPU, the cuDNN composition that backend="auto" takes
+where a GPU run measured it faster than our kernels):
   - BatchNorm folded into the conv weight and bias on every call. Nothing is cached, so no update of
     the parameters (an optimizer step, a `.data` write) can leave a stale copy; folding costs under 1%
     of a block.
@@ -65,7 +66,8 @@ def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_
         # One graph for any batch; F.max_pool2d becomes ONNX's MaxPool, which ONNX Runtime runs in its
         # blocked layout next to the convs (four strided slices there cost more than all the convs).
         return F.max_pool2d(F.conv2d(x, weight, bias), 2).relu_()
-    if torch.compiler.is_compiling() or not x.shape[0]:  # one graph for any batch (Inductor fuses the pool)
+    if torch.compiler.is_compiling() or not x.shape[0] or x.is_cuda:
+        # One graph for any batch (Inductor fuses the pool); a GPU wants whole batches (cuDNN in channels_last).
         return max_pool_2x2(F.conv2d(x, weight, bias)).relu_()
     # Pool first: max-pool and ReLU commute (both monotonic, both keep NaN), so ReLU touches a quarter.
     B, _, H, W = x.shape

@@ -203,7 +203,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
     drop = check_drop(drop)
     inference = not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
-    if not (inference and resolve_backend(backend, x) == "triton"):
+    if not (inference and resolve_backend(backend, x, "snet_head") == "triton"):
         # The composition; on the torch backend in inference both ops take their torch modules' fast paths.
         feat = snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=eps,
                           momentum=momentum, training=training, pool=False, input_precision=input_precision,

@@ -89,8 +89,9 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     check_float_tensor("x", x, 4)
     check_k(k, x.shape[2] * x.shape[3])
     drop = check_drop(drop)
-    if resolve_backend(backend, x) == "torch":
-        if not (drop is not None and training) and not (torch.is_grad_enabled() and x.requires_grad):
+    trains = (drop is not None and training) or (torch.is_grad_enabled() and x.requires_grad)
+    if resolve_backend(backend, x, "topk_pool", trains) == "torch":
+        if not trains:
             return topk_pool_inference(x, k, return_indices=return_indices)
         dropout = (lambda values: rank_dropout_reference(values, *drop)[0]) if drop is not None and training else None
         values, idx = topk_pool_train(x, k, dropout)
