@@ -13,7 +13,6 @@ Kernels:
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .configs import cdiv, launch, launch_config
 from .precision import dot_args
@@ -189,23 +188,12 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-_packed = WeakIdKeyDictionary()  # weight tensor -> {(pack, dtype): (its version when packed, packed copy)}
-
-
 def packed_weight(weight: torch.Tensor, dtype: torch.dtype, pack=None) -> torch.Tensor:
     """A weight as a GEMM kernel's B operand, contiguous in `dtype`: by default a (Cout, Cin, 2, 2) conv
-    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Kept per weight tensor until
-    the weight changes (its version counter), so inference packs once and training once per update."""
-    pack = pack or conv_operand
-    if weight.is_inference():  # no version counter to tell a change
-        return pack(weight).to(dtype).contiguous()
-    per_weight = _packed.setdefault(weight, {})
-    version, packed = per_weight.get((pack, dtype), (None, None))
-    if version != weight._version:
-        with torch.inference_mode(False), torch.no_grad():
-            packed = pack(weight).to(dtype).contiguous()
-        per_weight[pack, dtype] = (weight._version, packed)
-    return packed
+    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Packed on every call: a
+    cache keyed on the weight's version would go stale after a `.data` write or a fused optimizer step,
+    which do not count as versions."""
+    return (pack or conv_operand)(weight).to(dtype).contiguous()
 
 
 def conv_operand(weight: torch.Tensor) -> torch.Tensor:
