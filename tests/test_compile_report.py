@@ -63,6 +63,9 @@ def test_structure_is_reported_and_only_a_missing_wgmma_fails():
     assert row_failure(_row(dot="ieee", mma="none", wgmma="-")) is None
     assert structure_notes(_row(target="sm_80", mma="HMMA", wgmma="-", stages=1, loads="sync")) == []
     assert row_failure({"error": "boom"}) == "compile error: boom"
+    # The scoring's GEMMs are not 2x2 convs: without wgmma they are reported, not failed.
+    scoring = _row(kernel="_score_topk_dfeat_kernel", mma="HMMA", wgmma="-")
+    assert row_failure(scoring) is None and structure_notes(scoring)[0] == "no HGMMA"
 
 
 def _run(args, **env):
@@ -128,7 +131,7 @@ def test_one_gemm_launch_of_a_real_forward_compiles_for_sm_90(tmp_path):
 @pytest.mark.slow
 def test_full_report(tmp_path):
     """Every launch of LFM's workloads for sm_80 and sm_90 (minutes on 2 cores)."""
-    from bench.compile_report import package_kernels
+    from bench.compile_report import NOT_CONV_GEMM_KERNELS, package_kernels
 
     out = _run([str(tmp_path), "--targets", "80,90"])
     report = json.loads((tmp_path / "report.json").read_text())
@@ -137,9 +140,12 @@ def test_full_report(tmp_path):
     for kernel in package_kernels():
         for target in ("sm_80", "sm_90"):
             assert [r for r in rows if r["kernel"] == kernel and r["target"] == target], (kernel, target)
-    # Both float32 precisions and bfloat16 are compiled; every launch with TF32 or 16-bit dots runs wgmma on sm_90.
+    # Both float32 precisions and bfloat16 are compiled; every conv launch with TF32 or 16-bit dots runs wgmma on
+    # sm_90.
     assert {r["dot"] for r in rows} == {"-", "tf32", "ieee", "16-bit"}
-    hopper = [r for r in rows if r["target"] == "sm_90" and r["dot"] in ("tf32", "16-bit")]
+    assert NOT_CONV_GEMM_KERNELS <= set(package_kernels())
+    hopper = [r for r in rows if r["target"] == "sm_90" and r["dot"] in ("tf32", "16-bit")
+              and r["kernel"] not in NOT_CONV_GEMM_KERNELS]
     assert hopper and all(r["mma"] == "HGMMA" and r["wgmma"] != "-" for r in hopper), hopper
     assert all(r["ctas_per_sm"] >= 1 for r in rows), [r for r in rows if r["ctas_per_sm"] < 1]
     # Every launch of LFM's inference at each batch, block by block; at 1 and 8 each gives every SM a program.
