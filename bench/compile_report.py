@@ -415,7 +415,8 @@ def main(argv=None) -> int:
             failures.append(f"{row['kernel']} ({row['stage']}) leaves SMs idle at batch {row['batch']} on "
                             f"{row['target']}")
     (args.out_dir / "report.json").write_text(json.dumps(
-        {"tool": REPORT_TAG, "kernels": rows, "eval_waves": waves, "failures": failures}, indent=1))
+        {"tool": REPORT_TAG, "package_kernels": sorted(kernels), "kernels": rows, "eval_waves": waves,
+         "failures": failures}, indent=1))
     for failure in failures:
         print(f"FAIL: {failure}", file=sys.stderr)
     return 1 if failures else 0
