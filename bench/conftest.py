@@ -12,8 +12,9 @@ import torch
 
 from bench import harness, results
 from bench.gpu_suite import BENCH_TIERS
-from bench.providers import PROVIDERS, dtype_name
+from bench.providers import INFERENCE_ONLY_PROVIDERS, PROVIDERS, dtype_name
 from bench.report import GOAL_SIZE, format_goals, format_tables
+from bench.shapes import LARGE_BATCH
 from bench.suite_plugin import time_left
 
 STARTED = time.time()
@@ -44,14 +45,20 @@ def pytest_configure(config):
     unknown = set(config.getoption("bench_providers").split(",")) - set(PROVIDERS)
     if unknown:
         raise pytest.UsageError(f"--bench-providers: unknown {sorted(unknown)}; choose from {PROVIDERS}")
-    # Fixed shapes: let cuDNN pick its fastest algorithms, as a tuned eager deployment would.
+    # Fixed shapes: let cuDNN pick its fastest algorithms, as a tuned eager deployment would; float32 matmuls
+    # (the Linear, Inductor's GEMM templates) in TF32, as a user of torch.compile sets it.
     torch.backends.cudnn.benchmark = True
+    if harness.ON_GPU:
+        torch.set_float32_matmul_precision("high")
 
 
 def pytest_generate_tests(metafunc):
     if "provider" in metafunc.fixturenames:
-        providers = metafunc.config.getoption("bench_providers").split(",")
-        metafunc.parametrize("provider", [p for p in PROVIDERS if p in providers])
+        # A benchmark names its providers in a `providers` attribute; by default every provider but the
+        # end-to-end-only anchors.
+        chosen = metafunc.config.getoption("bench_providers").split(",")
+        allowed = getattr(metafunc.function, "providers", [p for p in PROVIDERS if p not in INFERENCE_ONLY_PROVIDERS])
+        metafunc.parametrize("provider", [p for p in allowed if p in chosen])
     if "dtype" in metafunc.fixturenames:
         metafunc.parametrize("dtype", harness.DTYPES, ids=dtype_name)
 
@@ -61,27 +68,32 @@ def _params(item) -> dict:
 
 
 def suite_tier(item):
-    """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out
-    (end to end at 224x224): the peaks and inference at 256x256 (the goals), the training step, the
-    per-op rows, each for our backends and eager, then every case again per torch.compile mode."""
+    """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out: the peaks,
+    the host time and inference at 256x256 (the goals) for our backend and the eager anchors, then the
+    torch.compile anchors per mode, then the training step and the per-op rows. Compilation takes minutes per
+    case, so the compile tiers take only what the goals compare: inference at batch LARGE_BATCH and the
+    CUDA-graph batch 1 (fewer cases, each with the budget to finish). End to end at 224x224 is left out."""
     params = _params(item)
     provider = params.get("provider", "")
     if item.originalname == "test_inference" and params["size"] != GOAL_SIZE:
         return None
     if provider.startswith("compile-"):
-        return provider
-    if item.path.stem == "bench_peaks" or item.originalname == "test_inference":
+        anchor = item.originalname == "test_inference_cuda_graph" or (
+            item.originalname == "test_inference" and params["batch"] == LARGE_BATCH)
+        return provider if anchor else None
+    if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference"):
         return "inference"
     return "training" if item.originalname == "test_training_step" else "ops"
 
 
 def run_priority(item):
-    """Sort key: by tier, then the peaks, end to end, the training step and the per-op rows within one;
+    """Sort key: by tier, then the peaks, the host time, end to end, the training step and the per-op rows within one;
     tests collected from outside bench/ go first."""
     if not item.path.stem.startswith("bench_"):
         return (-1, 0)
     tier = suite_tier(item)
-    within = {"bench_peaks": 0, "bench_lfm": 1 if item.originalname == "test_inference" else 2}.get(item.path.stem, 3)
+    within = {"bench_peaks": 0, "bench_host_time": 1,
+              "bench_lfm": 2 if item.originalname.startswith("test_inference") else 3}.get(item.path.stem, 4)
     return (BENCH_TIERS.index(tier) if tier else len(BENCH_TIERS), within)
 
 

@@ -170,6 +170,30 @@ def timed_fn(provider: str, fn):
     return run
 
 
+def cuda_graphed(fn, example_inputs):
+    """fn(*inputs) captured once in a CUDA graph on static copies of example_inputs (after warm-up calls on a
+    side stream: compilation, autotuning, allocations); each call copies its inputs into the static ones and
+    replays the graph, returning the graph's output tensor."""
+    static = [t.clone() for t in example_inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_CALLS):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+
+    def replay(*inputs):
+        for target, source in zip(static, inputs):
+            target.copy_(source)
+        graph.replay()
+        return out
+
+    return replay
+
+
 def bench_op(benchmark, *, op: str, provider: str, dtype, mode: str, eager, fused, make_inputs, params=(),
              input_grad: bool = True, forward_bytes=None):
     """Benchmark one op for one provider: eager(*inputs), the authors' way (also what torch.compile gets),

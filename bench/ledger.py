@@ -4,7 +4,11 @@ Each provider's model runs on fake tensors (FakeTensorMode: shapes and dtypes, n
 `TrafficCounter`, a TorchDispatchMode that sees every op reaching the dispatcher:
 - an op reads its tensor inputs and writes its fresh outputs and the inputs it mutates (in-place ops
   read and write), each counted at its size (the distinct elements it addresses);
-- each such op is one kernel launch; our fused ops (torch.ops.lfm.*) are one op each;
+- each such op is one kernel launch, except an op that launches our Triton kernels (lfm_kernels.configs.
+  observe_launches sees them): it counts the kernels it launches. The triton provider runs on real CPU
+  tensors with every launch stubbed out (observe_launches with run=False), launching as an H100/H200 does
+  (configs.gpu_family("sm90")), so that our fused ops (torch.ops.lfm.*, one dispatched op each) count their
+  kernels; the other providers run on fake tensors;
 - views and metadata ops (view, reshape, expand, permute, detach, t, ...), allocations and queries
   (shape, device) move nothing and launch nothing.
 That is the traffic of running each op as one kernel that reads its inputs once and writes its outputs
@@ -22,7 +26,6 @@ one uncounted step has created Adam's state. Launches are per call, bytes per im
 import argparse
 import contextlib
 import copy
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,6 +38,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bench.providers import build_model, dtype_name
 from bench.shapes import IMAGE_SIZE, SIZES, TRAIN_BATCH
+from bench.workloads import cpu_tensors_take_the_triton_path
+from lfm_kernels.configs import gpu_family, gpu_tile_sizes, observe_launches
 
 LEDGER_PROVIDERS = ("eager", "torch", "triton")
 LEDGER_DTYPES = (torch.float32, torch.bfloat16)
@@ -96,7 +101,8 @@ class Traffic:
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Sums `op_traffic` over every op dispatched while active (see the module docstring).
+    """Sums `op_traffic` over every op dispatched while active (see the module docstring); an op that
+    launches Triton kernels of lfm_kernels counts those launches.
 
     weights: the model's parameters and buffers. An op that reads only these, or what such ops made,
     is weight preprocessing (folding BatchNorm into a conv, say), which a deployment can do once, not
@@ -108,42 +114,60 @@ class TrafficCounter(TorchDispatchMode):
         self.traffic = Traffic()
         self.weight_traffic = Traffic()
         self.weight_made = WeakIdKeyDictionary({w: True for w in weights})
+        self.kernel_launches = 0
+        self._observing = None
+
+    def __enter__(self):
+        self._observing = observe_launches(self._count_launch)
+        self._observing.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._observing.__exit__(*exc)
+
+    def _count_launch(self, launch):
+        self.kernel_launches += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        before = self.kernel_launches
         out = func(*args, **kwargs)
+        kernels = self.kernel_launches - before
         inputs = _tensors((args, kwargs))
         weight_only = bool(inputs) and all(t in self.weight_made for t in inputs)
         if weight_only:  # views of weights included
             self.weight_made.update({t: True for t in _tensors(out)})
         moved, launches = op_traffic(func, args, kwargs, out)
+        if launches and kernels:
+            launches = kernels
         if launches:
             (self.weight_traffic if weight_only else self.traffic).add(str(func.overloadpacket), moved, launches)
         return out
 
 
 @contextlib.contextmanager
-def cpu_tensors_take_the_triton_path():
-    """backend="triton" accepts CPU tensors only under TRITON_INTERPRET=1 (read at call time). Fake tensors
-    never launch a kernel, so the interpreter costs nothing here; the variable is restored afterwards."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+def stubbed_launches():
+    """Our kernels' launches stubbed out, as an H100/H200 makes them, on CPU tensors."""
+    with cpu_tensors_take_the_triton_path(), gpu_family("sm90"), gpu_tile_sizes(), \
+            observe_launches(lambda launch: None, run=False):
         yield
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def model_traffic(provider: str, dtype=torch.float32, size: int = IMAGE_SIZE, batch: int = LEDGER_BATCH,
                   training: bool = False) -> Traffic:
-    """Traffic of one inference forward (or one training step) of `provider`'s model on fake tensors."""
-    fake_mode = FakeTensorMode()
-    with FakeCopyMode(fake_mode):
-        model = copy.deepcopy(build_model(provider, dtype, "cpu", training))
-    with fake_mode, cpu_tensors_take_the_triton_path():
+    """Traffic of one inference forward (or one training step) of `provider`'s model: on CPU tensors with
+    launches stubbed out for the triton provider, on fake tensors for the others."""
+    model = build_model(provider, dtype, "cpu", training)
+    if provider == "triton":
+        context = stubbed_launches()
+    else:
+        context = FakeTensorMode()
+        with FakeCopyMode(context):
+            model = copy.deepcopy(model)
+    with context:
         x = torch.randn(batch, 3, size, size, dtype=dtype)
         if not training:
             with torch.no_grad(), TrafficCounter(weights=[*model.parameters(), *model.buffers()]) as counter:
@@ -185,7 +209,7 @@ def format_ledger(rows) -> str:
     """Markdown table; "x eager" is the share of the eager provider's bytes at the same dtype and size."""
     eager = {(r.dtype, r.size): r for r in rows if r.provider == "eager"}
     lines = [f"Bytes read + written per image and kernel launches per call, batch {rows[0].batch} "
-             "(fake tensors on CPU: nothing is computed)", "",
+             "(on CPU: fake tensors; the triton provider's kernels stubbed out, launched as on an H100/H200)", "",
              "| size | dtype | provider | inference MB/img | x eager | launches | train step MB/img | x eager "
              "| launches |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -1,11 +1,15 @@
 """The providers compared side by side, and how each builds the model.
 
   eager                 the authors' code in eager PyTorch (bench.authors.AuthorsLFM)
-  compile-default       the same under torch.compile(mode="default")
+  eager-channels-last   the same with weights and images in channels_last (cuDNN's fastest layout; end to end
+                        inference only: an anchor)
+  compile-default       the authors' code under torch.compile(mode="default")
   compile-max-autotune  the same under torch.compile(mode="max-autotune") (autotuned kernels, CUDA graphs)
   torch                 lfm.LFM(backend="torch"): our pure-PyTorch reference
   triton                lfm.LFM(backend="triton"): our fused Triton kernels
 All providers load one state_dict: the authors' checkpoint when it is found, else a seeded random init.
+On a GPU, float32 matmuls run with torch.set_float32_matmul_precision("high") (bench/conftest.py), as a user
+of torch.compile would set it.
 """
 import functools
 import os
@@ -16,8 +20,13 @@ import torch
 from bench.authors import AuthorsLFM
 from lfm import LFM
 
-PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "torch", "triton")
-GPU_PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "triton")
+PROVIDERS = ("eager", "eager-channels-last", "compile-default", "compile-max-autotune", "torch", "triton")
+GPU_PROVIDERS = ("eager", "eager-channels-last", "compile-default", "compile-max-autotune", "triton")
+# Providers measured end to end only (bench_lfm.test_inference): anchors, with no per-op or training rows.
+INFERENCE_ONLY_PROVIDERS = ("eager-channels-last",)
+# Batch-1 inference captured in one CUDA graph (bench_lfm.test_inference_cuda_graph): the host's launch
+# cost removed, for the authors' code, its compilation and ours.
+CUDA_GRAPH_PROVIDERS = ("eager", "compile-default", "triton")
 # Without a GPU, Triton runs only in its interpreter and compilation would take most of the run:
 # the CPU benchmarks compare our reference backend with the authors' eager code.
 CPU_PROVIDERS = ("eager", "torch")
@@ -76,4 +85,9 @@ def build_model(provider: str, dtype=torch.float32, device="cpu", training: bool
     else:
         model = AuthorsLFM()
     model.load_state_dict(reference_state_dict()[0], strict=True)
-    return model.to(device=device, dtype=dtype).train(training)
+    return model.to(device=device, dtype=dtype, memory_format=memory_format(provider)).train(training)
+
+
+def memory_format(provider: str):
+    """The layout of `provider`'s weights and images."""
+    return torch.channels_last if provider.endswith("channels-last") else torch.contiguous_format

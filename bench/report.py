@@ -18,11 +18,15 @@ from bench.shapes import IMAGE_SIZE
 INFERENCE_GROUP = "lfm inference"
 TRAINING_GROUP = "lfm training step"
 PEAK_GROUP = "peak"
+CUDA_GRAPH_GROUP = "lfm inference, CUDA graph"
+HOST_TIME_GROUP = "lfm host time"  # bench.host_time: the host side of one forward, launches stubbed out
 # Goals: triton inference at 256x256 this many times faster than eager float32 and than the best
 # torch.compile, and at least this share of the copy bandwidth.
 SPEEDUP_OVER_EAGER_FP32 = 5.0
 SPEEDUP_OVER_BEST_COMPILE = 1.5
 COPY_BANDWIDTH_SHARE = 0.70
+HOST_TIME_GOAL_S = 100e-6  # one forward at batch 1, launches stubbed out
+CUDA_GRAPH_GOAL_S = 0.1e-3  # triton at batch 1 in a CUDA graph, per image
 GOAL_SIZE = IMAGE_SIZE
 # An op whose minimal work takes less than this at the peaks is bound by launch latency, not by a roofline.
 LATENCY_S = 5e-6
@@ -112,6 +116,16 @@ def goal_checks(rows):
             checks.append(_ratio_check(f"{case} >= {SPEEDUP_OVER_BEST_COMPILE}x best torch.compile {dtype}",
                                        min(compile_times) if compile_times else None, ours,
                                        SPEEDUP_OVER_BEST_COMPILE))
+    for r in rows:
+        if r["group"] == CUDA_GRAPH_GROUP and r["provider"] == "triton":
+            goal = f"triton {r['dtype']} batch 1 in a CUDA graph <= {CUDA_GRAPH_GOAL_S * 1e3:.1f} ms per image"
+            verdict = "PASS" if r["median_s"] <= CUDA_GRAPH_GOAL_S else "FAIL"
+            checks.append((goal, verdict, f"{r['median_s'] * 1e3:.3f} ms"))
+        if r["group"] == HOST_TIME_GROUP:
+            goal = (f"host time of one forward at batch {r['batch']}, launches stubbed out, "
+                    f"<= {HOST_TIME_GOAL_S * 1e6:.0f} us")
+            verdict = "PASS" if r["median_s"] <= HOST_TIME_GOAL_S else "FAIL"
+            checks.append((goal, verdict, f"{r['median_s'] * 1e6:.0f} us, {r['launches']} launches per forward"))
     for r in rows:
         if r["provider"] != "triton" or not r["group"].startswith("op:"):
             continue

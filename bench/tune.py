@@ -2,13 +2,13 @@
 
     python -m bench.tune [--budget-s 300] [--table lfm_kernels/tuned_configs.json] [--force]
 
-LFM's workloads run once per dtype (inference at batch 1 and 256 and 256x256, a training step with rank dropout
-and random-K at batch 32 and 224x224, npr_residual and topk_pool on their own) while every kernel launch is
-recorded (kernel, grid, arguments, constexprs). Each recorded launch is then replayed with each of a few
-launch options (num_warps x num_stages, LAUNCH_OPTIONS), which change neither the grid nor the results,
-timed with CUDA events, and the fastest is written to the table next to the launcher's own time. Tile
-sizes (the BLOCK_* constexprs) are the launchers' choice: they set the grid, so a sweep over them has to go
-through the launchers (see the table format below).
+LFM's workloads (bench.workloads: inference at batch 1 and 256 and 256x256, both kinds of training step at
+batch 32 and 224x224, the standalone ops) run once per dtype while every kernel launch is recorded through
+lfm_kernels.configs.observe_launches (kernel, grid, arguments, constexprs and compile options). Each recorded
+launch is then replayed with each of a few launch options (num_warps x num_stages, SWEPT_OPTIONS), which
+change neither the grid nor the results, timed with CUDA events, and the fastest is written to the table
+next to the launcher's own time. Tile sizes (the BLOCK_* constexprs) are the launchers' choice: they set the
+grid, so a sweep over them has to go through the launchers (see the table format below).
 
 Budgeted and incremental like the GPU run: launches already in the table for this device and triton
 version are skipped (unless --force), the table is rewritten after each launch, and no launch starts
@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lfm_kernels.configs import TUNED_TABLE, json_constexprs, tuned_key
 
 TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
-LAUNCH_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
+SWEPT_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
 TIMED_ROUNDS, CALLS_PER_ROUND = 7, 10
 SECONDS_PER_OPTION = 2.0  # compiling one variant (about 1 s) and timing it: the budget's estimate
 
@@ -69,55 +68,36 @@ def entry_key(entry: dict) -> tuple:
 
 @contextlib.contextmanager
 def recording(launches: list):
-    """Run kernels as usual and append each distinct launch (kernel and constexprs, per dtype) to `launches`."""
-    from triton.runtime.jit import JITFunction
+    """Append each distinct launch (kernel and constexprs, per dtype) to `launches` while active (the kernels run
+    as usual unless an outer configs.observe_launches stubs them out)."""
+    from lfm_kernels.configs import observe_launches
 
-    original = JITFunction.run
     seen = set()
 
-    def run(self, *args, grid, warmup, **kwargs):
-        launch = Launch(self, grid, args, dict(kwargs))
-        if not warmup and launch.key("", "") not in seen:
+    def record(observed):
+        launch = Launch(observed.kernel, observed.grid, observed.args, dict(observed.meta))
+        if launch.key("", "") not in seen:
             seen.add(launch.key("", ""))
             launches.append(launch)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    JITFunction.run = run
-    try:
+    with observe_launches(record):
         yield
-    finally:
-        JITFunction.run = original
 
 
 def workloads(dtype):
-    """LFM's Triton launches at its shapes, in dtype: inference, a training step, and the ops LFM fuses away."""
-    from bench.shapes import IMAGE_SIZE, LARGE_BATCH, SCORE_CHANNELS, SCORE_GRID, TRAIN_BATCH, TRAIN_SIZE, K
-    from lfm import LFM
-    from lfm_kernels import npr_residual, topk_pool
+    """LFM's Triton launches at its shapes in dtype on the GPU (bench.workloads), then a synchronize."""
+    from bench.workloads import lfm_workloads
 
-    model = LFM(backend="triton", dropout="paper", random_k_weight=0.02).cuda().to(dtype)
-    images = dict(device="cuda", dtype=dtype)
-    with torch.no_grad():
-        for batch in (1, LARGE_BATCH):  # batch 1 takes the small-batch splits (lfm predict on one photo)
-            model.eval()(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, **images))
-    logits, aux = model.train()(torch.randn(TRAIN_BATCH, 3, TRAIN_SIZE, TRAIN_SIZE, **images), return_aux=True)
-    target = torch.randint(0, 2, logits.shape, device="cuda").to(dtype)
-    (F.binary_cross_entropy_with_logits(logits, target) + F.binary_cross_entropy_with_logits(aux, target)).backward()
-    image = torch.randn(LARGE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, **images, requires_grad=True)
-    npr_residual(image).sum().backward()
-    scores = torch.randn(LARGE_BATCH, SCORE_CHANNELS, *SCORE_GRID, **images, requires_grad=True)
-    topk_pool(scores, K, drop=(0.1, 0.3), training=True).sum().backward()
+    lfm_workloads(dtype, "cuda")
     torch.cuda.synchronize()
 
 
 def median_launch_ms(launch: Launch, options: dict) -> float:
     """Median over rounds of CALLS_PER_ROUND back-to-back launches with `options`, in ms per launch."""
-    from triton.runtime.jit import JITFunction
-
     kwargs = dict(launch.kwargs, **options)
 
     def call():
-        JITFunction.run(launch.kernel, *launch.args, grid=launch.grid, warmup=False, **dict(kwargs))
+        launch.kernel[launch.grid](*launch.args, **kwargs)
 
     call()  # compiles this variant
     times = []
@@ -144,11 +124,11 @@ def write_table(path: Path, table: dict):
 
 
 def sweep(launch: Launch, device: str, triton_version: str) -> dict:
-    """The launcher's time and the fastest of LAUNCH_OPTIONS for one launch, as a table entry."""
+    """The launcher's time and the fastest of SWEPT_OPTIONS for one launch, as a table entry."""
     launcher_options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     launcher_ms = median_launch_ms(launch, {})
     timed = []
-    for options in LAUNCH_OPTIONS:
+    for options in SWEPT_OPTIONS:
         try:
             timed.append((median_launch_ms(launch, options), options))
         except Exception as error:  # noqa: BLE001 (an option can exceed shared memory or registers: skip it)
@@ -163,7 +143,7 @@ def tune(launches, table_path: Path, device: str, triton_version: str, deadline:
     """Sweep each launch the table lacks (all with force), rewriting the table after each; False when the
     budget stops it first."""
     table = load_table(table_path)
-    estimate_s = SECONDS_PER_OPTION * (len(LAUNCH_OPTIONS) + 1)
+    estimate_s = SECONDS_PER_OPTION * (len(SWEPT_OPTIONS) + 1)
     for launch in launches:
         key = launch.key(device, triton_version)
         if not force and any(entry_key(e) == key for e in table["entries"]):

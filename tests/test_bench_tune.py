@@ -22,15 +22,15 @@ import json, sys, time
 from pathlib import Path
 
 import torch
-from triton.runtime.jit import JITFunction
 
-JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None  # no GPU here: launches are only recorded
 from bench import tune
-from lfm_kernels.compile_report import _workloads  # every op forward and backward at LFM's shapes
+from bench.workloads import cpu_tensors_take_the_triton_path, lfm_workloads
+from lfm_kernels.configs import observe_launches
 
 launches = []
-with tune.recording(launches), torch.no_grad():
-    _workloads(torch.bfloat16)
+# No GPU here: launches are stubbed out (run=False) and only recorded; LFM's workloads on small CPU tensors.
+with observe_launches(lambda launch: None, run=False), cpu_tensors_take_the_triton_path(), tune.recording(launches):
+    lfm_workloads(torch.bfloat16, "cpu", eval_batches=(1,), train_batch=2, op_batch=2)
 # Timings that favour 8 warps and 2 stages; the launcher's own options time 1 ms.
 tune.median_launch_ms = lambda launch, options: 1.0 / options.get("num_warps", 1) + 0.01 * options.get("num_stages", 0)
 table = Path(sys.argv[1])

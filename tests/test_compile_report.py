@@ -1,50 +1,176 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 with nothing in local memory (no GPU needed)."""
+"""bench.compile_report: LFM's Triton launches compiled for sm_80 and sm_90 without a GPU.
+
+The default tier parses SASS and resource dumps, checks the CLI's refusals and compiles one GEMM launch of a
+real forward for sm_90 through the report's own path; the full sweep over every launch is slow."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="triton's CUDA toolchain ships for Linux")
 
+SASS = """
+        /*0100*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR6][R2.64] ;
+        /*0110*/                   HGMMA.64x32x8.F32.TF32 R24, gdesc[UR4], RZ, !UPT ;
+        /*0120*/                   HGMMA.64x128x8.F32.TF32 R24, gdesc[UR8], R24 ;
+        /*0130*/                   STL.64 [R1+0x8], R24 ;
+        /*0140*/                   LDL.64 R24, [R1+0x8] ;
+        /*0150*/                   LDL R26, [R1+0x10] ;
+"""
 
-def test_compile_report(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    script = ("import sys; from lfm_kernels.compile_report import main, package_kernels; "
-              "print('KERNELS', ' '.join(sorted(package_kernels()))); sys.exit(main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    kernels = result.stdout.splitlines()[0].split()[1:]
-    assert len(kernels) >= 15
+
+def test_sass_facts_read_the_widest_wgmma_the_loads_and_the_spills():
+    from bench.compile_report import sass_facts
+
+    assert sass_facts(SASS) == {"local_ops": 3, "mma": "HGMMA", "wgmma": "64x128x8", "loads": "cp.async"}
+    tma = "UTMALDG.2D [UR8], [UR4] ;\nLDGSTS.E [R5], [R2.64] ;\nHMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
+    assert sass_facts(tma) == {"local_ops": 0, "mma": "HMMA", "wgmma": "-", "loads": "TMA"}
+    assert sass_facts("LDG.E R2, [R4.64] ;\nFFMA R3, R2, R2, R3 ;")["loads"] == "sync"
+
+
+def test_resources_and_occupancy():
+    from bench.compile_report import cubin_resources, occupancy
+
+    usage = "Resource usage:\n Function _k:\n  REG:168 STACK:16 SHARED:0 LOCAL:8 CONSTANT[0]:560 TEXTURE:0"
+    assert cubin_resources(usage) == {"regs": 168, "stack": 16, "local": 8}
+    # 168 registers x 32 threads round up to 5376 per warp: 8 warps take 43008, one CTA of 65536 fits.
+    assert occupancy(168, 0, 8, 90) == (1, 8)
+    # 40 KiB of shared memory per CTA: 5 fit in sm_90's 228 KiB, 4 in sm_80's 164 KiB.
+    assert occupancy(32, 40 * 1024, 4, 90) == (5, 20) and occupancy(32, 40 * 1024, 4, 80) == (4, 16)
+
+
+def _row(**fields):
+    row = {"kernel": "_k", "variant": "fp32-tf32.1", "target": "sm_90", "dot": "tf32", "stages": 3, "stack": 0,
+           "local": 0, "local_ops": 0, "mma": "HGMMA", "wgmma": "64x128x8", "loads": "cp.async"}
+    return row | fields
+
+
+def test_structure_is_reported_and_only_a_missing_wgmma_fails():
+    from bench.compile_report import row_failure, structure_notes
+
+    assert structure_notes(_row()) == [] and row_failure(_row()) is None
+    narrow = _row(wgmma="64x32x8", stages=1, loads="sync", local_ops=4)
+    assert structure_notes(narrow) == ["N<64", "stages<3", "sync loads", "spills"]
+    assert row_failure(narrow) is None  # spills and a narrow, unpipelined GEMM are reported, not failed
+    assert row_failure(_row(mma="HMMA", wgmma="-")) == "tf32 dots without HGMMA on sm_90"
+    assert row_failure(_row(dot="16-bit", mma="none", wgmma="-")) is not None
+    # Full-float32 dots run on FMA units, and sm_80 has no wgmma: neither needs HGMMA nor gets GEMM notes.
+    assert row_failure(_row(dot="ieee", mma="none", wgmma="-")) is None
+    assert structure_notes(_row(target="sm_80", mma="HMMA", wgmma="-", stages=1, loads="sync")) == []
+    assert row_failure({"error": "boom"}) == "compile error: boom"
+    # The scoring's GEMMs are not 2x2 convs: without wgmma they are reported, not failed.
+    scoring = _row(kernel="_score_topk_dfeat_kernel", mma="HMMA", wgmma="-")
+    assert row_failure(scoring) is None and structure_notes(scoring)[0] == "no HGMMA"
+
+
+def _run(args, **env):
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench.compile_report", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env=base | {"PYTHONPATH": str(REPO)} | env)
+
+
+def test_refuses_the_interpreter_and_a_folder_it_did_not_fill(tmp_path):
+    out = _run([str(tmp_path / "new")], TRITON_INTERPRET="1")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "python -m bench.compile_report: error: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)"]
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    out = _run([str(tmp_path)])
+    assert out.returncode == 2 and "holds files that are not an earlier compile report" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    out = _run([str(tmp_path / "new"), "--targets", "75"])
+    assert out.returncode == 2 and "--targets" in out.stderr and "Traceback" not in out.stderr
+
+
+ONE_GEMM = """
+import json, sys
+from pathlib import Path
+import torch
+from bench import compile_report as report
+from bench.workloads import inference, lfm_model
+from lfm_kernels import configs
+
+launches = []
+model = lfm_model(torch.bfloat16, "cpu")
+with report.launches_as("sm90"), configs.observe_launches(launches.append, run=False):
+    inference(model, 1)
+head = next(launch for launch in launches if launch.name == "_snet_head_kernel")
+head.meta["enable_fp_fusion"] = False  # the launch's own compile options reach triton.compile
+compiled = report.compile_launch(head, 90)
+row = report.report_row((report.Recorded(head, "bf16"), 90, Path(sys.argv[1]), "bf16.1"))
+print(json.dumps({"row": row, "meta": {k: str(v) for k, v in head.meta.items()}, "args": len(head.args),
+                  "fp_fusion": compiled.metadata.enable_fp_fusion}))
+"""
+
+
+def test_one_gemm_launch_of_a_real_forward_compiles_for_sm_90(tmp_path):
+    """The head kernel of LFM's bfloat16 inference at batch 1, recorded with launches stubbed out and
+    compiled for sm_90 with its own options: bfloat16 dots run as wgmma (K = 16 per 16-bit HGMMA)."""
+    out = subprocess.run([sys.executable, "-c", ONE_GEMM, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+                         | {"PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    row, meta = result["row"], result["meta"]
+    assert result["fp_fusion"] is False
+    # As a GPU launches it: bfloat16 operands given to tl.dot as bfloat16 (not the interpreter's float32).
+    assert meta["OPERAND_DTYPE"] == meta["DOT_DTYPE"] == "bf16"
+    assert (row["dot"], row["mma"], row["target"]) == ("16-bit", "HGMMA", "sm_90")
+    m, n, k = map(int, row["wgmma"].split("x"))
+    assert m == 64 and k == 16 and n % 8 == 0 and 8 <= n <= 256
+    assert row["warps"] == int(meta["num_warps"]) and row["stages"] == int(meta["num_stages"])
+    assert 0 < row["regs"] <= 255 and row["ctas_per_sm"] >= 1
+    assert (tmp_path / "_snet_head_kernel-bf16.1-sm_90.cubin").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_full_report(tmp_path):
+    """Every launch of LFM's workloads for sm_80 and sm_90 (minutes on 2 cores)."""
+    out = _run([str(tmp_path), "--targets", "80,90"])
     report = json.loads((tmp_path / "report.json").read_text())
-    rows = report["kernels"]
+    assert out.returncode == 0, "\n".join(report["failures"]) + out.stderr[-2000:]
+    check_full_report(report)
+
+
+def check_full_report(report: dict):
+    from bench.compile_report import NOT_CONV_GEMM_KERNELS
+
+    rows, kernels = report["kernels"], report["package_kernels"]  # found in the report's process: real JIT kernels
+    assert len(kernels) >= 15
     for kernel in kernels:
         for target in ("sm_80", "sm_90"):
-            mine = [r for r in rows if r["kernel"] == kernel and r["target"] == target]
-            assert mine, f"{kernel} missing for {target}"
-            # Read from the cubins Triton built: no stack, no local memory, no STL/LDL (spills).
-            assert all(r["stack"] == r["local"] == r["local_ops"] == 0 for r in mine), mine
-            assert all(1 <= r["ctas_per_sm"] and r["warps_per_sm"] <= 64 for r in mine), mine
-            assert (tmp_path / f"{kernel}-{mine[0]['variant']}-{target}.cubin").stat().st_size > 0
-    # Both float32 precisions are compiled; TF32 and 16-bit convs and scoring run on tensor cores.
-    assert {r["precision"] for r in rows if r["kernel"] == "_snet_block_fwd_kernel"} == {"tf32", "ieee", "-"}
-    assert any(r["kernel"] == "_score_topk_chunk_kernel" and r["variant"].startswith("bf16") and r["mma"] != "none"
-               for r in rows)
-    conv_kernels = {"_snet_block_fwd_kernel", "_snet_block_bwd_kernel", "_conv2x2_dx_kernel", "_conv2x2_dw_kernel",
-                    "_snet_head_kernel"}
-    assert conv_kernels <= set(kernels)
-    conv_rows = [r for r in rows if r["kernel"] in conv_kernels and r["precision"] != "ieee"]
-    assert conv_rows and all(r["mma"] != "none" for r in conv_rows), conv_rows
-    hopper = [r for r in conv_rows if r["target"] == "sm_90"]
-    assert hopper and all(r["mma"] == "HGMMA" for r in hopper), hopper
-    # Every launch of LFM's inference at batches 1, 8, 32 and 256; at 1 and 8 each gives every SM a program.
-    launches = report["eval_waves"]
+            assert [r for r in rows if r["kernel"] == kernel and r["target"] == target], (kernel, target)
+    # Both float32 precisions and bfloat16 are compiled; every conv launch with TF32 or 16-bit dots runs wgmma on
+    # sm_90.
+    assert {r["dot"] for r in rows} == {"-", "tf32", "ieee", "16-bit"}
+    assert NOT_CONV_GEMM_KERNELS <= set(kernels)
+    hopper = [r for r in rows if r["target"] == "sm_90" and r["dot"] in ("tf32", "16-bit")
+              and r["kernel"] not in NOT_CONV_GEMM_KERNELS]
+    assert hopper and all(r["mma"] == "HGMMA" and r["wgmma"] != "-" for r in hopper), hopper
+    assert all(r["ctas_per_sm"] >= 1 for r in rows), [r for r in rows if r["ctas_per_sm"] < 1]
+    # Every launch of LFM's inference at each batch, block by block; at 1 and 8 each gives every SM a program.
+    waves = report["eval_waves"]
     for target, sms in (("sm_80", 108), ("sm_90", 132)):
         for batch in (1, 8, 32, 256):
-            stages = [w["stage"] for w in launches if w["target"] == target and w["batch"] == batch]
-            assert stages[:4] == ["stem", "block 2", "block 3", "head"], stages
-        small = [w for w in launches if w["target"] == target and w["batch"] in (1, 8)]
-        assert small and all(w["programs"] >= sms and w["sms_filled"] >= 1 for w in small), small
+            stages = [w["stage"] for w in waves if w["target"] == target and w["batch"] == batch]
+            assert stages[:3] == ["block 1", "block 2", "block 3"] and stages[3:] and set(stages[3:]) == {"head"}
+        small = [w for w in waves if w["target"] == target and w["batch"] in (1, 8)]
+        assert small and all(w["programs"] >= sms for w in small), small
+
+
+def test_recorded_launches_are_distinct_per_variant():
+    """Launches that differ only in their arguments' values are one compiled kernel; a different dtype is another."""
+    from bench.compile_report import launch_key
+    from lfm_kernels.configs import Launch
+
+    kernel = type("K", (), {"__name__": "_k"})
+    a = Launch(kernel, (4,), (torch.empty(2), 3, 0.5), {"BLOCK": 16, "num_warps": 4})
+    assert launch_key(a) == launch_key(Launch(kernel, (9,), (torch.empty(7), 5, 1.5), {"num_warps": 4, "BLOCK": 16}))
+    assert launch_key(a) != launch_key(Launch(kernel, (4,), (torch.empty(2, dtype=torch.bfloat16), 3, 0.5),
+                                              {"BLOCK": 16, "num_warps": 4}))
+    assert launch_key(a) != launch_key(Launch(kernel, (4,), (torch.empty(2), 3, 0.5), {"BLOCK": 32, "num_warps": 4}))

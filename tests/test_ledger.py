@@ -1,10 +1,13 @@
-"""The byte and launch ledger (bench/ledger.py): fake tensors on CPU, a few seconds."""
+"""The byte and launch ledger (bench/ledger.py): on CPU, fake tensors or stubbed launches, a few seconds."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench.ledger import TrafficCounter, ledger, tensor_bytes
+from bench.ledger import LEDGER_BATCH, TrafficCounter, ledger, stubbed_launches, tensor_bytes
+from bench.providers import build_model
+from bench.workloads import cpu_tensors_take_the_triton_path
 from lfm_kernels import npr_residual, score_topk
+from lfm_kernels.configs import observe_launches
 
 MB = 1e6
 
@@ -65,17 +68,39 @@ def test_launch_counts(rows_256):
     assert triton.launches <= 6  # the fused eval forward is a handful of ops
 
 
-def test_fused_ops_count_as_one_launch_each():
-    with FakeTensorMode():
-        x = torch.randn(2, 3, 64, 64)
-        feat, weight = torch.randn(2, 512, 6, 6), torch.randn(64, 512, 1, 1)
+def fused_ops(x, feat, weight):
+    npr_residual(x, backend="triton")
+    score_topk(feat, weight, 16, backend="triton")
+
+
+def test_fused_ops_count_the_kernels_they_launch():
+    x, feat, weight = torch.randn(2, 3, 64, 64), torch.randn(2, 512, 6, 6), torch.randn(64, 512, 1, 1)
+    kernels = []
+    with stubbed_launches(), observe_launches(lambda launch: kernels.append(launch.name)):
         with TrafficCounter() as counter:
-            npr_residual(x, backend="triton")
-            score_topk(feat, weight, 16, backend="triton")
+            fused_ops(x, feat, weight)
     traffic = counter.traffic
+    assert kernels[0] == "_npr_residual_fwd_kernel" and len(kernels) >= 3  # the scoring's chunks, then a merge
     assert {op: n for op, n in traffic.launches_by_op.items() if op.startswith("lfm.")} == {
-        "lfm.npr_residual": 1, "lfm.score_topk": 1}
+        "lfm.npr_residual": 1, "lfm.score_topk": len(kernels) - 1}
     assert traffic.by_op["lfm.npr_residual"] == 2 * x.numel() * 4  # read x, write the residual
+    # On fake tensors no kernel runs: each dispatched op counts one launch.
+    with FakeTensorMode():
+        fake = (torch.randn(2, 3, 64, 64), torch.randn(2, 512, 6, 6), torch.randn(64, 512, 1, 1))
+        with cpu_tensors_take_the_triton_path(), TrafficCounter() as counter:
+            fused_ops(*fake)
+    assert {op: n for op, n in counter.traffic.launches_by_op.items() if op.startswith("lfm.")} == {
+        "lfm.npr_residual": 1, "lfm.score_topk": 1}
+
+
+def test_triton_launches_are_the_kernels_a_forward_launches(rows_256):
+    kernels = []
+    model = build_model("triton", torch.float32, "cpu")
+    with stubbed_launches(), observe_launches(kernels.append), torch.no_grad():
+        model(torch.randn(LEDGER_BATCH, 3, 256, 256))
+    inference = rows_256["triton", torch.float32].inference
+    fused = sum(n for op, n in inference.launches_by_op.items() if op.startswith("lfm."))
+    assert fused == len(kernels) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
