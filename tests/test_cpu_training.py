@@ -2,8 +2,7 @@
 and running statistics."""
 import pytest
 import torch
-import torch.nn.functional as F
-from utils import BRANCH_FLIP_FLOOR, assert_as_accurate, block_params
+from utils import BRANCH_FLIP_FLOOR, assert_as_accurate, assert_training_step_as_accurate, block_params, training_step
 
 from bench.authors import AuthorsLFM
 from lfm import LFM
@@ -113,22 +112,5 @@ def test_lfm_training_step_has_the_authors_gradients(official):
     for name, model, dtype in (("ours", LFM(backend="torch", dropout="released"), torch.float32),
                                ("authors", AuthorsLFM(), torch.float32), ("truth", AuthorsLFM(), torch.float64)):
         model.load_state_dict(official["state_dict"])
-        model.to(dtype).train()
-        torch.manual_seed(3)  # the same dropout mask (each draws it with one float32 torch.rand of the Top-K shape)
-        logits = model(x.to(dtype))
-        F.binary_cross_entropy_with_logits(logits, target.to(dtype)).backward()
-        runs[name] = {"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad},
-                      **{n: b for n, b in model.state_dict().items() if "running" in n}}
-    ours, authors, truth = runs["ours"], runs["authors"], runs["truth"]
-    assert ours.keys() == authors.keys() == truth.keys()
-    for name in truth:
-        if name.endswith(".0.bias"):
-            # A conv bias before BatchNorm has a gradient of exactly zero: rounding noise on both sides,
-            # measured against the size of the same conv's weight gradient.
-            assert_as_accurate(ours[name], authors[name], truth[name], f"gradient of {name}", norm=True,
-                               scale=truth[name.replace(".bias", ".weight")].norm())
-        elif name == "logits" or "running" in name:
-            assert_as_accurate(ours[name], authors[name], truth[name], name)
-        else:
-            assert_as_accurate(ours[name], authors[name], truth[name], f"gradient of {name}", norm=True,
-                               floor=BRANCH_FLIP_FLOOR)
+        runs[name] = training_step(model, x, target, dtype)
+    assert_training_step_as_accurate(runs["ours"], runs["authors"], runs["truth"])

@@ -101,3 +101,45 @@ def record_launches(monkeypatch):
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
     return launches
+
+
+def training_step(model, x, target, dtype=torch.float32, seed=3):
+    """One training step of `model` converted to `dtype` (in place): its logits, parameter gradients and
+    running statistics by name. The seed fixes the dropout mask, which every model draws in float32."""
+    model.to(dtype).train()
+    torch.manual_seed(seed)
+    logits = model(x.to(dtype))
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, target.to(dtype)).backward()
+    return {"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+            **{n: b for n, b in model.state_dict().items() if "running" in n}}
+
+
+def assert_training_step_as_accurate(ours, reference, truth, floor=BRANCH_FLIP_FLOOR):
+    """training_step results of ours and the reference implementation against the float64 truth: logits and
+    running statistics elementwise, gradients norm-relative with `floor` (through ReLU, max-pool, Top-K)."""
+    assert ours.keys() == reference.keys() == truth.keys()
+    for name in truth:
+        if name == "logits" or "running" in name:
+            assert_as_accurate(ours[name], reference[name], truth[name], name)
+        elif name.startswith("cnn.") and name.endswith(".0.bias"):
+            # A conv bias before BatchNorm has a gradient of exactly zero: rounding noise on both sides,
+            # measured against the size of the same conv's weight gradient.
+            assert_as_accurate(ours[name], reference[name], truth[name], f"gradient of {name}", norm=True,
+                               scale=truth[name.replace(".bias", ".weight")].norm())
+        else:
+            assert_as_accurate(ours[name], reference[name], truth[name], f"gradient of {name}", norm=True,
+                               floor=floor)
+
+
+def authors_outputs(state_dict, x, dtype, k=16):
+    """The authors' eager code in `dtype` on x's device, in eval mode: residual, score maps, Top-K values and
+    logits."""
+    from bench.authors import AuthorsLFM, authors_residual, authors_topk
+
+    model = AuthorsLFM(k=k).to(x.device, dtype).eval()
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        residual = authors_residual(x.to(dtype), model.downsample_conv, model.upsample_conv)
+        maps = model.covn1_1(model.cnn(residual))
+        top = authors_topk(maps, k)
+        return {"residual": residual, "maps": maps, "topk": top, "logits": model.fc1(top.flatten(1))}
