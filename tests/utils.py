@@ -1,9 +1,44 @@
-"""Helpers shared by the op tests."""
+"""Helpers shared by the tests."""
 import contextlib
 
 import torch
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Error every result may have against its float64 truth on top of twice the reference implementation's
+# error: a few units of the result's rounding, for results whose errors are both tiny.
+ROUNDING_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# For gradients through ReLU, max-pool or Top-K at the small sizes of the CPU tests: a rounding flip of one
+# near-tie (which side of zero, which position of a window or rank wins) moves one whole term of the
+# gradient, about 3e-4 of its norm at LFM's stem sizes, on whichever side the CPU's kernels round that way.
+# At full size both sides flip many ties and their errors average out; on CPU, one flip is all or nothing.
+BRANCH_FLIP_FLOOR = 1e-3
+
+
+def truth_error(x, truth, norm, scale=None):
+    """x's error against the float64 truth, relative to `scale`: the Frobenius norm of the difference over
+    the truth's (norm=True), or the largest difference over the truth's largest magnitude."""
+    diff = x.detach().to(torch.float64) - truth.detach().to(torch.float64)
+    if norm:
+        return (diff.norm() / (truth.norm() if scale is None else scale)).item()
+    return (diff.abs().max() / (truth.abs().max() if scale is None else scale)).item()
+
+
+def assert_as_accurate(ours, reference, truth, name, norm=False, floor=None, scale=None):
+    """Ours and the reference implementation (float32 or lower), each against the float64 truth of the same
+    computation: ours' error may be at most twice the reference's plus `floor` (default: a few units of
+    ours' rounding). Norm-relative errors (norm=True) for anything that passes ReLU, max-pool or Top-K;
+    `scale` for a truth that is zero in exact arithmetic (errors are then relative to a neighbour's size).
+    reference=None: ours' error against `floor` alone."""
+    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)}, float64 truth {tuple(truth.shape)}"
+    floor = ROUNDING_FLOOR.get(ours.dtype, 0.0) if floor is None else floor
+    ours_error = truth_error(ours, truth, norm, scale)
+    reference_error = 0.0 if reference is None else truth_error(reference, truth, norm, scale)
+    bound = 2 * reference_error + floor
+    kind = "norm-relative" if norm else "max-abs relative"
+    assert ours_error <= bound, (
+        f"{name}: ours is off the float64 truth by {ours_error:.2e} ({kind}), the reference by "
+        f"{reference_error:.2e}: more than twice the reference's plus {floor:.0e}")
 
 
 def distinct_map(B, C, H, W, dtype=torch.float32, seed=0):
@@ -63,3 +98,45 @@ def recorded_launches():
     launches = []
     with observe_launches(launches.append):
         yield launches
+
+
+def training_step(model, x, target, dtype=torch.float32, seed=3):
+    """One training step of `model` converted to `dtype` (in place): its logits, parameter gradients and
+    running statistics by name. The seed fixes the dropout mask, which every model draws in float32."""
+    model.to(dtype).train()
+    torch.manual_seed(seed)
+    logits = model(x.to(dtype))
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, target.to(dtype)).backward()
+    return {"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+            **{n: b for n, b in model.state_dict().items() if "running" in n}}
+
+
+def assert_training_step_as_accurate(ours, reference, truth, floor=BRANCH_FLIP_FLOOR):
+    """training_step results of ours and the reference implementation against the float64 truth: logits and
+    running statistics elementwise, gradients norm-relative with `floor` (through ReLU, max-pool, Top-K)."""
+    assert ours.keys() == reference.keys() == truth.keys()
+    for name in truth:
+        if name == "logits" or "running" in name:
+            assert_as_accurate(ours[name], reference[name], truth[name], name)
+        elif name.startswith("cnn.") and name.endswith(".0.bias"):
+            # A conv bias before BatchNorm has a gradient of exactly zero: rounding noise on both sides,
+            # measured against the size of the same conv's weight gradient.
+            assert_as_accurate(ours[name], reference[name], truth[name], f"gradient of {name}", norm=True,
+                               scale=truth[name.replace(".bias", ".weight")].norm())
+        else:
+            assert_as_accurate(ours[name], reference[name], truth[name], f"gradient of {name}", norm=True,
+                               floor=floor)
+
+
+def authors_outputs(state_dict, x, dtype, k=16):
+    """The authors' eager code in `dtype` on x's device, in eval mode: residual, score maps, Top-K values and
+    logits."""
+    from bench.authors import AuthorsLFM, authors_residual, authors_topk
+
+    model = AuthorsLFM(k=k).to(x.device, dtype).eval()
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        residual = authors_residual(x.to(dtype), model.downsample_conv, model.upsample_conv)
+        maps = model.covn1_1(model.cnn(residual))
+        top = authors_topk(maps, k)
+        return {"residual": residual, "maps": maps, "topk": top, "logits": model.fc1(top.flatten(1))}
