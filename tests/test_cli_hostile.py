@@ -411,3 +411,71 @@ def test_help_describes_every_option(capsys):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert all(needle in text for needle in needles), (command, needles)
+
+
+# 12. Options that must fail before any work --------------------------------------------------------
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64), str(2 ** 63)])
+def test_a_seed_out_of_range_is_refused_before_the_run_folder(seed, dataset, tmp_path, capsys):
+    result = run(capsys, "train", "--data", dataset, "--out", tmp_path / "run", "--seed", seed)
+    assert_error(result, 2, "train", f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
+    assert not (tmp_path / "run").exists()
+    assert_error(run(capsys, "demo", "--out", tmp_path / "demo", "--seed", seed), 2, "demo",
+                 f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xla", "cuda:99" if torch.cuda.is_available() else "ipu"])
+def test_a_device_that_cannot_run_is_refused_before_any_image(device, weights, images, dataset, tmp_path, capsys,
+                                                              monkeypatch):
+    import lfm.data
+
+    def no_reading(*args):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(lfm.data, "read_rgb", no_reading)
+    assert_error(predict(capsys, weights, images, "--device", device), 2, "predict", f"device {device!r}")
+    assert_error(run(capsys, "eval", "--weights", weights, "--data", dataset / "val", "--out", tmp_path / "eval",
+                     "--device", device), 2, "eval", f"device {device!r}")
+    assert_error(_train(capsys, dataset, tmp_path / "run", "--device", device), 2, "train", f"device {device!r}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_whose_log_is_missing_or_empty_is_refused(dataset, tmp_path, capsys, monkeypatch):
+    import lfm.data
+
+    run_dir = tmp_path / "run"
+    assert _train(capsys, dataset, run_dir)[0] == 0
+    resume_state = (run_dir / "resume.pt").read_bytes()
+
+    def no_reading(*args):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(lfm.data, "read_rgb", no_reading)
+    log = run_dir / "log.csv"
+    log.unlink()
+    assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", f"cannot resume {run_dir}: no log.csv")
+    for text, problem in (("", "it is empty"), ("epoch,lr\n", "its header is not"),
+                          ("epoch,lr,train_loss,val_acc,val_ap,val_real_acc,val_fake_acc,seconds\nx,1\n",
+                           "row 2 does not start with an epoch number")):
+        log.write_text(text)
+        assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", f"{log}: {problem}")
+        assert log.read_text() == text and (run_dir / "resume.pt").read_bytes() == resume_state
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("k", 16.5, '"k" must be an integer, got 16.5'),
+    ("k", True, '"k" must be an integer, got true'),
+    ("batch_size", "4", '"batch_size" must be an integer, got "4"'),
+    ("lr", "fast", '"lr" must be a number, got "fast"'),
+    ("betas", [0.9], '"betas" must be a pair of numbers, got [0.9]'),
+    ("flip", 1, '"flip" must be true or false, got 1'),
+    ("classes", "car", '"classes" must be a list of names or null, got "car"'),
+    ("resize", -3, "--resize must be an integer >= 0, got -3"),
+])
+def test_a_hand_edited_options_file_is_refused_naming_the_value(key, value, message, dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _train(capsys, dataset, run_dir)[0] == 0
+    options = json.loads((run_dir / "options.json").read_text())
+    options[key] = value
+    (run_dir / "options.json").write_text(json.dumps(options))
+    assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", message)
