@@ -157,7 +157,7 @@ def infer_k(state: dict, path, command: str) -> int:
     is reported."""
     head = state.get("fc1.weight")
     if head is None:
-        return DEFAULT_K  # the strict load names the missing keys
+        return DEFAULT_K  # check_head refuses it
     if head.dim() != 2 or head.shape[0] != 1 or head.shape[1] == 0 or head.shape[1] % SCORE_CHANNELS:
         raise UsageError(f"{path}: the head fc1.weight has shape {tuple(head.shape)}, not 1 x (64 * K), so it is no "
                          "LFM checkpoint; choose the architecture with --model")
@@ -166,6 +166,24 @@ def infer_k(state: dict, path, command: str) -> int:
         warn(command, f"{path}: K = {k} inferred from its head fc1.weight {tuple(head.shape)} (the released model has "
                       f"K = {DEFAULT_K})")
     return k
+
+
+def check_head(state: dict, config: dict, path):
+    """Check an LFM config's K against the head the file holds, before anything is built: the model's size
+    grows with K, so a K from untrusted metadata must match tensors that are already in memory."""
+    if config["model"] != "lfm":
+        return
+    k = config.get("k", DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"{path} records an architecture that cannot be built ({config}): k must be an int >= 1, "
+                         f"got {k!r}")
+    head = state.get("fc1.weight")
+    if head is None:
+        raise UsageError(f"{path} holds no head fc1.weight to check k = {k} against, so it is no LFM checkpoint; "
+                         "choose the architecture with --model")
+    if tuple(head.shape) != (1, SCORE_CHANNELS * k):
+        raise UsageError(f"{path}: its head fc1.weight is {tuple(head.shape)}, but its architecture ({config}) "
+                         f"needs {(1, SCORE_CHANNELS * k)}")
 
 
 def load_model(path, model_name: str | None = None, backend=None, command: str = "predict"):
@@ -178,14 +196,11 @@ def load_model(path, model_name: str | None = None, backend=None, command: str =
             config["k"] = infer_k(state, path, command)
     elif model_name is not None and model_name != config["model"]:
         raise UsageError(f"{path} holds a {config['model']!r} model, not {model_name!r}")
+    check_head(state, config, path)
     try:
         model = build_model(config, backend=backend)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{path} records an architecture that cannot be built ({config}): {err}") from None
-    head = state.get("fc1.weight")
-    if isinstance(model, LFM) and head is not None and head.shape != model.fc1.weight.shape:
-        raise UsageError(f"{path}: its head fc1.weight is {tuple(head.shape)}, but its architecture ({config}) "
-                         f"needs {tuple(model.fc1.weight.shape)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
