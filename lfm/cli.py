@@ -240,10 +240,11 @@ def run_export(args) -> int:
     import torch
 
     from .engines import export_model
-    from .weights import load_model
+    from .weights import check_output_file, load_model
 
     out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
+    check_output_file(out, "OUT")
+    if not out.parent.is_dir():
         raise UsageError(f"OUT must be a file in an existing folder, got {args.out!r}")
     model, _ = load_model(args.weights, args.model, backend="torch", command="export")
     try:

@@ -3,13 +3,16 @@
 Weights files: the authors' `.pth` (a bare state_dict, or one wrapped as {"model": state_dict}, keys
 with or without DataParallel's `module.` prefix), always read with torch.load(weights_only=True) on
 CPU; and our `.safetensors`, whose metadata records the architecture so it loads with no options.
-Every write is atomic: a temporary file in the same folder, flushed to disk, then renamed over the
-target, so an interrupted run never leaves a half-written file behind.
+Every write is atomic: a new temporary file in the same folder, flushed to disk, then renamed over the
+target, so an interrupted run never leaves a half-written file behind; a target that is not a regular
+file (a FIFO, a device, a symlink) is refused, never replaced.
 """
 import inspect
 import json
 import os
 import re
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -37,11 +40,31 @@ def build_model(config: dict, backend=None) -> nn.Module:
     raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def atomic_write(path, write):
-    """Call write(temporary_path), flush it to disk, then rename it to `path`."""
+def check_output_file(path, option: str = "output"):
+    """Refuse a target that exists and is not a regular file (a FIFO, a device, a symlink, a folder): a write
+    renamed over it would replace it, and one through it would write where the user did not ask."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise UsageError(f"{option} {path} exists and is not a regular file ({kind}); refusing to replace it")
+
+
+_FILE_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def atomic_write(path, write, suffix: str = ""):
+    """Call write(temporary_path), flush it to disk, then rename it to `path`. The temporary file is created
+    new (O_EXCL, a random name ending in `suffix`) in the same folder, so nothing planted there is written
+    through; a `path` that exists and is not a regular file is refused."""
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -479,3 +479,51 @@ def test_a_hand_edited_options_file_is_refused_naming_the_value(key, value, mess
     options[key] = value
     (run_dir / "options.json").write_text(json.dumps(options))
     assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", message)
+
+
+# 13. lfm export never replaces what is not a regular file ------------------------------------------
+def _special_files(folder: Path) -> dict:
+    """name -> path of an existing OUT that is not a regular file (a device node only where we may make one)."""
+    (folder / "victim.txt").write_text("keep me\n")
+    os.mkfifo(folder / "fifo")
+    (folder / "link.pt2").symlink_to(folder / "victim.txt")
+    (folder / "dangling.pt2").symlink_to(folder / "nowhere.pt2")
+    special = {"fifo": folder / "fifo", "symlink": folder / "link.pt2", "dangling symlink": folder / "dangling.pt2"}
+    try:
+        os.mknod(folder / "null", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        special["device"] = folder / "null"
+    except PermissionError:
+        pass
+    return special
+
+
+def test_export_refuses_an_out_that_is_not_a_regular_file(weights, tmp_path, capsys, monkeypatch):
+    import lfm.weights
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    special = _special_files(tmp_path)
+    monkeypatch.setattr(lfm.weights, "read_state_dict", no_loading)
+    for kind, out in special.items():
+        before = os.lstat(out)
+        result = run(capsys, "export", "--weights", weights, "--format", "pt2", "--size", 64, out)
+        assert_error(result, 2, "export", f"OUT {out} exists and is not a regular file")
+        after = os.lstat(out)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode), kind
+    assert (tmp_path / "victim.txt").read_text() == "keep me\n" and not (tmp_path / "nowhere.pt2").exists()
+    assert "/dev/null" not in str(special.get("device", "")) and os.path.exists("/dev/null")
+
+
+def test_export_writes_a_new_file_renamed_into_place(weights, tmp_path, capsys):
+    """A hard-linked OUT is replaced, not written through; a link planted at a predictable temporary name
+    is not written through either."""
+    (tmp_path / "victim.txt").write_text("keep me\n")
+    out = tmp_path / "m.pt2"
+    os.link(tmp_path / "victim.txt", out)
+    (tmp_path / f".m.pt2.{os.getpid()}.tmp").symlink_to(tmp_path / "victim.txt")
+    code, printed, err = run(capsys, "export", "--weights", weights, "--format", "pt2", "--size", 64, out)
+    assert code == 0, err
+    assert (tmp_path / "victim.txt").read_text() == "keep me\n" and os.stat(out).st_nlink == 1
+    assert torch.export.load(out).module()(torch.zeros(1, 3, 64, 64)).shape == (1, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".m.pt2.{os.getpid()}.tmp", "m.pt2", "victim.txt"])
