@@ -8,6 +8,7 @@ target, so an interrupted run never leaves a half-written file behind; a target 
 file (a FIFO, a device, a symlink) is refused, never replaced.
 """
 import inspect
+import itertools
 import json
 import os
 import re
@@ -54,6 +55,18 @@ def check_output_file(path, option: str = "output"):
 
 _FILE_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
                (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def claim_new_file(folder: Path, stem: str, suffix: str) -> Path:
+    """Create an empty file folder/<stem><suffix>, else <stem>_1<suffix>, ..., the first name that nothing
+    holds (O_EXCL: not even a dangling symlink), and return it: a file this run may replace."""
+    for n in itertools.count():
+        path = folder / f"{stem if n == 0 else f'{stem}_{n}'}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
 
 
 def atomic_write(path, write, suffix: str = ""):

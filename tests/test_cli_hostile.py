@@ -527,3 +527,44 @@ def test_export_writes_a_new_file_renamed_into_place(weights, tmp_path, capsys):
     assert (tmp_path / "victim.txt").read_text() == "keep me\n" and os.stat(out).st_nlink == 1
     assert torch.export.load(out).module()(torch.zeros(1, 3, 64, 64)).shape == (1, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".m.pt2.{os.getpid()}.tmp", "m.pt2", "victim.txt"])
+
+
+# 14. Heatmaps never write over inputs or files of others -------------------------------------------------
+def test_a_heatmap_folder_holding_inputs_is_refused(weights, images, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    Image.open(images / "c.png").save(folder / "a.jpg")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    for heatmaps in (folder, tmp_path / "photos" / ".", tmp_path / "link"):
+        if heatmaps.name == "link":
+            heatmaps.symlink_to(folder)
+        for inputs in (folder, folder / "a.png"):
+            result = predict(capsys, weights, inputs, "--heatmap", heatmaps, "--batch-size", 1)
+            assert_error(result, 2, "predict", f"--heatmap {heatmaps} holds input images ({folder / 'a.'}")
+            assert result[1] == ""
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # A folder beneath the inputs holds them once it holds a heatmap: a second run would score its own heatmaps.
+    assert predict(capsys, weights, folder, "--heatmap", folder / "heat")[0] == 0
+    assert_error(predict(capsys, weights, folder, "--heatmap", folder / "heat"), 2, "predict",
+                 f"--heatmap {folder / 'heat'} holds input images ({folder / 'heat' / 'a.png'}")
+
+
+def test_heatmaps_never_replace_a_file_they_did_not_create(weights, images, tmp_path, capsys):
+    heat = tmp_path / "heat"
+    heat.mkdir()
+    (heat / "a.png").write_text("someone's notes\n")
+    (heat / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(images / "c.png").save(other / "a.jpg")
+    code, out, err = predict(capsys, weights, images / "a.png", images / "b.png", other / "a.jpg", "--heatmap", heat)
+    assert code == 0, err
+    written = [Path(line.split("\t")[2]).name for line in out.splitlines()]
+    assert written == ["a_1.png", "b_1.png", "a_2.png"]
+    assert (heat / "a.png").read_text() == "someone's notes\n" and not (tmp_path / "elsewhere.png").exists()
+    assert all(Image.open(heat / name).size == (48, 48) for name in written)
+    # A second run writes beside the first run's heatmaps rather than over them.
+    code, out, _ = predict(capsys, weights, images / "a.png", "--heatmap", heat)
+    assert code == 0 and Path(out.split("\t")[2].strip()).name == "a_3.png"
