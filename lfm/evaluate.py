@@ -93,9 +93,9 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
         "skipped": [{"path": str(items[i].path), "reason": reason} for i, reason in scores.failures],
     }
     write_text(out / "results.csv", results_csv(rows, mean))
-    write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
     write_json(out / "results.json", _nan_to_none(report))
+    write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     log(format_table(rows, mean))
     log(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'predictions.csv'}")
     return report

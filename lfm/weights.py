@@ -103,7 +103,9 @@ def prepare_output_folder(path, option: str) -> Path:
 
 
 def write_text(path, text: str):
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """UTF-8, except that a path the file system holds in another encoding (decoded by Python with surrogate
+    escapes) is written as its own bytes, so it names the same file when read back."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_json(path, obj):

@@ -61,8 +61,8 @@ def predict(capsys, weights, *args):
     return run(capsys, "predict", "--weights", weights, "--workers", 0, *args)
 
 
-def _cli(*args, stdout=subprocess.PIPE, **kwargs):
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+def _cli(*args, stdout=subprocess.PIPE, text=True, **kwargs):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=text,
                             **kwargs)
 
 
@@ -568,3 +568,48 @@ def test_heatmaps_never_replace_a_file_they_did_not_create(weights, images, tmp_
     # A second run writes beside the first run's heatmaps rather than over them.
     code, out, _ = predict(capsys, weights, images / "a.png", "--heatmap", heat)
     assert code == 0 and Path(out.split("\t")[2].strip()).name == "a_3.png"
+
+
+# 15. File names that are not UTF-8 ----------------------------------------------------------------------
+def _non_utf8_set(root: Path) -> Path:
+    """A labeled set whose subset folder and one image per class have names that are not UTF-8."""
+    rng = np.random.default_rng(0)
+    subset = os.fsdecode(os.fsencode(root) + b"/caf\xe9")
+    for label in ("0_real", "1_fake"):
+        folder = Path(subset) / label
+        folder.mkdir(parents=True)
+        for name in (b"b\xff.png", b"ok.png"):
+            Image.fromarray(real_image(rng)).save(os.fsdecode(os.fsencode(folder) + b"/" + name))
+    return Path(subset)
+
+
+def _strict_utf8_cli(*args):
+    """Run `python -m lfm ...` with stdout encoded as strict UTF-8 (as under a UTF-8 locale); bytes out."""
+    proc = _cli("-m", "lfm", *args, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"},
+                text=False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_eval_saves_results_whose_paths_are_not_utf8(weights, tmp_path):
+    import csv
+
+    subset = _non_utf8_set(tmp_path / "set")
+    out = tmp_path / "out"
+    table = _strict_utf8_cli("eval", "--weights", weights, "--data", tmp_path / "set", "--out", out, "--workers", "0")
+    assert b"caf\xe9" in table
+    with open(out / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    expected = sorted(os.fsencode(path) for path in subset.rglob("*.png"))
+    assert sorted(os.fsencode(row["path"]) for row in rows) == expected  # the file system's own bytes
+    assert all(Path(row["path"]).is_file() and 0 <= float(row["prob_fake"]) <= 1 for row in rows)
+    assert json.loads((out / "results.json").read_text())["subsets"]["caf\udce9"]["n"] == 4
+    assert (out / "results.csv").read_bytes().splitlines()[1].startswith(b"caf\xe9,4,")
+
+
+def test_predict_writes_paths_that_are_not_utf8_as_their_bytes(weights, tmp_path):
+    subset = _non_utf8_set(tmp_path / "set")
+    out = _strict_utf8_cli("predict", "--weights", weights, subset / "0_real", "--workers", "0")
+    paths = [line.split(b"\t")[0] for line in out.splitlines()]
+    assert paths == sorted(os.fsencode(path) for path in (subset / "0_real").iterdir())
