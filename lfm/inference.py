@@ -4,6 +4,7 @@ Used by validation during training, `lfm eval` and `lfm predict`, so all three p
 the same way. Results come batch by batch in input order, so `lfm predict` prints as it goes.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .data import ImageDataset, make_loader
-from .errors import CommandFailed, UsageError
+from .errors import CommandFailed, UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, check_max_pixels
 from .runtime import Context, all_gather, autocast, bar_disabled, raise_if_interrupted
 
@@ -30,6 +31,42 @@ def check_loading_options(batch_size: int, workers: int, max_pixels: int):
     if workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
     check_max_pixels(max_pixels)
+
+
+# A rough upper bound on what one loading worker adds at the default settings (its own Python heap and
+# decoded images, two batches of 16 256x256 inputs in flight; the model's pages are shared with the parent).
+WORKER_BYTES = 256 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (MemAvailable), or None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cap_workers(workers: int, n_items: int, batch_size: int, command: str) -> int:
+    """--workers clamped to what can help: at most one per batch this process loads, one per core and
+    as many as available memory holds (cores and memory shared by the processes of this machine under
+    torchrun). A clamp is reported in one warning line."""
+    world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    limits = {f"{n_items} image(s) make {batches} batch(es) of {batch_size}": batches,
+              f"{len(os.sched_getaffinity(0))} core(s)": max(1, len(os.sched_getaffinity(0)) // local)}
+    memory = available_memory()
+    if memory is not None:
+        fits = memory // local // WORKER_BYTES
+        limits[f"memory for {fits}"] = fits
+    reason, limit = min(limits.items(), key=lambda item: item[1])
+    if workers <= limit:
+        return workers
+    warn(command, f"--workers {workers} is more than can help here; using {limit} ({reason})")
+    return limit
 
 
 @dataclass

@@ -13,7 +13,7 @@ from .data import Item, describe_failures, expand_paths
 from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, read_rgb
-from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, scored_in_order
+from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, cap_workers, check_loading_options, scored_in_order
 from .runtime import session
 from .weights import atomic_write, claim_new_file, load_model, prepare_output_folder
 
@@ -36,6 +36,7 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
     check_loading_options(batch_size, workers, max_pixels)
     check_engine(engine, resize, precision)
     files = expand_paths(paths)
+    workers = cap_workers(workers, len(files), batch_size, "predict")
     if heatmap_dir is not None:
         heatmap_dir = prepare_output_folder(heatmap_dir, "--heatmap")
         refuse_folder_holding_inputs(heatmap_dir, files)

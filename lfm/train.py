@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .data import ImageDataset, describe_failures, make_loader, training_items
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
-from .inference import DEFAULT_WORKERS, check_loading_options, score_items
+from .inference import DEFAULT_WORKERS, cap_workers, check_loading_options, score_items
 from .metrics import binary_metrics
 from .model import DROPOUT_MODES
 from .runtime import (
@@ -336,7 +336,10 @@ class Trainer:
                                      exif_transpose=opts.exif_transpose)
         self.sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=opts.seed)
-        self.loader = make_loader(self.train_set, self.sampler, opts.batch_size // ctx.world_size, opts.workers,
+        local_batch = opts.batch_size // ctx.world_size
+        self.workers = cap_workers(opts.workers, len(train_items), local_batch, "train") if ctx.is_main else 0
+        self.workers = all_gather(self.workers, ctx)[0]  # rank 0 warns; every rank takes its count
+        self.loader = make_loader(self.train_set, self.sampler, local_batch, self.workers,
                                   pin_memory=ctx.device.type == "cuda")
 
         torch.manual_seed(opts.seed)  # the same initial weights on every rank
@@ -433,7 +436,7 @@ class Trainer:
     def validate(self) -> dict:
         broadcast_buffers(self.model, self.ctx)
         scores = score_items(self.model, self.val_items, self.val_transform, self.ctx,
-                             batch_size=self.opts.batch_size, workers=self.opts.workers,
+                             batch_size=self.opts.batch_size, workers=self.workers,
                              precision=self.opts.precision, max_pixels=self.opts.max_pixels,
                              exif_transpose=self.opts.exif_transpose, progress=self.opts.progress, desc="validation")
         self.report_failures(scores.failures, [item.path for item in self.val_items], split="val")

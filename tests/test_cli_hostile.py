@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -613,3 +614,76 @@ def test_predict_writes_paths_that_are_not_utf8_as_their_bytes(weights, tmp_path
     out = _strict_utf8_cli("predict", "--weights", weights, subset / "0_real", "--workers", "0")
     paths = [line.split(b"\t")[0] for line in out.splitlines()]
     assert paths == sorted(os.fsencode(path) for path in (subset / "0_real").iterdir())
+
+
+# 16. --workers is capped, and Ctrl-C while they start ends the run --------------------------------------
+def test_workers_are_capped_by_cores_images_and_memory_with_one_warning(weights, images, dataset, tmp_path, capsys,
+                                                                         monkeypatch):
+    import lfm.inference
+
+    started = []
+    make_loader = lfm.inference.make_loader
+
+    def recording(dataset, sampler, batch_size, workers, **kwargs):
+        started.append(workers)
+        return make_loader(dataset, sampler, batch_size, 0, **kwargs)  # loads in this process all the same
+
+    monkeypatch.setattr(lfm.inference, "make_loader", recording)
+    code, out, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1000000)
+    assert code == 0 and len(out.splitlines()) == 4 and started == [1]
+    assert err == ("lfm predict: warning: --workers 1000000 is more than can help here; using 1 (4 image(s) make "
+                   "1 batch(es) of 16)\n")
+    cores = len(os.sched_getaffinity(0))
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1000000, "--batch-size", 1)
+    assert code == 0 and started[-1] == min(cores, 4) and err.count("warning") == 1
+    monkeypatch.setattr(lfm.inference, "available_memory", lambda: lfm.inference.WORKER_BYTES * 3 // 2)
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 2, "--batch-size", 1)
+    assert code == 0 and started[-1] == 1 and "memory for 1" in err
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1, "--batch-size", 1)
+    assert code == 0 and started[-1] == 1 and err == ""
+    write_labeled(tmp_path / "set", 1, 1, np.random.default_rng(0))
+    code, _, err = run(capsys, "eval", "--weights", weights, "--data", tmp_path / "set", "--out", tmp_path / "out",
+                       "--workers", 1000000)
+    assert code == 0 and started[-1] == 1 and "lfm eval: warning: --workers 1000000 is more than can help" in err
+    code, _, err = _train(capsys, dataset, tmp_path / "run", "--workers", 1000000)
+    assert code == 0 and err.count("lfm train: warning: --workers 1000000 is more than can help here; using") == 1
+
+
+def test_ctrl_c_while_many_workers_start_ends_predict_at_once(weights, tmp_path):
+    """Ctrl-C right after the first worker starts: exit 130 within a second, and every worker is gone."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(real_image(rng)).save(tmp_path / f"{i:02d}.png")
+    children = tmp_path / "children"
+    script = tmp_path / "interrupt_at_fork.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "sent = []\n"
+        "def interrupt_once():\n"
+        "    if not sent:\n"
+        "        sent.append(time.monotonic())\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the at-fork hook\n"
+        "def record_child():\n"
+        f"    with open({str(children)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "os.register_at_fork(after_in_parent=interrupt_once, after_in_child=record_child)\n"
+        "from lfm.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(f'{time.monotonic() - sent[0]:.3f}', file=sys.stderr)\n"
+        "sys.exit(code)\n")
+    proc = _cli(str(script), "predict", "--weights", str(weights), str(tmp_path), "--batch-size", "1", "--workers",
+                "1000000", "--no-progress", env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    lines = err.splitlines()
+    assert proc.returncode == 130, err
+    assert lines[-2] == "lfm predict: interrupted" and float(lines[-1]) < 1.0, err
+    pids = [int(pid) for pid in children.read_text().split()]
+    assert 1 <= len(pids) <= len(os.sched_getaffinity(0))
+    time.sleep(0.5)
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "State:\tZ" not in
+             Path(f"/proc/{pid}/status").read_text()]
+    assert not alive, f"worker processes left running: {alive}"
