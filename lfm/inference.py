@@ -53,20 +53,21 @@ def available_memory() -> int | None:
 def cap_workers(workers: int, n_items: int, batch_size: int, command: str) -> int:
     """--workers clamped to what can help: at most one per batch this process loads, one per core and
     as many as available memory holds (cores and memory shared by the processes of this machine under
-    torchrun). A clamp is reported in one warning line."""
+    torchrun). A value above what the cores or the memory allow is reported in one warning line; fewer
+    batches than workers (a few images) just start fewer."""
     world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
-    batches = math.ceil(math.ceil(n_items / world) / batch_size)
-    limits = {f"{n_items} image(s) make {batches} batch(es) of {batch_size}": batches,
-              f"{len(os.sched_getaffinity(0))} core(s)": max(1, len(os.sched_getaffinity(0)) // local)}
+    cores = len(os.sched_getaffinity(0))
+    resources = {f"{cores} core(s)": max(1, cores // local)}
     memory = available_memory()
     if memory is not None:
         fits = memory // local // WORKER_BYTES
-        limits[f"memory for {fits}"] = fits
+        resources[f"memory for {fits}"] = fits
+    batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    limits = {**resources, f"{n_items} image(s) make {batches} batch(es) of {batch_size}": batches}
     reason, limit = min(limits.items(), key=lambda item: item[1])
-    if workers <= limit:
-        return workers
-    warn(command, f"--workers {workers} is more than can help here; using {limit} ({reason})")
-    return limit
+    if workers > min(resources.values()):
+        warn(command, f"--workers {workers} is more than can help here; using {limit} ({reason})")
+    return min(workers, limit)
 
 
 @dataclass

@@ -641,6 +641,10 @@ def test_workers_are_capped_by_cores_images_and_memory_with_one_warning(weights,
     assert code == 0 and started[-1] == 1 and "memory for 1" in err
     code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1, "--batch-size", 1)
     assert code == 0 and started[-1] == 1 and err == ""
+    monkeypatch.undo()
+    monkeypatch.setattr(lfm.inference, "make_loader", recording)
+    code, _, err = run(capsys, "predict", "--weights", weights, images / "a.png", "--workers", 2)
+    assert code == 0 and started[-1] == 1 and err == ""  # fewer batches than workers: no warning
     write_labeled(tmp_path / "set", 1, 1, np.random.default_rng(0))
     code, _, err = run(capsys, "eval", "--weights", weights, "--data", tmp_path / "set", "--out", tmp_path / "out",
                        "--workers", 1000000)
