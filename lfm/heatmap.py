@@ -1,30 +1,25 @@
 """Where LFM looks: the image regions behind the Top-K positions of its 64 score maps.
 
-Position (i, j) of the SNet output grid sees input pixels [8i, 8i + 22] x [8j, 8j + 22]: working back
-from block 4, each 2x2 conv widens the window by one step of the current stride and each 2x2/2
-max-pool widens it by one step and doubles the stride (1 -> 2 -> 4 -> 8); the residual of a pixel only
-reads its own 2x2 cell, which the window already holds since 8i is even.
+Position (i, j) of the SNet output grid sees input pixels [8i, 8i + 22] x [8j, 8j + 22] (see
+lfm.inference, whose lfm_topk finds the positions, in tiles for a large image).
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lfm_kernels import score_topk
+from .inference import RECEPTIVE_FIELD, STRIDE, lfm_topk
+from .model import snet_output_size
 
-RECEPTIVE_FIELD = 23
-STRIDE = 8
 BAND_PIXELS = 1 << 20  # pixels per band of the overlay
 
 
 def topk_heat(model, x: torch.Tensor) -> np.ndarray:
-    """For a (1, 3, H, W) input of an LFM model: per input pixel, how many of the 64 * K Top-K
-    selections have it in their receptive field. (H, W) float32."""
-    model.check_input(x)
+    """For a (1, 3, H, W) input of an LFM model (normalized, or uint8 pixels): per input pixel, how many of
+    the 64 * K Top-K selections have it in their receptive field. (H, W) float32."""
     with torch.no_grad():
-        feat = model.features(x)
-        _, idx = score_topk(feat, model.covn1_1.weight, model.k, return_indices=True, backend=model.backend)
-    h, w = feat.shape[2:]
+        _, idx = lfm_topk(model, x)
+    h, w = snet_output_size(*x.shape[2:])
     hits = torch.bincount(idx.flatten().cpu(), minlength=h * w).view(1, 1, h, w).float()
     spread = F.conv_transpose2d(hits, torch.ones(1, 1, RECEPTIVE_FIELD, RECEPTIVE_FIELD), stride=STRIDE)[0, 0]
     heat = torch.zeros(x.shape[2:])

@@ -4,6 +4,7 @@ Preprocessing is the authors' test pipeline (PIL open -> convert('RGB') -> resiz
 -> /255 -> ImageNet normalize -> model in eval -> sigmoid), so their checkpoint gives their numbers.
 Results are printed (and heatmaps written) as soon as each batch is scored, in input order.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -58,8 +59,8 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
             result = {"path": str(files[index]), "prob_fake": prob}
             if ctx.is_main:
                 if heatmap_dir is not None:
-                    result["heatmap"] = str(write_heatmap(model, files[index], transform, heatmap_dir, ctx.device,
-                                                          max_pixels, exif_transpose))
+                    result["heatmap"] = str(write_heatmap(model, files[index], transform, heatmap_dir, max_pixels,
+                                                          exif_transpose))
                 fields = [result["path"], f"{prob:.6g}"] + ([result["heatmap"]] if heatmap_dir is not None else [])
                 print(json.dumps(result) if as_json else "\t".join(map(tsv_field, fields)), file=stream, flush=True)
             results.append(result)
@@ -79,13 +80,13 @@ def refuse_folder_holding_inputs(folder: Path, files):
             raise UsageError(f"--heatmap {folder} holds input images ({file}); choose a folder outside the inputs")
 
 
-def write_heatmap(model, path: Path, transform, folder: Path, device, max_pixels, exif_transpose) -> Path:
+def write_heatmap(model, path: Path, transform, folder: Path, max_pixels, exif_transpose) -> Path:
     """Overlay the Top-K heat of one image on it, at its own size, as folder/<name>.png under a name that
     no file had (<stem>.png, else <stem>_1.png, ...): a heatmap never replaces a file it did not create."""
     from .heatmap import overlay, topk_heat
 
     img = read_rgb(path, max_pixels, exif_transpose)
-    heat = topk_heat(model, transform(img).unsqueeze(0).to(device))
+    heat = topk_heat(model, dataclasses.replace(transform, normalize=False)(img).unsqueeze(0))
     target = claim_new_file(folder, path.stem, ".png")
     try:
         atomic_write(target, lambda tmp: overlay(img, heat).save(tmp, format="PNG"))
