@@ -83,10 +83,10 @@ def refuse_folder_holding_inputs(folder: Path, files):
 def write_heatmap(model, path: Path, transform, folder: Path, max_pixels, exif_transpose) -> Path:
     """Overlay the Top-K heat of one image on it, at its own size, as folder/<name>.png under a name that
     no file had (<stem>.png, else <stem>_1.png, ...): a heatmap never replaces a file it did not create."""
-    from .heatmap import overlay, topk_heat
+    from .heatmap import TopKHeat, overlay
 
     img = read_rgb(path, max_pixels, exif_transpose)
-    heat = topk_heat(model, dataclasses.replace(transform, normalize=False)(img).unsqueeze(0))
+    heat = TopKHeat.of(model, dataclasses.replace(transform, normalize=False)(img).unsqueeze(0))
     target = claim_new_file(folder, path.stem, ".png")
     try:
         atomic_write(target, lambda tmp: overlay(img, heat).save(tmp, format="PNG"))

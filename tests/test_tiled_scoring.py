@@ -124,3 +124,26 @@ def test_large_images_are_scored_in_tiles_automatically(models, tmp_path, capsys
     assert abs(prob - true_prob) <= 1e-5
     with torch.no_grad():  # the engines' path, any model: the same logits as the model's forward
         assert (logits_of(model, x).double() - truth(normalize_pixels(x).double())).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("band_pixels", [111 * 1, 111 * 7, 111 * 30])
+def test_heat_made_in_bands_is_the_whole_heat(models, band_pixels, monkeypatch):
+    """Each band of rows holds exactly the rows of the heat spread over the whole image at once, and the
+    overlay of the banded heat is the overlay of the whole one."""
+    import torch.nn.functional as F
+
+    import lfm.heatmap
+    from lfm.heatmap import RECEPTIVE_FIELD, STRIDE, TopKHeat, overlay
+
+    model, _ = models
+    x = _pixels(143, 111, seed=7)
+    heat = TopKHeat.of(model, x)
+    spread = F.conv_transpose2d(heat.hits, torch.ones(1, 1, RECEPTIVE_FIELD, RECEPTIVE_FIELD), stride=STRIDE)[0, 0]
+    whole = torch.zeros(143, 111)
+    whole[:spread.shape[0], :spread.shape[1]] = spread
+    monkeypatch.setattr(lfm.heatmap, "BAND_PIXELS", band_pixels)
+    step = band_pixels // 111
+    bands = [heat.rows(top, min(143, top + step)) for top in range(0, 143, step)]
+    assert np.array_equal(np.concatenate(bands), whole.numpy()) and heat.peak() == whole.max()
+    img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(np.asarray(overlay(img, heat)), np.asarray(overlay(img, whole.numpy())))
