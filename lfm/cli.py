@@ -240,10 +240,11 @@ def run_export(args) -> int:
     import torch
 
     from .engines import export_model
-    from .weights import load_model
+    from .weights import check_output_file, load_model
 
     out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
+    check_output_file(out, "OUT")
+    if not out.parent.is_dir():
         raise UsageError(f"OUT must be a file in an existing folder, got {args.out!r}")
     model, _ = load_model(args.weights, args.model, backend="torch", command="export")
     try:
@@ -271,6 +272,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help, or a bad option (one line already printed)
         return done.code
+    _write_paths_as_bytes()
     try:
         with interrupt_guard():
             return args.func(args)
@@ -294,6 +296,13 @@ def main(argv=None) -> int:
         print(f"lfm {args.command}: error: {type(err).__name__}: {one_line(str(err))} (LFM_DEBUG=1 shows the "
               "traceback)", file=sys.stderr)
         return 1
+
+
+def _write_paths_as_bytes():
+    """A file name that is not valid in the locale's encoding reaches Python with surrogate escapes: print it
+    as the bytes the file system holds (as Python does in the C locale), not as an encoding error."""
+    if sys.stdout is sys.__stdout__ and getattr(sys.stdout, "errors", None) == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
 
 
 def _silence_stdout():

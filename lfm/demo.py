@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .evaluate import evaluate
-from .train import LAST_WEIGHTS, TrainOptions, train
+from .train import LAST_WEIGHTS, TrainOptions, check_seed, train
 from .weights import write_json
 
 TRAIN_GENERATORS = ("nearest", "bilinear", "transposed_conv")
@@ -214,6 +214,7 @@ def _write_crops(root, splits, crops_per_photo, size, sources, rng):
 def run_demo(out="demo_out", seed: int = 0, epochs: int | None = None, crops_per_photo: int | None = None,
              progress=None, log=print) -> dict:
     """Build the data, train the three models, test them; print and write the table and a plot."""
+    check_seed(seed)  # before the data set is built
     started = time.perf_counter()
     out = Path(out)
     epochs = epochs or DEFAULT_EPOCHS

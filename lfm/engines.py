@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CommandFailed, UsageError, warn
+from .weights import atomic_write, check_output_file
 
 ENGINES = ("torch", "compile", "onnx")
 DEFAULT_ENGINE = "torch"
@@ -137,19 +138,20 @@ def _export_copy(model: torch.nn.Module) -> torch.nn.Module:
 def export_model(model: torch.nn.Module, path, fmt: str, size: tuple[int, int]) -> Path:
     """Write the eval graph of `model` for (B, 3, *size) inputs, any batch B, as ONNX, as a torch.export
     program (.pt2, loaded with torch.export.load) or as an AOTInductor package (.pt2, loaded with
-    torch._inductor.aoti_load_package). Written aside and renamed, so a reader never sees half."""
+    torch._inductor.aoti_load_package). Written aside and renamed, so a reader never sees half; a `path`
+    that exists and is not a regular file is refused."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     if fmt == "aoti" and cxx_compiler() is None:
         raise UsageError("--format aoti compiles C++ and no compiler was found (set CXX); --format pt2 needs none")
     path = Path(path)
+    check_output_file(path, "OUT")
     model = _export_copy(model)
     example = torch.zeros(2, 3, *size)
     model.check_input(example)
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}}
-    # AOTInductor writes its package only to a name ending in .pt2.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" + (".pt2" if fmt == "aoti" else ""))
-    try:
+
+    def write(tmp):
         with torch.no_grad(), _quiet():
             if fmt == "pt2":
                 torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic), tmp)
@@ -161,12 +163,13 @@ def export_model(model: torch.nn.Module, path, fmt: str, size: tuple[int, int]) 
             else:
                 torch.onnx.export(model, (example,), tmp, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
                                   output_names=["logits"], external_data=False)
-        os.replace(tmp, path)
+
+    try:
+        # AOTInductor writes its package only to a name ending in .pt2.
+        atomic_write(path, write, suffix=".pt2" if fmt == "aoti" else "")
     except ImportError as err:
         raise UsageError(f"--format onnx needs the onnx and onnxscript packages ({err}): pip install 'lfm[cpu]'"
                          ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -14,7 +14,7 @@ from .data import describe_failures, find_test_subsets
 from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
-from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, score_items
+from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, cap_workers, check_loading_options, score_items
 from .metrics import METRICS, binary_metrics, format_table, mean_metrics
 from .runtime import session
 from .weights import load_model, prepare_output_folder, write_json, write_text
@@ -69,6 +69,7 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
     subsets = find_test_subsets(roots, depth)
     out = prepare_output_folder(out, "--out")
     items = [item for subset in subsets.values() for item in subset]
+    workers = cap_workers(workers, len(items), batch_size, "eval")
     with session(device, backend) as ctx:
         model, config = load_model(weights, model_name, backend=backend, command="eval")
         runner = prepare(model.to(ctx.device), engine, ctx.device, (resize, resize), "eval")
@@ -93,9 +94,9 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
         "skipped": [{"path": str(items[i].path), "reason": reason} for i, reason in scores.failures],
     }
     write_text(out / "results.csv", results_csv(rows, mean))
-    write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
     write_json(out / "results.json", _nan_to_none(report))
+    write_text(out / "predictions.csv", predictions_csv(subsets, scores.prob_fake))
     log(format_table(rows, mean))
     log(f"results: {out / 'results.csv'}, {out / 'results.json'}, {out / 'predictions.csv'}")
     return report

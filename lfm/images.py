@@ -93,6 +93,20 @@ def to_input_tensor(img: Image.Image) -> torch.Tensor:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def to_pixel_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> its uint8 (3, H, W) pixels: a quarter of the input's memory, normalized later."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) pixels -> ImageNet-normalized float32, bit for bit as to_input_tensor (the same
+    float32 operations in the same order); a float input is taken as normalized already."""
+    if x.is_floating_point():
+        return x
+    mean, std = IMAGENET_MEAN.to(x.device), IMAGENET_STD.to(x.device)
+    return (x.float() / 255.0 - mean) / std
+
+
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     width, height = img.size
     _check_crop(img, size)
@@ -107,17 +121,19 @@ def _check_crop(img: Image.Image, size: int):
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Deterministic preprocessing: optional resize to a square, optional center crop."""
+    """Deterministic preprocessing: optional resize to a square, optional center crop; the normalized input,
+    or with `normalize=False` its uint8 pixels (normalize_pixels gives the same input from them)."""
 
     resize: int | None = TEST_SIZE
     crop: int | None = None
+    normalize: bool = True
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         if self.resize:
             img = resize_square(img, self.resize)
         if self.crop:
             img = center_crop(img, self.crop)
-        return to_input_tensor(img)
+        return to_input_tensor(img) if self.normalize else to_pixel_tensor(img)
 
 
 @dataclass(frozen=True)

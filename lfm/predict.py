@@ -4,7 +4,9 @@ Preprocessing is the authors' test pipeline (PIL open -> convert('RGB') -> resiz
 -> /255 -> ImageNet normalize -> model in eval -> sigmoid), so their checkpoint gives their numbers.
 Results are printed (and heatmaps written) as soon as each batch is scored, in input order.
 """
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,9 +14,9 @@ from .data import Item, describe_failures, expand_paths
 from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, read_rgb
-from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, scored_in_order
+from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, cap_workers, check_loading_options, scored_in_order
 from .runtime import session
-from .weights import atomic_write, load_model, prepare_output_folder
+from .weights import atomic_write, claim_new_file, load_model, prepare_output_folder
 
 # Tab-separated output: characters that would break a line or a column are written escaped.
 _TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -35,11 +37,13 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
     check_loading_options(batch_size, workers, max_pixels)
     check_engine(engine, resize, precision)
     files = expand_paths(paths)
+    workers = cap_workers(workers, len(files), batch_size, "predict")
     if heatmap_dir is not None:
         heatmap_dir = prepare_output_folder(heatmap_dir, "--heatmap")
+        refuse_folder_holding_inputs(heatmap_dir, files)
     items = [Item(path) for path in files]
     transform = EvalTransform(resize)
-    results, failures, heatmap_names = [], [], set()
+    results, failures = [], []
     with session(device, backend) as ctx:
         model, config = load_model(weights, model_name, backend=backend, command="predict")
         if heatmap_dir is not None and config["model"] != "lfm":
@@ -55,8 +59,8 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
             result = {"path": str(files[index]), "prob_fake": prob}
             if ctx.is_main:
                 if heatmap_dir is not None:
-                    result["heatmap"] = str(write_heatmap(model, files[index], transform, heatmap_dir, heatmap_names,
-                                                          ctx.device, max_pixels, exif_transpose))
+                    result["heatmap"] = str(write_heatmap(model, files[index], transform, heatmap_dir, max_pixels,
+                                                          exif_transpose))
                 fields = [result["path"], f"{prob:.6g}"] + ([result["heatmap"]] if heatmap_dir is not None else [])
                 print(json.dumps(result) if as_json else "\t".join(map(tsv_field, fields)), file=stream, flush=True)
             results.append(result)
@@ -67,16 +71,26 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
     return results if ctx.is_main else []
 
 
-def write_heatmap(model, path: Path, transform, folder: Path, taken: set, device, max_pixels, exif_transpose) -> Path:
-    """Overlay the Top-K heat of one image on it, at its own size, as folder/<name>.png (names made unique)."""
-    from .heatmap import overlay, topk_heat
+def refuse_folder_holding_inputs(folder: Path, files):
+    """Heatmaps go to a folder that holds none of the inputs, even beneath it: one written there could
+    replace an input before it is read, or be scored as an input by the next run."""
+    real_folder = Path(os.path.realpath(folder))
+    for file in files:
+        if real_folder in Path(os.path.realpath(file)).parents:
+            raise UsageError(f"--heatmap {folder} holds input images ({file}); choose a folder outside the inputs")
+
+
+def write_heatmap(model, path: Path, transform, folder: Path, max_pixels, exif_transpose) -> Path:
+    """Overlay the Top-K heat of one image on it, at its own size, as folder/<name>.png under a name that
+    no file had (<stem>.png, else <stem>_1.png, ...): a heatmap never replaces a file it did not create."""
+    from .heatmap import TopKHeat, overlay
 
     img = read_rgb(path, max_pixels, exif_transpose)
-    heat = topk_heat(model, transform(img).unsqueeze(0).to(device))
-    name, n = path.stem, 1
-    while name in taken:
-        name, n = f"{path.stem}_{n}", n + 1
-    taken.add(name)
-    target = folder / f"{name}.png"
-    atomic_write(target, lambda tmp: overlay(img, heat).save(tmp, format="PNG"))
+    heat = TopKHeat.of(model, dataclasses.replace(transform, normalize=False)(img).unsqueeze(0))
+    target = claim_new_file(folder, path.stem, ".png")
+    try:
+        atomic_write(target, lambda tmp: overlay(img, heat).save(tmp, format="PNG"))
+    except BaseException:
+        target.unlink(missing_ok=True)  # our own empty claim
+        raise
     return target

@@ -34,17 +34,30 @@ class Context:
         return self.world_size > 1
 
 
-def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """"auto" (or None) -> cuda when available, else cpu; a bare "cuda" means this rank's GPU."""
+def check_device(name: str | None) -> torch.device | None:
+    """The device a --device value names (None for "auto"), or a UsageError: lfm runs on cpu and cuda only,
+    and a CUDA device must exist."""
     if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return None
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} cannot run lfm; use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    return device
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """"auto" (or None) -> cuda when available, else cpu; a bare "cuda" means this rank's GPU."""
+    device = check_device(name) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .data import ImageDataset, describe_failures, make_loader, training_items
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
-from .inference import DEFAULT_WORKERS, check_loading_options, score_items
+from .inference import DEFAULT_WORKERS, cap_workers, check_loading_options, score_items
 from .metrics import binary_metrics
 from .model import DROPOUT_MODES
 from .runtime import (
@@ -45,6 +45,7 @@ from .runtime import (
     autocast,
     bar_disabled,
     broadcast_buffers,
+    check_device,
     raise_if_interrupted,
     session,
 )
@@ -66,6 +67,15 @@ RUN_FILES = (OPTIONS_FILE, LOG_FILE, RESUME_FILE, LAST_WEIGHTS, BEST_WEIGHTS)
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_acc", "val_ap", "val_real_acc", "val_fake_acc", "seconds")
 # Options that may differ when a run is resumed: they do not change what is computed.
 RESUME_OVERRIDES = ("epochs", "workers", "progress", "device")
+# Seeds reach numpy (non-negative only) and torch.manual_seed(seed + rank) and the sampler's seed + epoch
+# (below 2**64): this range leaves room for both.
+SEED_LIMIT = 2 ** 63
+
+
+def check_seed(seed):
+    """Refuse a seed that numpy or torch would reject later, at the first image."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
 def _option(default=dataclasses.MISSING, *, help: str, **argparse_settings):
@@ -122,24 +132,31 @@ class TrainOptions:
             if not condition:
                 raise UsageError(message)
 
-        def number(name, fits, expected):
+        def number(name, fits, expected, integer=False):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                 and fits(value), f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+            kind = int if integer else (int, float)
+            need(isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and fits(value),
+                 f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
 
         need(self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}")
         need(self.dropout in DROPOUT_MODES, f"--dropout must be one of {', '.join(DROPOUT_MODES)}")
         need(self.random_k_weight == 0 or self.model == "lfm", "--random-k-weight applies to --model lfm only")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         for name in ("k", "epochs", "lr_step"):
-            number(name, lambda value: value >= 1, "an integer >= 1")
-        for name in ("patience", "random_k_weight", "min_delta", "lr"):
+            number(name, lambda value: value >= 1, "an integer >= 1", integer=True)
+        number("patience", lambda value: value >= 0, "an integer >= 0", integer=True)
+        for name in ("resize", "crop"):
+            if getattr(self, name) is not None:
+                number(name, lambda value: value >= 0, "an integer >= 0", integer=True)
+        for name in ("random_k_weight", "min_delta", "lr"):
             number(name, lambda value: value >= 0, "a finite number >= 0")
         number("lr_gamma", lambda value: value > 0, "a finite number > 0")
         number("pmin", lambda value: 0 <= value < 1, "in [0, 1)")
         number("pmax", lambda value: self.pmin <= value < 1, "in [pmin, 1)")
         need(all(0 <= beta < 1 for beta in self.betas), f"--betas must lie in [0, 1), got {self.betas}")
         check_loading_options(self.batch_size, self.workers, self.max_pixels)
+        check_seed(self.seed)
+        check_device(self.device)
         need(not (self.resize and self.crop and self.crop > self.resize), "--crop must not exceed --resize")
         need(0 <= self.blur_prob <= 1 and 0 <= self.jpeg_prob <= 1, "augmentation probabilities must lie in [0, 1]")
         need(1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100, "--jpeg-quality needs 1 <= low <= high <= 100")
@@ -157,8 +174,37 @@ class TrainOptions:
 
     @classmethod
     def from_json(cls, values: dict) -> "TrainOptions":
-        tuples = {f.name for f in dataclasses.fields(cls) if f.type is tuple}
-        return cls(**{key: tuple(value) if key in tuples else value for key, value in values.items()})
+        """The options of an options.json; a value of the wrong type (a hand edit) raises ValueError naming it."""
+        if not isinstance(values, dict):
+            raise ValueError(f"expected an object of options, got {json.dumps(values)[:80]}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key in types and not _JSON_TYPES[types[key]][0](value):
+                raise ValueError(f"{json.dumps(key)} must be {_JSON_TYPES[types[key]][1]}, got {json.dumps(value)}")
+        return cls(**{key: tuple(value) if types.get(key) is tuple else value for key, value in values.items()})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What options.json may hold for a field of each annotated type, and how to say it.
+_JSON_TYPES = {
+    int: (_is_int, "an integer"),
+    int | None: (lambda value: value is None or _is_int(value), "an integer or null"),
+    float: (_is_number, "a number"),
+    str: (lambda value: isinstance(value, str), "a string"),
+    bool: (lambda value: isinstance(value, bool), "true or false"),
+    bool | None: (lambda value: value is None or isinstance(value, bool), "true, false or null"),
+    tuple: (lambda value: isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)),
+            "a pair of numbers"),
+    list | None: (lambda value: value is None or isinstance(value, list) and all(isinstance(v, str) for v in value),
+                  "a list of names or null"),
+}
 
 
 def train(opts: TrainOptions, resume: bool = False, force: bool = False, log=print) -> dict | None:
@@ -168,7 +214,9 @@ def train(opts: TrainOptions, resume: bool = False, force: bool = False, log=pri
     opts.check()
     run_dir = prepare_output_folder(opts.out, "--out")
     with session(opts.device, opts.backend) as ctx, locked_run_folder(run_dir, ctx):
-        if not (resume or force):
+        if resume:
+            check_resumable(run_dir)
+        elif not force:
             check_new_run_folder(run_dir)
         summary = Trainer(opts, ctx, log).run(resume)
     return summary if ctx.is_main else None
@@ -182,6 +230,30 @@ def read_options(run_dir) -> TrainOptions:
         return TrainOptions.from_json(json.loads(path.read_text()))
     except (ValueError, TypeError) as err:
         raise UsageError(f"cannot read {path}: not the options of a run of ours ({err})") from None
+
+
+def read_log(run_dir: Path) -> list[list[str]]:
+    """The rows of a run's log.csv, header first, or a UsageError saying what is wrong with it."""
+    path = run_dir / LOG_FILE
+    if not path.is_file():
+        raise UsageError(f"cannot resume {run_dir}: no {LOG_FILE}")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise UsageError(f"cannot resume {run_dir}: {path}: it is empty")
+    if tuple(rows[0]) != LOG_COLUMNS:
+        raise UsageError(f"cannot resume {run_dir}: {path}: its header is not {','.join(LOG_COLUMNS)}")
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or not row[0].isdigit():
+            raise UsageError(f"cannot resume {run_dir}: {path}: row {number} does not start with an epoch number")
+    return rows
+
+
+def check_resumable(run_dir: Path):
+    """A run to resume holds its resume state and a readable log (its options were read already)."""
+    if not (run_dir / RESUME_FILE).is_file():
+        raise UsageError(f"nothing to resume in {run_dir}: no {RESUME_FILE}")
+    read_log(run_dir)
 
 
 def check_new_run_folder(run_dir: Path):
@@ -264,7 +336,10 @@ class Trainer:
                                      exif_transpose=opts.exif_transpose)
         self.sampler = DistributedSampler(self.train_set, num_replicas=ctx.world_size, rank=ctx.rank,
                                           shuffle=True, seed=opts.seed)
-        self.loader = make_loader(self.train_set, self.sampler, opts.batch_size // ctx.world_size, opts.workers,
+        local_batch = opts.batch_size // ctx.world_size
+        self.workers = cap_workers(opts.workers, len(train_items), local_batch, "train") if ctx.is_main else 0
+        self.workers = all_gather(self.workers, ctx)[0]  # rank 0 warns; every rank takes its count
+        self.loader = make_loader(self.train_set, self.sampler, local_batch, self.workers,
                                   pin_memory=ctx.device.type == "cuda")
 
         torch.manual_seed(opts.seed)  # the same initial weights on every rank
@@ -361,7 +436,7 @@ class Trainer:
     def validate(self) -> dict:
         broadcast_buffers(self.model, self.ctx)
         scores = score_items(self.model, self.val_items, self.val_transform, self.ctx,
-                             batch_size=self.opts.batch_size, workers=self.opts.workers,
+                             batch_size=self.opts.batch_size, workers=self.workers,
                              precision=self.opts.precision, max_pixels=self.opts.max_pixels,
                              exif_transpose=self.opts.exif_transpose, progress=self.opts.progress, desc="validation")
         self.report_failures(scores.failures, [item.path for item in self.val_items], split="val")
@@ -407,8 +482,6 @@ class Trainer:
 
     def load_checkpoint(self):
         path = self.run_dir / RESUME_FILE
-        if not path.is_file():
-            raise UsageError(f"nothing to resume in {self.run_dir}: no {RESUME_FILE}")
         state = read_torch_file(path, "the resume state")
         try:
             if state["world_size"] != self.ctx.world_size:
@@ -427,8 +500,7 @@ class Trainer:
         self.epoch, self.best_acc, self.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
         self.stale_epochs, self.stopped = state["stale_epochs"], state["stopped"]
         if self.ctx.is_main:  # drop log rows of an epoch that ended after the last resume state was saved
-            with open(self.run_dir / LOG_FILE, newline="") as f:
-                rows = list(csv.reader(f))
+            rows = read_log(self.run_dir)
             with open(self.run_dir / LOG_FILE, "w", newline="") as f:
                 csv.writer(f).writerows([rows[0]] + [row for row in rows[1:] if int(row[0]) <= self.epoch])
         self.log(f"resuming {self.run_dir} after epoch {self.epoch}")

@@ -3,13 +3,17 @@
 Weights files: the authors' `.pth` (a bare state_dict, or one wrapped as {"model": state_dict}, keys
 with or without DataParallel's `module.` prefix), always read with torch.load(weights_only=True) on
 CPU; and our `.safetensors`, whose metadata records the architecture so it loads with no options.
-Every write is atomic: a temporary file in the same folder, flushed to disk, then renamed over the
-target, so an interrupted run never leaves a half-written file behind.
+Every write is atomic: a new temporary file in the same folder, flushed to disk, then renamed over the
+target, so an interrupted run never leaves a half-written file behind; a target that is not a regular
+file (a FIFO, a device, a symlink) is refused, never replaced.
 """
 import inspect
+import itertools
 import json
 import os
 import re
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -37,11 +41,43 @@ def build_model(config: dict, backend=None) -> nn.Module:
     raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def atomic_write(path, write):
-    """Call write(temporary_path), flush it to disk, then rename it to `path`."""
+def check_output_file(path, option: str = "output"):
+    """Refuse a target that exists and is not a regular file (a FIFO, a device, a symlink, a folder): a write
+    renamed over it would replace it, and one through it would write where the user did not ask."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise UsageError(f"{option} {path} exists and is not a regular file ({kind}); refusing to replace it")
+
+
+_FILE_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def claim_new_file(folder: Path, stem: str, suffix: str) -> Path:
+    """Create an empty file folder/<stem><suffix>, else <stem>_1<suffix>, ..., the first name that nothing
+    holds (O_EXCL: not even a dangling symlink), and return it: a file this run may replace."""
+    for n in itertools.count():
+        path = folder / f"{stem if n == 0 else f'{stem}_{n}'}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+
+
+def atomic_write(path, write, suffix: str = ""):
+    """Call write(temporary_path), flush it to disk, then rename it to `path`. The temporary file is created
+    new (O_EXCL, a random name ending in `suffix`) in the same folder, so nothing planted there is written
+    through; a `path` that exists and is not a regular file is refused."""
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp{suffix}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -67,7 +103,9 @@ def prepare_output_folder(path, option: str) -> Path:
 
 
 def write_text(path, text: str):
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """UTF-8, except that a path the file system holds in another encoding (decoded by Python with surrogate
+    escapes) is written as its own bytes, so it names the same file when read back."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def write_json(path, obj):
@@ -157,7 +195,7 @@ def infer_k(state: dict, path, command: str) -> int:
     is reported."""
     head = state.get("fc1.weight")
     if head is None:
-        return DEFAULT_K  # the strict load names the missing keys
+        return DEFAULT_K  # check_head refuses it
     if head.dim() != 2 or head.shape[0] != 1 or head.shape[1] == 0 or head.shape[1] % SCORE_CHANNELS:
         raise UsageError(f"{path}: the head fc1.weight has shape {tuple(head.shape)}, not 1 x (64 * K), so it is no "
                          "LFM checkpoint; choose the architecture with --model")
@@ -166,6 +204,24 @@ def infer_k(state: dict, path, command: str) -> int:
         warn(command, f"{path}: K = {k} inferred from its head fc1.weight {tuple(head.shape)} (the released model has "
                       f"K = {DEFAULT_K})")
     return k
+
+
+def check_head(state: dict, config: dict, path):
+    """Check an LFM config's K against the head the file holds, before anything is built: the model's size
+    grows with K, so a K from untrusted metadata must match tensors that are already in memory."""
+    if config["model"] != "lfm":
+        return
+    k = config.get("k", DEFAULT_K)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"{path} records an architecture that cannot be built ({config}): k must be an int >= 1, "
+                         f"got {k!r}")
+    head = state.get("fc1.weight")
+    if head is None:
+        raise UsageError(f"{path} holds no head fc1.weight to check k = {k} against, so it is no LFM checkpoint; "
+                         "choose the architecture with --model")
+    if tuple(head.shape) != (1, SCORE_CHANNELS * k):
+        raise UsageError(f"{path}: its head fc1.weight is {tuple(head.shape)}, but its architecture ({config}) "
+                         f"needs {(1, SCORE_CHANNELS * k)}")
 
 
 def load_model(path, model_name: str | None = None, backend=None, command: str = "predict"):
@@ -178,14 +234,11 @@ def load_model(path, model_name: str | None = None, backend=None, command: str =
             config["k"] = infer_k(state, path, command)
     elif model_name is not None and model_name != config["model"]:
         raise UsageError(f"{path} holds a {config['model']!r} model, not {model_name!r}")
+    check_head(state, config, path)
     try:
         model = build_model(config, backend=backend)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{path} records an architecture that cannot be built ({config}): {err}") from None
-    head = state.get("fc1.weight")
-    if isinstance(model, LFM) and head is not None and head.shape != model.fc1.weight.shape:
-        raise UsageError(f"{path}: its head fc1.weight is {tuple(head.shape)}, but its architecture ({config}) "
-                         f"needs {tuple(model.fc1.weight.shape)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

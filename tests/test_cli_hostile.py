@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,8 @@ def predict(capsys, weights, *args):
     return run(capsys, "predict", "--weights", weights, "--workers", 0, *args)
 
 
-def _cli(*args, stdout=subprocess.PIPE, **kwargs):
-    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
+def _cli(*args, stdout=subprocess.PIPE, text=True, **kwargs):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=text,
                             **kwargs)
 
 
@@ -411,3 +412,282 @@ def test_help_describes_every_option(capsys):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert all(needle in text for needle in needles), (command, needles)
+
+
+# 12. Options that must fail before any work --------------------------------------------------------
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 64), str(2 ** 63)])
+def test_a_seed_out_of_range_is_refused_before_the_run_folder(seed, dataset, tmp_path, capsys):
+    result = run(capsys, "train", "--data", dataset, "--out", tmp_path / "run", "--seed", seed)
+    assert_error(result, 2, "train", f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
+    assert not (tmp_path / "run").exists()
+    assert_error(run(capsys, "demo", "--out", tmp_path / "demo", "--seed", seed), 2, "demo",
+                 f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xla", "cuda:99" if torch.cuda.is_available() else "ipu"])
+def test_a_device_that_cannot_run_is_refused_before_any_image(device, weights, images, dataset, tmp_path, capsys,
+                                                              monkeypatch):
+    import lfm.data
+
+    def no_reading(*args):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(lfm.data, "read_rgb", no_reading)
+    assert_error(predict(capsys, weights, images, "--device", device), 2, "predict", f"device {device!r}")
+    assert_error(run(capsys, "eval", "--weights", weights, "--data", dataset / "val", "--out", tmp_path / "eval",
+                     "--device", device), 2, "eval", f"device {device!r}")
+    assert_error(_train(capsys, dataset, tmp_path / "run", "--device", device), 2, "train", f"device {device!r}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_whose_log_is_missing_or_empty_is_refused(dataset, tmp_path, capsys, monkeypatch):
+    import lfm.data
+
+    run_dir = tmp_path / "run"
+    assert _train(capsys, dataset, run_dir)[0] == 0
+    resume_state = (run_dir / "resume.pt").read_bytes()
+
+    def no_reading(*args):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(lfm.data, "read_rgb", no_reading)
+    log = run_dir / "log.csv"
+    log.unlink()
+    assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", f"cannot resume {run_dir}: no log.csv")
+    for text, problem in (("", "it is empty"), ("epoch,lr\n", "its header is not"),
+                          ("epoch,lr,train_loss,val_acc,val_ap,val_real_acc,val_fake_acc,seconds\nx,1\n",
+                           "row 2 does not start with an epoch number")):
+        log.write_text(text)
+        assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", f"{log}: {problem}")
+        assert log.read_text() == text and (run_dir / "resume.pt").read_bytes() == resume_state
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("k", 16.5, '"k" must be an integer, got 16.5'),
+    ("k", True, '"k" must be an integer, got true'),
+    ("batch_size", "4", '"batch_size" must be an integer, got "4"'),
+    ("lr", "fast", '"lr" must be a number, got "fast"'),
+    ("betas", [0.9], '"betas" must be a pair of numbers, got [0.9]'),
+    ("flip", 1, '"flip" must be true or false, got 1'),
+    ("classes", "car", '"classes" must be a list of names or null, got "car"'),
+    ("resize", -3, "--resize must be an integer >= 0, got -3"),
+])
+def test_a_hand_edited_options_file_is_refused_naming_the_value(key, value, message, dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _train(capsys, dataset, run_dir)[0] == 0
+    options = json.loads((run_dir / "options.json").read_text())
+    options[key] = value
+    (run_dir / "options.json").write_text(json.dumps(options))
+    assert_error(run(capsys, "train", "--resume", run_dir), 2, "train", message)
+
+
+# 13. lfm export never replaces what is not a regular file ------------------------------------------
+def _special_files(folder: Path) -> dict:
+    """name -> path of an existing OUT that is not a regular file (a device node only where we may make one)."""
+    (folder / "victim.txt").write_text("keep me\n")
+    os.mkfifo(folder / "fifo")
+    (folder / "link.pt2").symlink_to(folder / "victim.txt")
+    (folder / "dangling.pt2").symlink_to(folder / "nowhere.pt2")
+    special = {"fifo": folder / "fifo", "symlink": folder / "link.pt2", "dangling symlink": folder / "dangling.pt2"}
+    try:
+        os.mknod(folder / "null", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        special["device"] = folder / "null"
+    except PermissionError:
+        pass
+    return special
+
+
+def test_export_refuses_an_out_that_is_not_a_regular_file(weights, tmp_path, capsys, monkeypatch):
+    import lfm.weights
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    special = _special_files(tmp_path)
+    monkeypatch.setattr(lfm.weights, "read_state_dict", no_loading)
+    for kind, out in special.items():
+        before = os.lstat(out)
+        result = run(capsys, "export", "--weights", weights, "--format", "pt2", "--size", 64, out)
+        assert_error(result, 2, "export", f"OUT {out} exists and is not a regular file")
+        after = os.lstat(out)
+        assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode), kind
+    assert (tmp_path / "victim.txt").read_text() == "keep me\n" and not (tmp_path / "nowhere.pt2").exists()
+    assert "/dev/null" not in str(special.get("device", "")) and os.path.exists("/dev/null")
+
+
+def test_export_writes_a_new_file_renamed_into_place(weights, tmp_path, capsys):
+    """A hard-linked OUT is replaced, not written through; a link planted at a predictable temporary name
+    is not written through either."""
+    (tmp_path / "victim.txt").write_text("keep me\n")
+    out = tmp_path / "m.pt2"
+    os.link(tmp_path / "victim.txt", out)
+    (tmp_path / f".m.pt2.{os.getpid()}.tmp").symlink_to(tmp_path / "victim.txt")
+    code, printed, err = run(capsys, "export", "--weights", weights, "--format", "pt2", "--size", 64, out)
+    assert code == 0, err
+    assert (tmp_path / "victim.txt").read_text() == "keep me\n" and os.stat(out).st_nlink == 1
+    assert torch.export.load(out).module()(torch.zeros(1, 3, 64, 64)).shape == (1, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".m.pt2.{os.getpid()}.tmp", "m.pt2", "victim.txt"])
+
+
+# 14. Heatmaps never write over inputs or files of others -------------------------------------------------
+def test_a_heatmap_folder_holding_inputs_is_refused(weights, images, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    Image.open(images / "c.png").save(folder / "a.jpg")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    for heatmaps in (folder, tmp_path / "photos" / ".", tmp_path / "link"):
+        if heatmaps.name == "link":
+            heatmaps.symlink_to(folder)
+        for inputs in (folder, folder / "a.png"):
+            result = predict(capsys, weights, inputs, "--heatmap", heatmaps, "--batch-size", 1)
+            assert_error(result, 2, "predict", f"--heatmap {heatmaps} holds input images ({folder / 'a.'}")
+            assert result[1] == ""
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # A folder beneath the inputs holds them once it holds a heatmap: a second run would score its own heatmaps.
+    assert predict(capsys, weights, folder, "--heatmap", folder / "heat")[0] == 0
+    assert_error(predict(capsys, weights, folder, "--heatmap", folder / "heat"), 2, "predict",
+                 f"--heatmap {folder / 'heat'} holds input images ({folder / 'heat' / 'a.png'}")
+
+
+def test_heatmaps_never_replace_a_file_they_did_not_create(weights, images, tmp_path, capsys):
+    heat = tmp_path / "heat"
+    heat.mkdir()
+    (heat / "a.png").write_text("someone's notes\n")
+    (heat / "b.png").symlink_to(tmp_path / "elsewhere.png")
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(images / "c.png").save(other / "a.jpg")
+    code, out, err = predict(capsys, weights, images / "a.png", images / "b.png", other / "a.jpg", "--heatmap", heat)
+    assert code == 0, err
+    written = [Path(line.split("\t")[2]).name for line in out.splitlines()]
+    assert written == ["a_1.png", "b_1.png", "a_2.png"]
+    assert (heat / "a.png").read_text() == "someone's notes\n" and not (tmp_path / "elsewhere.png").exists()
+    assert all(Image.open(heat / name).size == (48, 48) for name in written)
+    # A second run writes beside the first run's heatmaps rather than over them.
+    code, out, _ = predict(capsys, weights, images / "a.png", "--heatmap", heat)
+    assert code == 0 and Path(out.split("\t")[2].strip()).name == "a_3.png"
+
+
+# 15. File names that are not UTF-8 ----------------------------------------------------------------------
+def _non_utf8_set(root: Path) -> Path:
+    """A labeled set whose subset folder and one image per class have names that are not UTF-8."""
+    rng = np.random.default_rng(0)
+    subset = os.fsdecode(os.fsencode(root) + b"/caf\xe9")
+    for label in ("0_real", "1_fake"):
+        folder = Path(subset) / label
+        folder.mkdir(parents=True)
+        for name in (b"b\xff.png", b"ok.png"):
+            Image.fromarray(real_image(rng)).save(os.fsdecode(os.fsencode(folder) + b"/" + name))
+    return Path(subset)
+
+
+def _strict_utf8_cli(*args):
+    """Run `python -m lfm ...` with stdout encoded as strict UTF-8 (as under a UTF-8 locale); bytes out."""
+    proc = _cli("-m", "lfm", *args, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"},
+                text=False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_eval_saves_results_whose_paths_are_not_utf8(weights, tmp_path):
+    import csv
+
+    subset = _non_utf8_set(tmp_path / "set")
+    out = tmp_path / "out"
+    table = _strict_utf8_cli("eval", "--weights", weights, "--data", tmp_path / "set", "--out", out, "--workers", "0")
+    assert b"caf\xe9" in table
+    with open(out / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    expected = sorted(os.fsencode(path) for path in subset.rglob("*.png"))
+    assert sorted(os.fsencode(row["path"]) for row in rows) == expected  # the file system's own bytes
+    assert all(Path(row["path"]).is_file() and 0 <= float(row["prob_fake"]) <= 1 for row in rows)
+    assert json.loads((out / "results.json").read_text())["subsets"]["caf\udce9"]["n"] == 4
+    assert (out / "results.csv").read_bytes().splitlines()[1].startswith(b"caf\xe9,4,")
+
+
+def test_predict_writes_paths_that_are_not_utf8_as_their_bytes(weights, tmp_path):
+    subset = _non_utf8_set(tmp_path / "set")
+    out = _strict_utf8_cli("predict", "--weights", weights, subset / "0_real", "--workers", "0")
+    paths = [line.split(b"\t")[0] for line in out.splitlines()]
+    assert paths == sorted(os.fsencode(path) for path in (subset / "0_real").iterdir())
+
+
+# 16. --workers is capped, and Ctrl-C while they start ends the run --------------------------------------
+def test_workers_are_capped_by_cores_images_and_memory_with_one_warning(weights, images, dataset, tmp_path, capsys,
+                                                                         monkeypatch):
+    import lfm.inference
+
+    started = []
+    make_loader = lfm.inference.make_loader
+
+    def recording(dataset, sampler, batch_size, workers, **kwargs):
+        started.append(workers)
+        return make_loader(dataset, sampler, batch_size, 0, **kwargs)  # loads in this process all the same
+
+    monkeypatch.setattr(lfm.inference, "make_loader", recording)
+    code, out, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1000000)
+    assert code == 0 and len(out.splitlines()) == 4 and started == [1]
+    assert err == ("lfm predict: warning: --workers 1000000 is more than can help here; using 1 (4 image(s) make "
+                   "1 batch(es) of 16)\n")
+    cores = len(os.sched_getaffinity(0))
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1000000, "--batch-size", 1)
+    assert code == 0 and started[-1] == min(cores, 4) and err.count("warning") == 1
+    monkeypatch.setattr(lfm.inference, "available_memory", lambda: lfm.inference.WORKER_BYTES * 3 // 2)
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 2, "--batch-size", 1)
+    assert code == 0 and started[-1] == 1 and "memory for 1" in err
+    code, _, err = run(capsys, "predict", "--weights", weights, images, "--workers", 1, "--batch-size", 1)
+    assert code == 0 and started[-1] == 1 and err == ""
+    monkeypatch.undo()
+    monkeypatch.setattr(lfm.inference, "make_loader", recording)
+    code, _, err = run(capsys, "predict", "--weights", weights, images / "a.png", "--workers", 2)
+    assert code == 0 and started[-1] == 1 and err == ""  # fewer batches than workers: no warning
+    write_labeled(tmp_path / "set", 1, 1, np.random.default_rng(0))
+    code, _, err = run(capsys, "eval", "--weights", weights, "--data", tmp_path / "set", "--out", tmp_path / "out",
+                       "--workers", 1000000)
+    assert code == 0 and started[-1] == 1 and "lfm eval: warning: --workers 1000000 is more than can help" in err
+    code, _, err = _train(capsys, dataset, tmp_path / "run", "--workers", 1000000)
+    assert code == 0 and err.count("lfm train: warning: --workers 1000000 is more than can help here; using") == 1
+
+
+def test_ctrl_c_while_many_workers_start_ends_predict_at_once(weights, tmp_path):
+    """Ctrl-C right after the first worker starts: exit 130 within a second, and every worker is gone."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(real_image(rng)).save(tmp_path / f"{i:02d}.png")
+    children = tmp_path / "children"
+    script = tmp_path / "interrupt_at_fork.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "sent = []\n"
+        "def interrupt_once():\n"
+        "    if not sent:\n"
+        "        sent.append(time.monotonic())\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the at-fork hook\n"
+        "def record_child():\n"
+        f"    with open({str(children)!r}, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "os.register_at_fork(after_in_parent=interrupt_once, after_in_child=record_child)\n"
+        "from lfm.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(f'{time.monotonic() - sent[0]:.3f}', file=sys.stderr)\n"
+        "sys.exit(code)\n")
+    proc = _cli(str(script), "predict", "--weights", str(weights), str(tmp_path), "--batch-size", "1", "--workers",
+                "1000000", "--no-progress", env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    lines = err.splitlines()
+    assert proc.returncode == 130, err
+    assert lines[-2] == "lfm predict: interrupted" and float(lines[-1]) < 1.0, err
+    pids = [int(pid) for pid in children.read_text().split()]
+    assert 1 <= len(pids) <= len(os.sched_getaffinity(0))
+    time.sleep(0.5)
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "State:\tZ" not in
+             Path(f"/proc/{pid}/status").read_text()]
+    assert not alive, f"worker processes left running: {alive}"

@@ -91,3 +91,30 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("k, tensors, message", [
+    (10 ** 8, {"fc1.weight": torch.zeros(1, 64)}, r"head fc1.weight is \(1, 64\), but its architecture .* needs "
+                                                  r"\(1, 6400000000\)"),
+    (10 ** 18, {"fc1.weight": torch.zeros(1, 64)}, r"needs \(1, 64000000000000000000\)"),
+    (10 ** 7, {"cnn.layer1.conv.weight": torch.zeros(1)}, "holds no head fc1.weight to check k = 10000000 against"),
+    (16.5, {"fc1.weight": torch.zeros(1, 64)}, "k must be an int >= 1, got 16.5"),
+])
+def test_safetensors_metadata_is_checked_against_the_tensors_before_building(k, tensors, message, tmp_path,
+                                                                             monkeypatch):
+    """A tiny file whose metadata asks for a huge head is refused before any model is built (building it
+    would allocate 25.6 GB at k = 1e8)."""
+    import json
+
+    from safetensors.torch import save
+
+    import lfm.weights
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("a model was built before the metadata was checked")
+
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(save(tensors, metadata={lfm.weights.CONFIG_KEY: json.dumps({"model": "lfm", "k": k})}))
+    monkeypatch.setattr(lfm.weights, "build_model", no_building)
+    with pytest.raises(UsageError, match=message):
+        load_model(path)
