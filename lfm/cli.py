@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lfm_kernels import BACKENDS
 
+from .data import LAYOUTS
 from .engines import DEFAULT_ENGINE, ENGINES, EXPORT_FORMATS
 from .errors import CommandFailed, UsageError
 from .evaluate import DEFAULT_OUT as EVAL_OUT
@@ -146,14 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p)
     p.set_defaults(func=run_train)
 
-    p = commands.add_parser("eval", help="accuracy and AP per test subset",
-                            description="Every folder holding 0_real/1_fake under the roots is a test subset.")
-    p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots")
+    p = commands.add_parser("eval", help="accuracy, AP, AUC, EER, ... per test subset, and robustness sweeps",
+                            description="Test subsets in the CNNDetection layout (every folder holding "
+                                        "0_real/1_fake), GenImage's (<generator>/val/{ai,nature}) or a CSV list "
+                                        "(path,label[,subset]).")
+    p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots (folders or .csv lists)")
+    p.add_argument("--layout", choices=LAYOUTS, help="the roots' layout (default: the one each root fits)")
+    p.add_argument("--perturb", metavar="KIND:S1[,S2...]", action="append", default=[],
+                   help="also score every image perturbed at each severity, before preprocessing: jpeg:QUALITY, "
+                        "blur:SIGMA, resize:SCALE (down and back up), crop:SIZE (center); repeat for a sweep, "
+                        "e.g. --perturb jpeg:95,75,50 --perturb blur:1,2")
+    p.add_argument("--center-crop", type=_at_least(1), metavar="SIZE",
+                   help="center crop to SIZE x SIZE after the resize (e.g. 224)")
+    p.add_argument("--calibrate-on", metavar="ROOT",
+                   help="choose the best-accuracy threshold on this validation root and report cal_acc with it")
     p.add_argument("--subset-depth", type=int, metavar="N",
                    help="subsets are the folders N levels below a root, merging the labeled folders beneath "
                         "(e.g. 1 for ForenSynths, whose generators hold one folder per class)")
     p.add_argument("--out", default=EVAL_OUT,
-                   help=f"folder for results.csv, results.json and predictions.csv (default {EVAL_OUT})")
+                   help=f"folder for results.csv, results.json, predictions.csv, robustness.png (default {EVAL_OUT})")
     _add_scoring_options(p)
     p.set_defaults(func=run_eval)
 
@@ -225,7 +237,8 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.weights, args.data, depth=args.subset_depth, out=args.out, **_runtime_kwargs(args))
+    evaluate(args.weights, args.data, depth=args.subset_depth, layout=args.layout, perturbations=args.perturb,
+             center_crop=args.center_crop, calibrate_on=args.calibrate_on, out=args.out, **_runtime_kwargs(args))
     return 0
 
 
