@@ -73,7 +73,7 @@ def _shown(default) -> str:
 
 
 # How the command line reads an options field of each annotated type (tuples: a pair of their default's type).
-_FIELD_TYPES = {int: int, float: float, str: str, int | None: _size, list | None: _names}
+_FIELD_TYPES = {int: int, float: float, str: str, str | None: str, int | None: _size, list | None: _names}
 
 
 def _add_option_fields(p, options_class):
@@ -91,6 +91,20 @@ def _add_option_fields(p, options_class):
             p.add_argument(f"--{flag}", type=_pair(type(field.default[0])), **settings)
         else:
             p.add_argument(f"--{flag}", type=_FIELD_TYPES[field.type], **settings)
+
+
+class _Augmentation(argparse.Action):
+    """--aug blur:0.1,jpg:0.1 sets --blur-prob and --jpeg-prob (as the NPR and CNNDetection trainers' options)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .perturb import parse_augmentation
+
+        try:
+            probabilities = parse_augmentation(values)
+        except UsageError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        for name, probability in probabilities.items():
+            setattr(namespace, name, probability)
 
 
 def _add_runtime_options(p):
@@ -141,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Train on a CNNDetection layout: ROOT/train and ROOT/val, each "
                                         "[<class>/]{0_real,1_fake}. Defaults are the authors' released recipe.")
     _add_option_fields(p, TrainOptions)
+    p.add_argument("--aug", action=_Augmentation, metavar="KIND:P[,KIND:P]",
+                   help="augmentation probabilities, e.g. blur:0.1,jpg:0.1 (sets --blur-prob, --jpeg-prob); the "
+                        "blur and JPEG of lfm eval --perturb, severities drawn from --blur-sigma, --jpeg-quality")
     p.add_argument("--force", action="store_true",
                    help="start a new run in --out even if it holds other files or a run")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
@@ -229,8 +246,8 @@ def run_train(args) -> int:
         opts = TrainOptions(**given)
     summary = train(opts, resume="resume" in args, force="force" in args)
     if summary and summary["best_epoch"]:
-        print(f"best validation accuracy {100 * summary['best_acc']:.2f} at epoch {summary['best_epoch']}; "
-              f"weights in {summary['run_dir']}")
+        print(f"best validation {summary['select_by']} {100 * summary['best_score']:.2f} at epoch "
+              f"{summary['best_epoch']}; weights in {summary['run_dir']}")
     return 0
 
 

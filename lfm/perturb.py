@@ -80,21 +80,22 @@ def parse_sweeps(specs) -> list[Perturbation]:
 
 
 def parse_augmentation(spec: str) -> dict:
-    """'blur:0.1,jpg:0.1' -> {'blur_prob': 0.1, 'jpeg_prob': 0.1}: the TrainOptions fields it sets."""
+    """'blur:0.1,jpg:0.1' (lfm train --aug) -> {'blur_prob': 0.1, 'jpeg_prob': 0.1}: the TrainOptions fields it
+    sets; a UsageError naming the bad part."""
     probabilities = {}
     for part in str(spec).split(","):
         kind, colon, value = part.partition(":")
         if not colon:
-            raise UsageError(f"--aug {spec!r}: expected KIND:PROBABILITY[,KIND:PROBABILITY], KIND one of "
+            raise UsageError(f"{spec!r}: expected KIND:PROBABILITY[,KIND:PROBABILITY], KIND one of "
                              f"{', '.join(AUGMENTATIONS)} (jpg = jpeg)")
-        kind = _kind(kind, f"--aug {spec!r}", AUGMENTATIONS)
+        kind = _kind(kind, repr(spec), AUGMENTATIONS)
         try:
             probability = float(value)
         except ValueError:
             probability = math.nan
         if not 0 <= probability <= 1:
-            raise UsageError(f"--aug {spec!r}: the probability of {kind} must lie in [0, 1], got {value.strip()!r}")
+            raise UsageError(f"{spec!r}: the probability of {kind} must lie in [0, 1], got {value.strip()!r}")
         if f"{kind}_prob" in probabilities:
-            raise UsageError(f"--aug {spec!r}: {kind} is given twice")
+            raise UsageError(f"{spec!r}: {kind} is given twice")
         probabilities[f"{kind}_prob"] = probability
     return probabilities

@@ -307,3 +307,23 @@ def test_test_subsets_have_unique_names_and_nested_sets_are_kept(tmp_path, capsy
     assert "outer/inner holds 0_real/1_fake inside the labeled folder" in capsys.readouterr().err
     with pytest.raises(UsageError, match="lies inside"):
         find_test_subsets([tmp_path / "a", tmp_path / "a" / "test"])
+
+
+def test_training_blur_and_jpeg_are_the_test_perturbations():
+    from lfm.perturb import Perturbation
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        rng.random()  # the blur draw
+        sigma = rng.uniform(0.5, 2.0)
+        expected = EvalTransform(None, None, Perturbation("blur", sigma))(img)
+        blurred = _augmentation(resize=None, crop=None, flip=False, blur_prob=1, blur_sigma=(0.5, 2.0))
+        assert torch.equal(blurred(img, np.random.default_rng(seed)), expected)
+
+        rng = np.random.default_rng(seed)
+        rng.random(), rng.random()  # the blur and JPEG draws
+        quality = int(rng.integers(40, 91))
+        expected = EvalTransform(None, None, Perturbation("jpeg", quality))(img)
+        compressed = _augmentation(resize=None, crop=None, flip=False, jpeg_prob=1, jpeg_quality=(40, 90))
+        assert torch.equal(compressed(img, np.random.default_rng(seed)), expected)
