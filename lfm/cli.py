@@ -246,8 +246,9 @@ def run_train(args) -> int:
         opts = TrainOptions(**given)
     summary = train(opts, resume="resume" in args, force="force" in args)
     if summary and summary["best_epoch"]:
-        print(f"best validation {summary['select_by']} {100 * summary['best_score']:.2f} at epoch "
-              f"{summary['best_epoch']}; weights in {summary['run_dir']}")
+        metric = {"acc": "accuracy", "ap": "AP"}[summary["select_by"]]
+        print(f"best validation {metric} {100 * summary['best_score']:.2f} at epoch {summary['best_epoch']}; "
+              f"weights in {summary['run_dir']}")
     return 0
 
 

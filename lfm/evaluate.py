@@ -82,9 +82,9 @@ def _check_center_crop(center_crop, resize):
         raise UsageError(f"--center-crop {center_crop} is larger than the {resize}x{resize} resize")
 
 
-def _calibration_items(root, depth):
+def _calibration_items(root):
     """The images of the validation root pooled, in whichever layout it fits; both classes needed."""
-    items = [item for subset in find_test_subsets([root], depth).values() for item in subset]
+    items = [item for subset in find_test_subsets([root]).values() for item in subset]
     if len({item.label for item in items}) < 2:
         raise UsageError(f"--calibrate-on {root}: a threshold needs real and fake images; it holds only "
                          f"{'fake' if items[0].label else 'real'} ones")
@@ -107,7 +107,7 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, center_crop=N
     _check_center_crop(center_crop, resize)
     sweep = parse_sweeps(perturbations)
     subsets = find_test_subsets(roots, depth, layout)
-    calibration = _calibration_items(calibrate_on, depth) if calibrate_on is not None else None
+    calibration = _calibration_items(calibrate_on) if calibrate_on is not None else None
     plot = bool(sweep) and _can_plot()
     out = prepare_output_folder(out, "--out")
     items = [item for subset in subsets.values() for item in subset]
@@ -144,7 +144,7 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, center_crop=N
             warn("eval", f"subset {name}: no image could be scored; it is left out of the mean")
     report = {
         "weights": str(weights), "model": config, "resize": resize, "center_crop": center_crop,
-        "precision": precision, "layout": layout,
+        "precision": precision,
         "calibration": None if threshold is None else {"root": str(calibrate_on), "threshold": threshold,
                                                        "n": len(calibration)},
         "subsets": conditions[CLEAN]["subsets"], "mean": conditions[CLEAN]["mean"],
@@ -204,25 +204,38 @@ def _can_plot() -> bool:
 def plot_sweep(report: dict, path):
     """acc, AP and AUC (percent) against severity, one row of plots per perturbation kind, a line per
     subset and the mean; the unperturbed score is the first point of every line."""
+    _plot_lines({name: (report, name) for name in list(report["subsets"]) + ["mean"]}, path)
+
+
+def plot_comparison(reports: dict, path):
+    """As plot_sweep, a line per report (e.g. per model, from results.json files of the same sweep): the
+    mean over its subsets."""
+    _plot_lines({label: (report, "mean") for label, report in reports.items()}, path)
+
+
+def _plot_lines(lines: dict, path):
+    """lines: label -> (report, "mean" or a subset's name); the sweep is that of the first report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def value(result, subset, metric):
+        number = (result["mean"] if subset == "mean" else result["subsets"][subset])[metric]
+        return math.nan if number is None else 100 * number  # None: NaN read back from results.json
+
     kinds = {}
-    for name, result in report["perturbations"].items():
-        kinds.setdefault(result["kind"], []).append((result["severity"], result))
-    clean = {"subsets": report["subsets"], "mean": report["mean"]}
-    lines = list(report["subsets"]) + ["mean"]
+    for name, result in next(iter(lines.values()))[0]["perturbations"].items():
+        kinds.setdefault(result["kind"], []).append((name, result["severity"]))
     fig, axes = plt.subplots(len(kinds), len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.2 * len(kinds)), squeeze=False)
     for row_axes, (kind, points) in zip(axes, kinds.items()):
-        labels = [CLEAN] + [f"{severity:g}" for severity, _ in points]
-        results = [clean] + [result for _, result in points]
+        labels = [CLEAN] + [f"{severity:g}" for _, severity in points]
         for ax, metric in zip(row_axes, PLOTTED):
-            for line in lines:
-                values = [100 * (r["mean"] if line == "mean" else r["subsets"][line])[metric] for r in results]
-                style = dict(color="black", linewidth=2.2) if line == "mean" else dict(linewidth=1.2, alpha=0.8)
-                ax.plot(range(len(labels)), values, marker="o", markersize=3, label=line, **style)
+            for label, (report, subset) in lines.items():
+                results = [report] + [report["perturbations"][name] for name, _ in points]
+                style = dict(color="black", linewidth=2.2) if label == "mean" else dict(linewidth=1.4, alpha=0.85)
+                ax.plot(range(len(labels)), [value(r, subset, metric) for r in results], marker="o", markersize=3,
+                        label=label, **style)
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlabel(f"{kind} {SEVERITY_NAMES[kind]}")
             ax.set_title(f"{metric} (%)")

@@ -15,7 +15,7 @@ from tiny_data import fake_image, real_image, write_labeled
 
 from lfm import LFM
 from lfm.cli import main
-from lfm.evaluate import evaluate
+from lfm.evaluate import evaluate, plot_comparison
 from lfm.images import EvalTransform, downscale_upscale, gaussian_blur
 from lfm.metrics import best_threshold, binary_metrics
 from lfm.perturb import Perturbation, parse_augmentation, parse_sweeps
@@ -155,7 +155,12 @@ def test_sweep_with_calibration_from_the_command_line(weights, model, test_sets,
             assert float(row["auc"]) == got["auc"] and float(row["cal_acc"]) == got["cal_acc"]
             expected = binary_metrics(labels, probs)
             assert {key: got[key] for key in expected} == pytest.approx(expected, abs=1e-9, nan_ok=True)
-    assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = b"\x89PNG\r\n\x1a\n"
+    assert (out / "robustness.png").read_bytes()[:8] == png
+    # Runs compared in one plot from their results.json (read back: missing metrics are null there).
+    report["mean"]["auc"] = None
+    plot_comparison({"one": report, "two": report}, tmp_path / "compared.png")
+    assert (tmp_path / "compared.png").read_bytes()[:8] == png
 
 
 def test_center_crop_as_the_benchmarks_test(weights, model, test_sets, tmp_path, capsys):

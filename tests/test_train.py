@@ -164,7 +164,7 @@ def test_best_epoch_by_ap_on_a_validation_root(dataset, tmp_path, capsys):
     assert "val: skipped 1 file(s)" in captured.err and "broken.png" in captured.err
     ap = [float(row["val_ap"]) for row in _log_rows(run)]
     best = ap.index(max(ap)) + 1  # the first epoch of the best AP
-    assert f"best validation ap {100 * max(ap):.2f} at epoch {best}" in captured.out
+    assert f"best validation AP {100 * max(ap):.2f} at epoch {best}" in captured.out
     with safe_open(str(run / "best.safetensors"), framework="pt") as f:
         assert f.metadata()["epoch"] == str(best)
     only_fake = tmp_path / "only_fake.csv"
