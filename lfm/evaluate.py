@@ -157,7 +157,8 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, center_crop=N
     # JSON has no NaN: a metric that does not exist (a class absent from a subset) is null.
     write_json(out / "results.json", _nan_to_none(report))
     if threshold is not None:
-        log(f"threshold {threshold:.6g} chosen on {calibrate_on} ({len(calibration)} images): cal_acc")
+        log(f"cal_acc: accuracy at the threshold {threshold:.6g}, the best on {calibrate_on} ({len(calibration)} "
+            "images)")
     log(format_table(conditions[CLEAN]["subsets"], conditions[CLEAN]["mean"]))
     if sweep:
         log("\n" + format_table({name: result["mean"] for name, result in conditions.items()},
