@@ -243,3 +243,13 @@ def test_a_folder_fitting_no_layout_is_refused_naming_the_layouts(weights, tmp_p
     assert "fits none of the layouts tried: genimage (<generator>/val/{ai,nature})\n" in capsys.readouterr().err
     assert main(["eval", "--weights", str(weights), "--data", str(plain), "--layout", "imagenet"]) == 2
     assert "argument --layout: invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_a_crop_larger_than_the_images_skips_them_with_the_reason(weights, test_sets, tmp_path, capsys):
+    report = evaluate(weights, [test_sets / "test" / "gan_a"], resize=None, perturbations=["crop:100,48"], workers=0,
+                      out=tmp_path / "out", log=lambda *a: None)
+    err = capsys.readouterr().err
+    assert "under crop:100, skipped 7 file(s)" in err and "64x64 is smaller than the crop size 100" in err
+    assert "crop:48" not in err
+    assert report["perturbations"]["crop:100"]["subsets"]["gan_a"]["n"] == 0
+    assert report["perturbations"]["crop:48"]["subsets"]["gan_a"]["n"] == report["subsets"]["gan_a"]["n"] == 7
