@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lfm_kernels import BACKENDS
 
+from .data import LAYOUTS
 from .engines import DEFAULT_ENGINE, ENGINES, EXPORT_FORMATS
 from .errors import CommandFailed, UsageError
 from .evaluate import DEFAULT_OUT as EVAL_OUT
@@ -72,7 +73,7 @@ def _shown(default) -> str:
 
 
 # How the command line reads an options field of each annotated type (tuples: a pair of their default's type).
-_FIELD_TYPES = {int: int, float: float, str: str, int | None: _size, list | None: _names}
+_FIELD_TYPES = {int: int, float: float, str: str, str | None: str, int | None: _size, list | None: _names}
 
 
 def _add_option_fields(p, options_class):
@@ -90,6 +91,20 @@ def _add_option_fields(p, options_class):
             p.add_argument(f"--{flag}", type=_pair(type(field.default[0])), **settings)
         else:
             p.add_argument(f"--{flag}", type=_FIELD_TYPES[field.type], **settings)
+
+
+class _Augmentation(argparse.Action):
+    """--aug blur:0.1,jpg:0.1 sets --blur-prob and --jpeg-prob (as the NPR and CNNDetection trainers' options)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .perturb import parse_augmentation
+
+        try:
+            probabilities = parse_augmentation(values)
+        except UsageError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        for name, probability in probabilities.items():
+            setattr(namespace, name, probability)
 
 
 def _add_runtime_options(p):
@@ -140,20 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Train on a CNNDetection layout: ROOT/train and ROOT/val, each "
                                         "[<class>/]{0_real,1_fake}. Defaults are the authors' released recipe.")
     _add_option_fields(p, TrainOptions)
+    p.add_argument("--aug", action=_Augmentation, metavar="KIND:P[,KIND:P]",
+                   help="augmentation probabilities, e.g. blur:0.1,jpg:0.1 (sets --blur-prob, --jpeg-prob); the "
+                        "blur and JPEG of lfm eval --perturb, severities drawn from --blur-sigma, --jpeg-quality")
     p.add_argument("--force", action="store_true",
                    help="start a new run in --out even if it holds other files or a run")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN exactly where it stopped")
     _add_runtime_options(p)
     p.set_defaults(func=run_train)
 
-    p = commands.add_parser("eval", help="accuracy and AP per test subset",
-                            description="Every folder holding 0_real/1_fake under the roots is a test subset.")
-    p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots")
+    p = commands.add_parser("eval", help="accuracy, AP, AUC, EER, ... per test subset, and robustness sweeps",
+                            description="Test subsets in the CNNDetection layout (every folder holding "
+                                        "0_real/1_fake), GenImage's (<generator>/val/{ai,nature}) or a CSV list "
+                                        "(path,label[,subset]).")
+    p.add_argument("--data", metavar="ROOT", nargs="+", required=True, help="test roots (folders or .csv lists)")
+    p.add_argument("--layout", choices=LAYOUTS, help="the roots' layout (default: the one each root fits)")
+    p.add_argument("--perturb", metavar="KIND:S1[,S2...]", action="append", default=[],
+                   help="also score every image perturbed at each severity, before preprocessing: jpeg:QUALITY, "
+                        "blur:SIGMA, resize:SCALE (down and back up), crop:SIZE (center); repeat for a sweep, "
+                        "e.g. --perturb jpeg:95,75,50 --perturb blur:1,2")
+    p.add_argument("--center-crop", type=_at_least(1), metavar="SIZE",
+                   help="center crop to SIZE x SIZE after the resize (e.g. 224)")
+    p.add_argument("--calibrate-on", metavar="ROOT",
+                   help="choose the best-accuracy threshold on this validation root and report cal_acc with it")
     p.add_argument("--subset-depth", type=int, metavar="N",
                    help="subsets are the folders N levels below a root, merging the labeled folders beneath "
                         "(e.g. 1 for ForenSynths, whose generators hold one folder per class)")
     p.add_argument("--out", default=EVAL_OUT,
-                   help=f"folder for results.csv, results.json and predictions.csv (default {EVAL_OUT})")
+                   help=f"folder for results.csv, results.json, predictions.csv, robustness.png (default {EVAL_OUT})")
     _add_scoring_options(p)
     p.set_defaults(func=run_eval)
 
@@ -217,7 +246,8 @@ def run_train(args) -> int:
         opts = TrainOptions(**given)
     summary = train(opts, resume="resume" in args, force="force" in args)
     if summary and summary["best_epoch"]:
-        print(f"best validation accuracy {100 * summary['best_acc']:.2f} at epoch {summary['best_epoch']}; "
+        metric = {"acc": "accuracy", "ap": "AP"}[summary["select_by"]]
+        print(f"best validation {metric} {100 * summary['best_score']:.2f} at epoch {summary['best_epoch']}; "
               f"weights in {summary['run_dir']}")
     return 0
 
@@ -225,7 +255,8 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     from .evaluate import evaluate
 
-    evaluate(args.weights, args.data, depth=args.subset_depth, out=args.out, **_runtime_kwargs(args))
+    evaluate(args.weights, args.data, depth=args.subset_depth, layout=args.layout, perturbations=args.perturb,
+             center_crop=args.center_crop, calibrate_on=args.calibrate_on, out=args.out, **_runtime_kwargs(args))
     return 0
 
 

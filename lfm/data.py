@@ -1,11 +1,14 @@
-"""Finding labeled images on disk (CNNDetection layout) and loading them in batches.
+"""Finding labeled images on disk and loading them in batches.
 
 Layout: a folder holding `0_real` and/or `1_fake` is a labeled folder (label 0 = real, 1 = generated).
 Training reads `ROOT/train` and `ROOT/val`, each either flat (`ROOT/train/0_real`, ...) or split into
-classes (`ROOT/train/car/0_real`, ...). Evaluation treats each labeled folder under a root as a test
-subset. Unreadable files are not fatal: a sample that fails to load comes back as a failure with its
-reason, the batch goes on without it, and the caller reports every failure at the end.
+classes (`ROOT/train/car/0_real`, ...). Evaluation finds test subsets in one of the benchmarks'
+layouts (LAYOUTS): CNNDetection (each labeled folder under a root), GenImage
+(`<generator>/val/{ai,nature}`) or a CSV list (`path,label[,subset]`). Unreadable files are not
+fatal: a sample that fails to load comes back as a failure with its reason, the batch goes on
+without it, and the caller reports every failure at the end.
 """
+import csv
 import fnmatch
 import glob
 import os
@@ -65,13 +68,13 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(path for path, is_folder in walk(folder) if not is_folder)
 
 
-def is_labeled(folder: Path) -> bool:
-    return any((folder / name).is_dir() for name in LABEL_DIRS)
+def is_labeled(folder: Path, class_dirs=LABEL_DIRS) -> bool:
+    return any((folder / name).is_dir() for name in class_dirs)
 
 
-def labeled_items(folder: Path) -> list[Item]:
-    """The files of folder/0_real (label 0) and folder/1_fake (label 1)."""
-    return [Item(path, label) for name, label in LABEL_DIRS.items() if (folder / name).is_dir()
+def labeled_items(folder: Path, class_dirs=LABEL_DIRS) -> list[Item]:
+    """The files of folder/0_real (label 0) and folder/1_fake (label 1), or of other class folders."""
+    return [Item(path, label) for name, label in class_dirs.items() if (folder / name).is_dir()
             for path in list_files(folder / name)]
 
 
@@ -81,15 +84,6 @@ def labeled_folders(root: Path) -> list[Path]:
     beneath = walk(root, descend=lambda folder: folder.name not in LABEL_DIRS)
     return [folder for folder in [Path(root)] + [path for path, is_folder in beneath if is_folder]
             if folder.name not in LABEL_DIRS and is_labeled(folder)]
-
-
-def require_folder(path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"no such folder: {path}")
-    if not path.is_dir():
-        raise UsageError(f"{path} is not a folder")
-    return path
 
 
 def training_items(root, split: str, classes=None) -> list[Item]:
@@ -113,9 +107,12 @@ def training_items(root, split: str, classes=None) -> list[Item]:
 
 
 def distinct_roots(roots) -> list[Path]:
-    """The given folders, each once (by real path); a root inside another would count images twice."""
+    """The given roots (folders, or files for a CSV list), each once (by real path); a root inside another
+    would count images twice."""
     unique = {}
-    for root in map(require_folder, roots):
+    for root in map(Path, roots):
+        if not root.exists():
+            raise UsageError(f"no such folder: {root}")
         unique.setdefault(Path(os.path.realpath(root)), root)
     for real, root in unique.items():
         for other_real, other in unique.items():
@@ -135,32 +132,109 @@ def root_names(roots) -> list[str]:
     return ["/".join(p) for p in parts]
 
 
-def find_test_subsets(roots, depth: int | None = None) -> dict[str, list[Item]]:
-    """Test subsets under the given roots: each labeled folder, or with `depth`, each folder `depth`
-    levels below a root with every labeled folder beneath it merged (the authors' protocol for sets
-    such as ForenSynths, whose generators hold one labeled folder per object class).
+# ---------------------------------------------------------------------------------------------
+# Test-set layouts: each finds (subset path relative to the root, items) in one root, or nothing
+# ---------------------------------------------------------------------------------------------
+GENIMAGE_DIRS = {"nature": 0, "ai": 1}
+GENIMAGE_SPLIT = "val"  # GenImage's test images are its val split
+
+
+def _cnndetection(root: Path) -> list:
+    folders = labeled_folders(root) if root.is_dir() else []
+    for folder in folders:
+        outer = [other for other in folders if other in folder.parents]
+        if outer:
+            warn("eval", f"{folder} holds {REAL_DIR}/{FAKE_DIR} inside the labeled folder {outer[-1]}; "
+                          "it is scored as a subset of its own")
+    return [(folder.relative_to(root).parts, labeled_items(folder)) for folder in folders]
+
+
+def _genimage(root: Path) -> list:
+    """<generator>/.../val/{ai,nature}: one subset per val folder, named by the path above it."""
+    def is_class_dir(folder):
+        return folder.name in GENIMAGE_DIRS and folder.parent.name == GENIMAGE_SPLIT
+
+    if not root.is_dir():
+        return []
+    beneath = walk(root, descend=lambda folder: not is_class_dir(folder))
+    folders = [folder for folder in [Path(root)] + [path for path, is_folder in beneath if is_folder]
+               if folder.name == GENIMAGE_SPLIT and is_labeled(folder, GENIMAGE_DIRS)]
+    return [(folder.relative_to(root).parts[:-1], labeled_items(folder, GENIMAGE_DIRS)) for folder in folders]
+
+
+CSV_LABELS = {"0": 0, "1": 1, "real": 0, "fake": 1}
+
+
+def _csv_list(path: Path) -> list:
+    """Rows path,label[,subset] (an optional header row starting with "path"); label 0/1 or real/fake;
+    relative paths from the list's folder; subset named after the list's file when not given."""
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"cannot read the list {path}: {err}") from None
+    subsets = {}
+    for number, row in enumerate(rows, 1):
+        if not row or (number == 1 and row[0].strip().lower() == "path"):
+            continue
+        if len(row) not in (2, 3) or row[1].strip().lower() not in CSV_LABELS:
+            raise UsageError(f"{path} line {number}: expected path,label[,subset] with label 0, 1, real or fake, "
+                             f"got {','.join(row)!r}")
+        file = path.parent / row[0]
+        if not file.is_file():
+            raise UsageError(f"{path} line {number}: no such file: {file}")
+        subset = tuple(part for part in (row[2] if len(row) == 3 else path.stem).split("/") if part)
+        subsets.setdefault(subset, []).append(Item(file, CSV_LABELS[row[1].strip().lower()]))
+    return list(subsets.items())
+
+
+# name -> (what it looks like, how to find its subsets)
+LAYOUTS = {
+    "cnndetection": (f"<subset>/[<class>/]{{{REAL_DIR},{FAKE_DIR}}}", _cnndetection),
+    "genimage": (f"<generator>/{GENIMAGE_SPLIT}/{{ai,nature}}", _genimage),
+    "csv": ("a .csv file of path,label[,subset]", _csv_list),
+}
+
+
+def root_subsets(root: Path, layout: str | None = None) -> list:
+    """(subset path, items) pairs of one root in the named layout, or in the one layout it fits."""
+    if layout is not None and layout not in LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not root.is_dir() and not (root.is_file() and root.suffix.lower() == ".csv"):
+        raise UsageError(f"{root} is not a folder (nor a .csv list)")
+    tried = [layout] if layout else list(LAYOUTS)
+    found = {name: LAYOUTS[name][1](root) for name in tried}
+    fits = [name for name, subsets in found.items() if subsets]
+    if not fits:
+        raise UsageError(f"{root} fits none of the layouts tried: "
+                         + ", ".join(f"{name} ({LAYOUTS[name][0]})" for name in tried))
+    if len(fits) > 1:
+        raise UsageError(f"{root} fits several layouts ({', '.join(fits)}); name one with --layout")
+    return found[fits[0]]
+
+
+def find_test_subsets(roots, depth: int | None = None, layout: str | None = None) -> dict[str, list[Item]]:
+    """Test subsets under the given roots, in the named layout or the one each root fits (LAYOUTS):
+    each labeled folder, GenImage generator or CSV subset. With `depth`, subset names are cut to
+    their first `depth` components and subsets under the same name merged (the authors' protocol for
+    sets such as ForenSynths, whose generators hold one labeled folder per object class).
 
     Subsets are named by their path relative to the root, prefixed by the root's name (made unique)
-    when there are several roots; a root that is itself labeled is named after its folder. A labeled
-    folder inside another is a subset of its own, with a warning."""
+    when there are several roots; a root that is itself a subset is named after its folder. A labeled
+    folder inside another is a subset of its own, with a warning. Nothing is read but folder listings
+    (and a CSV list), so a bad layout is refused before any image is."""
     if depth is not None and depth < 0:
         raise UsageError(f"--subset-depth must be >= 0, got {depth}")
     roots = distinct_roots(roots)
     subsets = {}
     for root, root_name in zip(roots, root_names(roots)):
-        folders = labeled_folders(root)
-        if not folders:
-            raise UsageError(f"no folder holding {REAL_DIR} or {FAKE_DIR} under {root}")
-        for folder in folders:
-            outer = [other for other in folders if other in folder.parents]
-            if outer:
-                warn("eval", f"{folder} holds {REAL_DIR}/{FAKE_DIR} inside the labeled folder {outer[-1]}; "
-                              "it is scored as a subset of its own")
-            relative = folder.relative_to(root).parts
+        for relative, items in root_subsets(root, layout):
             if depth is not None:
                 relative = relative[:depth]
-            prefix = (root_name,) if len(roots) > 1 else (() if relative else (root.name,))
-            subsets.setdefault("/".join(prefix + relative), []).extend(labeled_items(folder))
+            prefix = (root_name,) if len(roots) > 1 else (() if relative else (root.stem,))
+            subsets.setdefault("/".join(prefix + relative), []).extend(items)
     empty = [name for name, items in subsets.items() if not items]
     if empty:
         raise UsageError(f"empty test subset(s): {', '.join(empty)}")

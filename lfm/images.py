@@ -1,7 +1,8 @@
 """Reading images and turning them into model inputs exactly as the authors' pipeline does.
 
 Test pipeline (as released): PIL open -> convert('RGB') -> resize to 256x256 bilinear -> /255 ->
-ImageNet normalize. Training adds, after the resize: optional Gaussian blur and JPEG re-compression,
+ImageNet normalize; a robustness test perturbs the image first (lfm.perturb). Training adds, after the
+resize: optional Gaussian blur and JPEG re-compression (the same functions as the test perturbations),
 a random crop and a horizontal flip. Every random choice comes from a numpy Generator handed in by
 the caller (keyed on seed, epoch and sample index), so results never depend on worker processes.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from .errors import UsageError
 
@@ -121,14 +122,18 @@ def _check_crop(img: Image.Image, size: int):
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Deterministic preprocessing: optional resize to a square, optional center crop; the normalized input,
-    or with `normalize=False` its uint8 pixels (normalize_pixels gives the same input from them)."""
+    """Deterministic preprocessing: optional resize to a square, optional center crop; `perturbation`
+    (a function of the image, see lfm.perturb) is applied to the loaded image before them. The normalized
+    input, or with `normalize=False` its uint8 pixels (normalize_pixels gives the same input from them)."""
 
     resize: int | None = TEST_SIZE
     crop: int | None = None
+    perturbation: object = None
     normalize: bool = True
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if self.perturbation is not None:
+            img = self.perturbation(img)
         if self.resize:
             img = resize_square(img, self.resize)
         if self.crop:
@@ -158,7 +163,7 @@ class TrainTransform:
         if self.resize:
             img = resize_square(img, self.resize)
         if rng.random() < self.blur_prob:
-            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*self.blur_sigma)))
+            img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
         if rng.random() < self.jpeg_prob:
             img = jpeg_roundtrip(img, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
         if self.crop:
@@ -177,3 +182,30 @@ def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
     img.save(buffer, format="JPEG", quality=quality)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur of each channel as scipy.ndimage.gaussian_filter computes it (the blur of the
+    CNNDetection and NPR trainers and of the robustness benchmarks): kernel truncated at 4 sigma, edges
+    mirrored (abc|cba), in float64, rounded back to 8 bits."""
+    if sigma == 0:
+        return img
+    radius = int(4 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(img, dtype=np.float64)
+    for axis in (0, 1):
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="symmetric")
+        size = out.shape[axis]
+        out = sum(weight * padded.take(np.arange(i, i + size), axis=axis) for i, weight in enumerate(kernel))
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def downscale_upscale(img: Image.Image, scale: float) -> Image.Image:
+    """Resize by `scale` (at least 1 pixel a side) and back to the original size, both bilinear."""
+    width, height = img.size
+    small = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    return small.resize((width, height), Image.BILINEAR)

@@ -2,8 +2,9 @@
 
 Recipe as released (the defaults): Adam (lr 1e-4, betas 0.9/0.999), BCE with logits, batch 32,
 resize to 256 -> random crop 224 -> horizontal flip, learning rate x0.9 every 10 epochs, LFM with the
-released dropout (plain p = 0.1) and no random-K loss. Each epoch ends with validation (accuracy
-drives early stopping and the best checkpoint) and writes to the run folder:
+released dropout (plain p = 0.1) and no random-K loss. Each epoch ends with validation on ROOT/val or
+on another root in any of eval's layouts (`val_data`); its accuracy, or AP with `select_by="ap"`, drives
+early stopping and the best checkpoint. Each epoch writes to the run folder:
 
   options.json       the options of the run (a resumed run reads them back)
   log.csv            one row per epoch: loss, validation metrics, learning rate, time
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .data import ImageDataset, describe_failures, make_loader, training_items
+from .data import ImageDataset, describe_failures, find_test_subsets, make_loader, training_items
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, TrainTransform
 from .inference import DEFAULT_WORKERS, cap_workers, check_loading_options, score_items
@@ -78,6 +79,9 @@ def check_seed(seed):
         raise UsageError(f"--seed must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
+SELECTION_METRICS = ("acc", "ap")
+
+
 def _option(default=dataclasses.MISSING, *, help: str, **argparse_settings):
     """A TrainOptions field that `lfm train` takes as --name: its default, its help text ("{default}" is
     filled in) and argparse settings beyond the type, which the command line reads from the annotation."""
@@ -94,6 +98,11 @@ class TrainOptions:
     out: str = _option("runs/train", metavar="RUN", help="run folder for the log and checkpoints ({default}); locked "
                                                          "while training, and it must be empty or a run of ours")
     classes: list | None = _option(None, help="comma-separated class folders (default: all)")
+    val_data: str | None = _option(None, metavar="ROOT", help="validation root in any layout lfm eval reads, its "
+                                                              "images pooled (default: ROOT/val of --data)")
+    select_by: str = _option("acc", choices=SELECTION_METRICS,
+                             help="validation metric that picks the best epoch and drives early stopping: "
+                                  "acc (at 0.5) or ap ({default})")
     model: str = _option("lfm", choices=MODEL_NAMES, help="lfm, lfm-gap (ablation) or npr (baseline) ({default})")
     k: int = _option(DEFAULT_K, help="LFM's Top-K ({default})")
     dropout: str = _option("released", choices=DROPOUT_MODES,
@@ -109,13 +118,13 @@ class TrainOptions:
     lr_step: int = _option(10, help="multiply the learning rate by --lr-gamma every this many epochs ({default})")
     lr_gamma: float = _option(0.9, help="learning rate factor every --lr-step epochs ({default})")
     patience: int = _option(5, help="early stopping after this many epochs without gain ({default}; 0 = off)")
-    min_delta: float = _option(1e-3, help="smallest validation accuracy gain that counts ({default})")
+    min_delta: float = _option(1e-3, help="smallest gain of the --select-by metric that counts ({default})")
     resize: int | None = _option(TEST_SIZE, help="resize to a square first ({default}; 0 = keep size)")
     crop: int | None = _option(224, help="random crop size ({default}; 0 = no crop)")
     flip: bool = _option(True, help="no random horizontal flip")  # on by default: the command line has --no-flip
-    blur_prob: float = _option(0.0, help="probability of a Gaussian blur ({default})")
+    blur_prob: float = _option(0.0, help="probability of a Gaussian blur ({default}; also set by --aug)")
     blur_sigma: tuple = _option((0.0, 3.0), help="blur sigma range ({default})")
-    jpeg_prob: float = _option(0.0, help="probability of JPEG re-compression ({default})")
+    jpeg_prob: float = _option(0.0, help="probability of JPEG re-compression ({default}; also set by --aug)")
     jpeg_quality: tuple = _option((30, 100), help="JPEG quality range ({default})")
     backend: str = "auto"
     precision: str = "float32"
@@ -142,6 +151,7 @@ class TrainOptions:
         need(self.dropout in DROPOUT_MODES, f"--dropout must be one of {', '.join(DROPOUT_MODES)}")
         need(self.random_k_weight == 0 or self.model == "lfm", "--random-k-weight applies to --model lfm only")
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
+        need(self.select_by in SELECTION_METRICS, f"--select-by must be one of {', '.join(SELECTION_METRICS)}")
         for name in ("k", "epochs", "lr_step"):
             number(name, lambda value: value >= 1, "an integer >= 1", integer=True)
         number("patience", lambda value: value >= 0, "an integer >= 0", integer=True)
@@ -323,9 +333,13 @@ class Trainer:
         if opts.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {opts.batch_size} is not divisible by the {ctx.world_size} processes")
         train_items = training_items(opts.data, "train", opts.classes)
-        self.val_items = training_items(opts.data, "val", opts.classes)
+        self.val_items = (training_items(opts.data, "val", opts.classes) if opts.val_data is None else
+                          [item for subset in find_test_subsets([opts.val_data]).values() for item in subset])
         for split, items in (("train", train_items), ("val", self.val_items)):
             labels = {item.label for item in items}
+            if len(labels) == 1 and split == "val" and opts.select_by == "ap":
+                raise UsageError(f"--select-by ap needs real and fake validation images; the validation set holds "
+                                 f"only {'fake' if labels == {1} else 'real'} ones")
             if len(labels) == 1 and ctx.is_main:
                 warn("train", f"the {split} set holds only {'fake' if labels == {1} else 'real'} images "
                               f"({len(items)}); its accuracy and AP say little")
@@ -356,7 +370,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam((p for p in self.model.parameters() if p.requires_grad),
                                           lr=opts.lr, betas=tuple(opts.betas), fused=ctx.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=opts.lr_step, gamma=opts.lr_gamma)
-        self.epoch, self.best_acc, self.best_epoch, self.stale_epochs, self.stopped = 0, -math.inf, 0, 0, False
+        self.epoch, self.best_score, self.best_epoch, self.stale_epochs, self.stopped = 0, -math.inf, 0, 0, False
         self.reported_failures = set()
 
     # ---------------------------------------------------------------------------------------------
@@ -374,9 +388,10 @@ class Trainer:
             self.scheduler.step()
             val = self.validate()
             self.epoch += 1
-            improved = val["acc"] > self.best_acc + self.opts.min_delta
+            score = val[self.opts.select_by]
+            improved = score > self.best_score + self.opts.min_delta
             if improved:
-                self.best_acc, self.best_epoch, self.stale_epochs = val["acc"], self.epoch, 0
+                self.best_score, self.best_epoch, self.stale_epochs = score, self.epoch, 0
             else:
                 self.stale_epochs += 1
             self.stopped = 0 < self.opts.patience <= self.stale_epochs
@@ -386,9 +401,9 @@ class Trainer:
             self.log(f"epoch {self.epoch}/{self.opts.epochs}  loss {loss:.4f}  val acc {100 * val['acc']:.2f}  "
                      f"ap {100 * val['ap']:.2f}  lr {lr:.3g}  {seconds:.1f}s")
             if self.stopped:
-                self.log(f"early stop: no gain in validation accuracy for {self.stale_epochs} epochs")
+                self.log(f"early stop: no gain in validation {self.opts.select_by} for {self.stale_epochs} epochs")
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best_epoch,
-                "best_acc": self.best_acc, "stopped_early": self.stopped}
+                "select_by": self.opts.select_by, "best_score": self.best_score, "stopped_early": self.stopped}
 
     def train_epoch(self) -> float:
         """One pass over the training set; returns the mean loss over all ranks."""
@@ -473,7 +488,7 @@ class Trainer:
         if improved:
             save_weights(self.model, self.run_dir / BEST_WEIGHTS, config, epoch=self.epoch)
         state = {
-            "epoch": self.epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
             "stale_epochs": self.stale_epochs, "stopped": self.stopped, "world_size": self.ctx.world_size,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng,
@@ -497,7 +512,9 @@ class Trainer:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng, self.ctx.device)
-        self.epoch, self.best_acc, self.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        # "best_acc": the name in runs from before best-epoch selection could be by AP
+        best = state["best_score"] if "best_score" in state else state["best_acc"]
+        self.epoch, self.best_score, self.best_epoch = state["epoch"], best, state["best_epoch"]
         self.stale_epochs, self.stopped = state["stale_epochs"], state["stopped"]
         if self.ctx.is_main:  # drop log rows of an epoch that ended after the last resume state was saved
             rows = read_log(self.run_dir)

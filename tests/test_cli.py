@@ -115,12 +115,15 @@ def test_eval_table_files_and_consistency_with_predict(weights, tmp_path, capsys
     assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "test"), "--out", str(out),
                  "--no-resize", "--workers", "0"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["subset", "n", "acc", "ap", "real_acc", "fake_acc"]
+    assert table[0].split() == ["subset", "n", "acc", "ap", "auc", "eer", "real_acc", "fake_acc", "best_acc",
+                                "best_threshold", "ece"]
     assert [line.split()[0] for line in table[2:4]] == ["gan_a", "gan_b"] and table[5].startswith("mean")
 
     report = json.loads((out / "results.json").read_text())
     csv_rows = (out / "results.csv").read_text().splitlines()
-    assert csv_rows[0] == "subset,n,n_real,n_fake,acc,ap,real_acc,fake_acc" and len(csv_rows) == 4
+    assert csv_rows[0] == ("perturbation,subset,n,n_real,n_fake,acc,ap,auc,eer,real_acc,fake_acc,best_acc,"
+                           "best_threshold,ece")
+    assert len(csv_rows) == 4
     for subset in ("gan_a", "gan_b"):
         assert main(["predict", "--weights", str(weights), str(tmp_path / "test" / subset), "--json", "--no-resize",
                      "--workers", "0"]) == 0
@@ -157,7 +160,7 @@ def test_eval_resizes_to_256_unless_told_not_to(weights, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--weights", "W", "--data", "MISSING"], "no such folder"),
-    (["eval", "--weights", "W", "--data", "PLAIN"], "no folder holding 0_real or 1_fake"),
+    (["eval", "--weights", "W", "--data", "PLAIN"], "fits none of the layouts tried: cnndetection"),
     (["eval", "--weights", "MISSING.pth", "--data", "LABELED"], "no such weights file"),
     (["predict", "--weights", "W", "MISSING.png"], "no such file or folder"),
     (["predict", "--weights", "W", "EMPTY"], "no files to score"),

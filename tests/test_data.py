@@ -179,8 +179,58 @@ def test_test_subsets_are_labeled_folders(tmp_path):
     with pytest.raises(UsageError, match="no such folder"):
         find_test_subsets([tmp_path / "missing"])
     (tmp_path / "plain").mkdir()
-    with pytest.raises(UsageError, match="no folder holding 0_real or 1_fake"):
+    with pytest.raises(UsageError, match="plain fits none of the layouts tried: cnndetection"):
         find_test_subsets([tmp_path / "plain"])
+
+
+def _sizes(subsets):
+    return {name: (sum(i.label == 0 for i in items), sum(i.label == 1 for i in items))
+            for name, items in subsets.items()}
+
+
+def test_genimage_layout_scores_the_val_split_of_each_generator(tmp_path):
+    adm = "GenImage/adm/imagenet_ai_0508_adm"
+    for folder, n in ((f"{adm}/val/ai", 2), (f"{adm}/val/nature", 1), (f"{adm}/train/ai", 5),
+                      ("GenImage/vqdm/val/ai", 1), ("GenImage/vqdm/val/nature", 3)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / folder / f"{i}.png").write_bytes(b"not read while finding subsets")
+    root = tmp_path / "GenImage"
+    assert _sizes(find_test_subsets([root])) == {"adm/imagenet_ai_0508_adm": (1, 2), "vqdm": (3, 1)}
+    assert _sizes(find_test_subsets([root], depth=1, layout="genimage")) == {"adm": (1, 2), "vqdm": (3, 1)}
+    assert _sizes(find_test_subsets([root / "vqdm"])) == {"vqdm": (3, 1)}  # a generator folder as the root
+    with pytest.raises(UsageError, match="GenImage fits none of the layouts tried: cnndetection"):
+        find_test_subsets([root], layout="cnndetection")
+    # A root holding both layouts must be named.
+    write_labeled(root / "extra", 1, 1, np.random.default_rng(0))
+    with pytest.raises(UsageError, match=r"fits several layouts \(cnndetection, genimage\); name one with --layout"):
+        find_test_subsets([root])
+    assert _sizes(find_test_subsets([root], layout="cnndetection")) == {"extra": (1, 1)}
+
+
+def test_csv_list_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "images" / name).write_bytes(b"x")
+    listing = tmp_path / "lists" / "set.csv"
+    listing.parent.mkdir()
+    listing.write_text(f"../images/a.png,0\n../images/b.png,fake\n{tmp_path / 'images' / 'c.png'},Real\n\n")
+    subsets = find_test_subsets([listing])
+    assert list(subsets) == ["set"]  # no subset column: named after the list
+    assert [(item.path.name, item.label) for item in subsets["set"]] == [("a.png", 0), ("b.png", 1), ("c.png", 0)]
+    listing.write_text("path,label,subset\n../images/a.png,0,gan/x\n../images/b.png,1,gan/y\n../images/c.png,1,gan/x\n")
+    assert _sizes(find_test_subsets([listing])) == {"gan/x": (1, 1), "gan/y": (0, 1)}
+    assert _sizes(find_test_subsets([listing], depth=1)) == {"gan": (1, 2)}
+    for text, message in (("../images/a.png,2\n", "set.csv line 1: expected path,label\\[,subset\\] with label 0, 1, "
+                                                   "real or fake, got '../images/a.png,2'"),
+                          ("../images/a.png,0\n../images/nope.png,1\n", "set.csv line 2: no such file: "),
+                          ("../images/a.png\n", "line 1: expected path,label")):
+        listing.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            find_test_subsets([listing])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="notes.txt is not a folder \\(nor a .csv list\\)"):
+        find_test_subsets([tmp_path / "notes.txt"])
 
 
 def test_expand_paths_files_folders_globs(tmp_path):
@@ -257,3 +307,23 @@ def test_test_subsets_have_unique_names_and_nested_sets_are_kept(tmp_path, capsy
     assert "outer/inner holds 0_real/1_fake inside the labeled folder" in capsys.readouterr().err
     with pytest.raises(UsageError, match="lies inside"):
         find_test_subsets([tmp_path / "a", tmp_path / "a" / "test"])
+
+
+def test_training_blur_and_jpeg_are_the_test_perturbations():
+    from lfm.perturb import Perturbation
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        rng.random()  # the blur draw
+        sigma = rng.uniform(0.5, 2.0)
+        expected = EvalTransform(None, None, Perturbation("blur", sigma))(img)
+        blurred = _augmentation(resize=None, crop=None, flip=False, blur_prob=1, blur_sigma=(0.5, 2.0))
+        assert torch.equal(blurred(img, np.random.default_rng(seed)), expected)
+
+        rng = np.random.default_rng(seed)
+        rng.random(), rng.random()  # the blur and JPEG draws
+        quality = int(rng.integers(40, 91))
+        expected = EvalTransform(None, None, Perturbation("jpeg", quality))(img)
+        compressed = _augmentation(resize=None, crop=None, flip=False, jpeg_prob=1, jpeg_quality=(40, 90))
+        assert torch.equal(compressed(img, np.random.default_rng(seed)), expected)

@@ -133,3 +133,41 @@ def test_training_errors_exit_2(tmp_path, capsys):
     assert "empty dataset" in capsys.readouterr().err
     assert _train("--data", tmp_path / "d", "--model", "npr", "--random-k-weight", "0.1") == 2
     assert "applies to --model lfm only" in capsys.readouterr().err
+
+
+def test_aug_sets_the_blur_and_jpeg_probabilities(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--data", dataset, "--out", run, "--epochs", 1, "--aug", "blur:0.1,jpg:0.2", "--classes", "car",
+                  "--resize", 0, "--crop", 0, "--batch-size", 8, "--workers", 0) == 0
+    options = json.loads((run / "options.json").read_text())
+    assert (options["blur_prob"], options["jpeg_prob"]) == (0.1, 0.2)
+    for spec, message in (("blur:1.5", "'blur:1.5': the probability of blur must lie in [0, 1], got '1.5'"),
+                          ("crop:0.1", "'crop:0.1': unknown kind 'crop'; expected one of blur, jpeg"),
+                          ("blur", "expected KIND:PROBABILITY")):
+        assert _train("--data", dataset, "--out", tmp_path / "bad", "--aug", spec) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lfm train: error: argument --aug: ") and message in err and err.count("\n") == 1
+        assert not (tmp_path / "bad").exists()
+
+
+def test_best_epoch_by_ap_on_a_validation_root(dataset, tmp_path, capsys):
+    # A validation root in another layout (a CSV list), with one unreadable file to show it is the one read.
+    files = sorted((dataset / "val" / "cat").rglob("*.png"))
+    (tmp_path / "broken.png").write_text("not an image")
+    listing = tmp_path / "val.csv"
+    listing.write_text("".join(f"{f},{int('1_fake' in str(f))}\n" for f in files) + "broken.png,1\n")
+    run = tmp_path / "run"
+    assert _train("--data", dataset, "--out", run, "--epochs", 4, "--lr", "1e-3", "--val-data", listing,
+                  "--select-by", "ap", "--min-delta", 0, "--patience", 0, "--classes", "car", "--resize", 0,
+                  "--crop", 0, "--batch-size", 8, "--workers", 0, "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert "val: skipped 1 file(s)" in captured.err and "broken.png" in captured.err
+    ap = [float(row["val_ap"]) for row in _log_rows(run)]
+    best = ap.index(max(ap)) + 1  # the first epoch of the best AP
+    assert f"best validation AP {100 * max(ap):.2f} at epoch {best}" in captured.out
+    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
+        assert f.metadata()["epoch"] == str(best)
+    only_fake = tmp_path / "only_fake.csv"
+    only_fake.write_text(f"{files[-1]},1\n")
+    assert _train("--data", dataset, "--out", tmp_path / "r2", "--val-data", only_fake, "--select-by", "ap") == 2
+    assert "--select-by ap needs real and fake validation images" in capsys.readouterr().err
