@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench gpu-suite test-gpu-stack clean
+.PHONY: test test-all test-slow lint demo bench gpu-suite test-gpu-stack clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml setup.py
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# make test: the default tier (every test but those marked slow); make test-all: both tiers.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
 
 demo: $(STAMP)
 	$(PY) -m lfm demo

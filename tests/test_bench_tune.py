@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +51,7 @@ print(json.dumps([len(launches), {launch.kernel.fn.__name__: launch.dtype for la
 """
 
 
+@pytest.mark.slow  # records every launch of the workloads
 def test_sweep_writes_each_launch_once_with_its_fastest_options(tmp_path):
     table = tmp_path / "tuned_configs.json"
     out = subprocess.run([sys.executable, "-c", SWEEP_ON_RECORDED_LAUNCHES, str(table)], cwd=REPO, capture_output=True,

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,10 @@ def test_predict_gives_the_authors_probabilities(official, tmp_path, capsys):
     modes = {name: Image.open(tmp_path / name).mode for name in results}
     assert {"RGB", "RGBA", "L"} <= set(modes.values())
     for name, expected in reference["prob_fake"].items():
-        assert results[name] == pytest.approx(expected, rel=1e-5, abs=0), name
+        # On the logit scale, where float32's error is absolute (the authors' own float32 pipeline and ours
+        # differ by about 1e-5 there; a probability of 4e-18 moves by that much relatively).
+        logit = math.log(results[name]) - math.log1p(-results[name])
+        assert logit == pytest.approx(math.log(expected) - math.log1p(-expected), abs=1e-4, rel=0), name
 
 
 def test_predict_lines_json_globs_and_bad_files(weights, tmp_path, capsys):
@@ -189,6 +193,7 @@ def test_unexpected_errors_are_one_line(monkeypatch, weights, tmp_path, capsys):
     assert capsys.readouterr().err == "lfm predict: error: RuntimeError: boom (LFM_DEBUG=1 shows the traceback)\n"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_python_dash_m_lfm_runs(weights, tmp_path):
     Image.fromarray(real_image(np.random.default_rng(0), 64)).save(tmp_path / "x.png")
     done = subprocess.run([sys.executable, "-m", "lfm", "predict", "--weights", str(weights), str(tmp_path / "x.png"),

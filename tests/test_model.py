@@ -57,6 +57,7 @@ def test_triton_backend_parity_withauthors_outputs(official):
         assert_as_accurate(model(ref["x224"]), ref["logits224"], truth["logits"], "logits at 224")
 
 
+@pytest.mark.slow  # a whole training step under the interpreter, in two dtypes
 def test_triton_backend_gradients_in_a_training_step_are_as_accurate_as_the_authors():
     """A training step without dropout (the authors' code with p = 0) of the triton backend and of the authors'
     code in float32, each against the authors' code in float64."""
