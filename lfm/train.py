@@ -208,6 +208,7 @@ _JSON_TYPES = {
     int | None: (lambda value: value is None or _is_int(value), "an integer or null"),
     float: (_is_number, "a number"),
     str: (lambda value: isinstance(value, str), "a string"),
+    str | None: (lambda value: value is None or isinstance(value, str), "a string or null"),
     bool: (lambda value: isinstance(value, bool), "true or false"),
     bool | None: (lambda value: value is None or isinstance(value, bool), "true, false or null"),
     tuple: (lambda value: isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)),

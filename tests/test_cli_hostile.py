@@ -606,7 +606,7 @@ def test_eval_saves_results_whose_paths_are_not_utf8(weights, tmp_path):
     assert sorted(os.fsencode(row["path"]) for row in rows) == expected  # the file system's own bytes
     assert all(Path(row["path"]).is_file() and 0 <= float(row["prob_fake"]) <= 1 for row in rows)
     assert json.loads((out / "results.json").read_text())["subsets"]["caf\udce9"]["n"] == 4
-    assert (out / "results.csv").read_bytes().splitlines()[1].startswith(b"caf\xe9,4,")
+    assert (out / "results.csv").read_bytes().splitlines()[1].startswith(b"none,caf\xe9,4,")  # perturbation, subset, n
 
 
 def test_predict_writes_paths_that_are_not_utf8_as_their_bytes(weights, tmp_path):
