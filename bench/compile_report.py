@@ -225,7 +225,8 @@ def dot_kind(meta: dict) -> str:
     """The dots a launch runs: "-" (none: no dot constexprs), "16-bit", "tf32" or "ieee" (full float32)."""
     if "PRECISION" not in meta:
         return "-"
-    return "16-bit" if str(meta.get("OPERAND_DTYPE")) in ("fp16", "bf16") else meta["PRECISION"]
+    # DOT_DTYPE: what tl.dot gets (on a GPU the operands' dtype; older kernels also name OPERAND_DTYPE).
+    return "16-bit" if str(meta.get("DOT_DTYPE", meta.get("OPERAND_DTYPE"))) in ("fp16", "bf16") else meta["PRECISION"]
 
 
 def on_tensor_cores(row: dict) -> bool:

@@ -55,10 +55,13 @@ def test_gpu_run_order(gpu_plan):
     tests = [test for _, test in gpu_plan]
 
     smoke = [test for tier, test in gpu_plan if tier == "smoke"]
+    precisions = ("float32", "tf32", "bfloat16")
     for op in KERNEL_SMOKE:
-        assert {f"tests/test_gpu.py::test_{op}_full_size[{d}]" for d in ("float32", "bfloat16")} <= set(smoke), op
-    assert sum("test_snet_blocks_full_size" in t for t in smoke) == 8  # 4 blocks x 2 dtypes
-    assert "tests/test_gpu.py::test_lfm_parity_with_authors_checkpoint_on_gpu" in smoke
+        assert {f"tests/test_gpu.py::test_{op}[cuda-{p}]" for p in precisions} <= set(smoke), op
+    assert sum("test_gpu.py::test_snet_block[" in t for t in smoke) == 24  # 4 blocks x eval/training x 3
+    assert not any("-cpu-" in t or "[cpu" in t for t in smoke)  # the CPU cases run in make test
+    parity = "tests/test_gpu.py::test_lfm_parity_with_authors_checkpoint_on_gpu"
+    assert {f"{parity}[{p}]" for p in precisions[:2]} <= set(smoke)
     assert smoke[-1] == "tests/test_gpu.py::test_lfm_compiles_on_gpu"  # compilation last in the tier
 
     dtypes = ("float32", "bfloat16")
