@@ -16,7 +16,7 @@ from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, check_loading_options, score_items
 from .metrics import METRICS, binary_metrics, format_table, mean_metrics
-from .runtime import session
+from .runtime import compute_dtype, session
 from .weights import load_model, prepare_output_folder, write_json, write_text
 
 CSV_COLUMNS = ("subset", "n", "n_real", "n_fake") + METRICS
@@ -69,8 +69,9 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, depth=None, b
     subsets = find_test_subsets(roots, depth)
     out = prepare_output_folder(out, "--out")
     items = [item for subset in subsets.values() for item in subset]
-    with session(device, backend) as ctx:
-        model, config = load_model(weights, model_name, backend=backend, command="eval")
+    with session(device, backend, precision) as ctx:
+        model, config = load_model(weights, model_name, backend=backend, command="eval",
+                                   dtype=compute_dtype(precision))
         runner = prepare(model.to(ctx.device), engine, ctx.device, (resize, resize), "eval")
         scores = score_items(runner, items, EvalTransform(resize), ctx, batch_size=batch_size,
                              workers=workers, precision=precision, max_pixels=max_pixels,

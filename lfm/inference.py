@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .data import ImageDataset, make_loader
 from .errors import CommandFailed, UsageError
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, check_max_pixels
-from .runtime import Context, all_gather, autocast, bar_disabled, raise_if_interrupted
+from .runtime import Context, all_gather, autocast, bar_disabled, compute_dtype, raise_if_interrupted
 
 # Defaults of eval and predict: on a 2-core laptop batches of 16 score faster than larger ones.
 DEFAULT_BATCH_SIZE = 16
@@ -48,6 +48,7 @@ def _forward_chunks(images: torch.Tensor):
 
 def _local_batches(model, loader, ctx: Context, precision: str):
     """(indices, probs, failures) of this rank's batches."""
+    dtype = compute_dtype(precision)
     for batch in loader:
         raise_if_interrupted()
         indices, probs, failures = [], [], list(batch.failures)
@@ -56,8 +57,8 @@ def _local_batches(model, loader, ctx: Context, precision: str):
                 chunk_probs = []
                 for chunk in _forward_chunks(images):
                     with autocast(ctx.device, precision):
-                        logits = model(chunk.to(ctx.device, non_blocking=True))
-                    chunk_probs.append(torch.sigmoid(logits.float()).squeeze(1).cpu())
+                        logits = model(chunk.to(ctx.device, dtype, non_blocking=True))
+                    chunk_probs.append(torch.sigmoid(logits.to(dtype)).squeeze(1).cpu())
             except ValueError as err:  # the model's input checks, e.g. an image below its minimum size
                 failures += [(int(i), str(err)) for i in batch_indices]
                 continue
@@ -71,8 +72,9 @@ def scored_in_order(model, items, transform, ctx: Context, *, batch_size: int = 
                     exif_transpose: bool = False, progress: bool | None = False, desc: str = "scoring"):
     """Yield (index, prob_fake, None) or (index, None, reason) for every item, in input order, on every
     rank, as soon as the batches holding it and every earlier item are done. prob_fake is
-    sigmoid(logit) in float32 as the authors compute it. Rank r scores items r, r + world_size, ...;
-    the ranks gather after every batch. A NaN score raises CommandFailed naming the image."""
+    sigmoid(logit) in float32 as the authors compute it (in float64 for precision "float64"). Rank r
+    scores items r, r + world_size, ...; the ranks gather after every batch. A NaN score raises
+    CommandFailed naming the image."""
     dataset = ImageDataset(items, transform, max_pixels, exif_transpose=exif_transpose)
     loader = make_loader(dataset, range(ctx.rank, len(dataset), ctx.world_size), batch_size, workers,
                          pin_memory=ctx.device.type == "cuda")
