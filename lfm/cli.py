@@ -112,7 +112,8 @@ def _add_runtime_options(p):
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each "
                                     "rank takes cuda:LOCAL_RANK)")
     p.add_argument("--backend", choices=BACKENDS, help="fused ops: triton on CUDA, torch otherwise (auto)")
-    p.add_argument("--precision", choices=PRECISIONS, help="float32, or bf16 autocast")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="float32, bf16 autocast, or float64 (torch backend; slower, the same numbers on any CPU)")
     p.add_argument("--workers", type=int, help=f"data loading processes (default {DEFAULT_WORKERS})")
     p.add_argument("--max-pixels", type=int,
                    help=f"skip larger images as possible decompression bombs (default {DEFAULT_MAX_PIXELS})")

@@ -4,8 +4,20 @@ Real images are photographs that ship inside scikit-image, scikit-learn and matp
 by 2 (JPEG's 4:2:0 chroma subsampling leaves a 2x2 trace otherwise) and cut into random crops. Each
 fake is one of those crops box-downscaled by 2 again and upsampled back by a generator: nearest,
 bilinear, bicubic, a transposed conv or a pixel shuffle with random weights, or zero insertion + blur.
-Both classes are saved as PNG in the CNNDetection layout, split by source photo. LFM, its GAP ablation
-and NPR are trained with the same trainer on three generators and tested on all six, three held out.
+Those fakes are blurrier than the reals; the last test subset, sharp_patch, is not: a quarter of each
+real crop is re-upsampled and sharpened back to the detail of what it replaces, so the only evidence is
+a local upsampling trace. Both classes are saved as PNG in the CNNDetection layout, split by source
+photo. LFM, its GAP ablation and NPR are trained with the same trainer on three generators and tested on
+all seven subsets, four held out.
+
+The table is the same, to its printed digits, on any x86 CPU and thread count. In float32 it is not:
+convolutions, matrix products and reductions sum in an order that depends on the instruction set
+(oneDNN, MKL and ATen pick AVX-512, AVX2 or scalar kernels) and on the threads, and a few hundred Adam
+steps grow those last-bit differences into points of accuracy; even the initial weights, drawn in
+float32, differ in their last bit between ATen's vectorized and scalar random-number kernels. So the
+fakes are computed, and the models drawn, trained and tested, in float64 on the torch backend: the
+same differences start 9 digits lower and stay far below the printed ones (the trained weights agreed
+to about 1e-10 across instruction sets and thread counts). It costs about 1.7x the float32 time here.
 """
 import csv
 import shutil
@@ -19,10 +31,10 @@ from PIL import Image
 
 from .evaluate import evaluate
 from .train import LAST_WEIGHTS, TrainOptions, check_seed, train
-from .weights import write_json
+from .weights import load_model, write_json
 
 TRAIN_GENERATORS = ("nearest", "bilinear", "transposed_conv")
-HELD_OUT_GENERATORS = ("bicubic", "pixel_shuffle", "zero_insert_blur")
+HELD_OUT_GENERATORS = ("bicubic", "pixel_shuffle", "zero_insert_blur", "sharp_patch")
 DEMO_MODELS = ("lfm", "lfm-gap", "npr")
 CROP_SIZE = 64  # SNet leaves 6x6 positions: K = 16 still has to choose
 DEFAULT_CROPS_PER_PHOTO = 24
@@ -101,13 +113,13 @@ def random_crops(photos, count: int, size: int, rng: np.random.Generator) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Generators: (1, 3, h, w) float in [0, 255] -> (1, 3, 2h, 2w)
+# Upsamplers: (1, 3, h, w) float64 in [0, 255] -> (1, 3, 2h, 2w)
 # ---------------------------------------------------------------------------------------------
 def _interpolate(mode):
-    def generate(low, rng):
+    def upsample(low, rng):
         return F.interpolate(low, scale_factor=2, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
 
-    return generate
+    return upsample
 
 
 def _jitter(base: np.ndarray, rng, spread: float = 0.4) -> np.ndarray:
@@ -139,29 +151,93 @@ def _pixel_shuffle(low, rng):
     return F.pixel_shuffle(F.conv2d(F.pad(low, (1, 1, 1, 1), mode="replicate"), weight, groups=3), 2)
 
 
+def _gaussian_blur(image, sigma: float):
+    """Separable Gaussian blur (7 taps, reflected borders) of a (1, 3, H, W) image."""
+    x = torch.arange(-3, 4, dtype=image.dtype)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).repeat(3, 1)
+    image = F.conv2d(F.pad(image, (3, 3, 0, 0), mode="reflect"), g.view(3, 1, 1, 7), groups=3)
+    return F.conv2d(F.pad(image, (0, 0, 3, 3), mode="reflect"), g.view(3, 1, 7, 1), groups=3)
+
+
 def _zero_insert_blur(low, rng):
     """Zeros between the pixels (x4 to keep the mean), then a Gaussian blur with a random sigma."""
     up = torch.zeros(low.shape[0], low.shape[1], 2 * low.shape[2], 2 * low.shape[3], dtype=low.dtype)
     up[..., ::2, ::2] = 4 * low
-    sigma = rng.uniform(0.9, 1.3)
-    x = torch.arange(-3, 4, dtype=low.dtype)
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum()).repeat(3, 1)
-    up = F.conv2d(F.pad(up, (3, 3, 0, 0), mode="reflect"), g.view(3, 1, 1, 7), groups=3)
-    return F.conv2d(F.pad(up, (0, 0, 3, 3), mode="reflect"), g.view(3, 1, 7, 1), groups=3)
+    return _gaussian_blur(up, rng.uniform(0.9, 1.3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators: HxWx3 uint8 real crop -> HxWx3 uint8 fake
+# ---------------------------------------------------------------------------------------------
+def _as_tensor(image: np.ndarray) -> torch.Tensor:
+    # float64: results land on uint8 rounding boundaries (.5) far less often than float32's last-bit
+    # differences between instruction sets would move them, so the PNGs are the same on every CPU
+    return torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float64)
+
+
+def _as_uint8(image: torch.Tensor) -> np.ndarray:
+    return np.clip(np.rint(image[0].permute(1, 2, 0).numpy()), 0, 255).astype(np.uint8)
+
+
+def _reupsampled(upsample):
+    """The whole crop box-downscaled by 2 and upsampled back: blurrier than the real crop."""
+    def generate(crop, rng):
+        return _as_uint8(upsample(_as_tensor(box_downscale(crop)), rng))
+
+    return generate
+
+
+def _laplacian(image: np.ndarray) -> np.ndarray:
+    """4-neighbour Laplacian of an HxWxC float64 image over its interior."""
+    return (4 * image[1:-1, 1:-1] - image[:-2, 1:-1] - image[2:, 1:-1] - image[1:-1, :-2]
+            - image[1:-1, 2:])
+
+
+def high_frequency_energy(image: np.ndarray) -> float:
+    """Mean squared Laplacian of an HxWx3 image: how much fine detail it holds (blur lowers it)."""
+    return float((_laplacian(image.astype(np.float64)) ** 2).mean())
+
+
+def sharpened_to(image: torch.Tensor, detail: float) -> torch.Tensor:
+    """Unsharp mask image + a * (image - blur(image)) of a (1, 3, H, W) image, with the a >= 0 that makes
+    its high-frequency energy `detail` (before rounding; a = 0 when it already holds as much)."""
+    high = image - _gaussian_blur(image, 1.0)
+    h, d = (_laplacian(t[0].permute(1, 2, 0).numpy()) for t in (image, high))
+    # energy(a) = mean((h + a d)^2) = (h.h) + 2a (h.d) + a^2 (d.d): the larger root of energy(a) = detail
+    hh, hd, dd = (float((u * v).mean()) for u, v in ((h, h), (h, d), (d, d)))
+    if hh >= detail or dd == 0:
+        return image
+    return image + (-hd + np.sqrt(hd * hd - dd * (hh - detail))) / dd * high
+
+
+def _sharp_patch(upsample):
+    """A square of half the crop's side (a quarter of its area, at an even offset) box-downscaled by 2,
+    upsampled back and sharpened to the detail of the real square it replaces: the fake is no blurrier
+    than the real, and its only trace is local."""
+    def generate(crop, rng):
+        side = min(crop.shape[:2]) // 4 * 2
+        top, left = (2 * rng.integers((n - side) // 2 + 1) for n in crop.shape[:2])
+        real = crop[top:top + side, left:left + side]
+        up = upsample(_as_tensor(box_downscale(real)), rng)
+        fake = crop.copy()
+        fake[top:top + side, left:left + side] = _as_uint8(sharpened_to(up, high_frequency_energy(real)))
+        return fake
+
+    return generate
 
 
 GENERATORS = {
-    "nearest": _interpolate("nearest"), "bilinear": _interpolate("bilinear"), "bicubic": _interpolate("bicubic"),
-    "transposed_conv": _transposed_conv, "pixel_shuffle": _pixel_shuffle, "zero_insert_blur": _zero_insert_blur,
+    "nearest": _reupsampled(_interpolate("nearest")), "bilinear": _reupsampled(_interpolate("bilinear")),
+    "bicubic": _reupsampled(_interpolate("bicubic")), "transposed_conv": _reupsampled(_transposed_conv),
+    "pixel_shuffle": _reupsampled(_pixel_shuffle), "zero_insert_blur": _reupsampled(_zero_insert_blur),
+    "sharp_patch": _sharp_patch(_interpolate("bicubic")),
 }
 
 
 def make_fake(crop: np.ndarray, generator: str, rng: np.random.Generator) -> np.ndarray:
-    """Downscale a real crop by 2 (box) and upsample it back with a generator: HxWx3 uint8 -> HxWx3 uint8."""
-    low = torch.from_numpy(box_downscale(crop)).permute(2, 0, 1)[None].float()
-    up = GENERATORS[generator](low, rng)
-    return np.clip(np.rint(up[0].permute(1, 2, 0).numpy()), 0, 255).astype(np.uint8)
+    """A fake of a real HxWx3 uint8 crop by `generator` (a name of GENERATORS): HxWx3 uint8."""
+    return GENERATORS[generator](crop, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,29 +302,43 @@ def run_demo(out="demo_out", seed: int = 0, epochs: int | None = None, crops_per
     log(f"data: {CROP_SIZE}x{CROP_SIZE} PNG crops in {data}; photos by split: "
         + "; ".join(f"{split} {', '.join(names)}" for split, names in splits.items()))
     log(f"training generators: {', '.join(TRAIN_GENERATORS)}; held out: {', '.join(HELD_OUT_GENERATORS)}")
+    train_images = sum(1 for _ in (data / "train").rglob("*.png"))
 
-    results = {}
+    results, speed = {}, {}
     for model in DEMO_MODELS:
         log(f"\n== {model} ==")
         run_dir = out / "runs" / model
+        # float64 on the torch backend and the CPU: the same table on every machine (see the module's doc)
+        common = {"device": "cpu", "backend": "torch", "precision": "float64", "workers": 0, "progress": progress}
+        clock = time.perf_counter()
         train(TrainOptions(data=str(data), out=str(run_dir), model=model, epochs=epochs, lr=DEMO_LR,
-                          batch_size=DEMO_BATCH, resize=None, crop=None, patience=0, workers=0, seed=seed,
-                          progress=progress), log=log)
+                           batch_size=DEMO_BATCH, resize=None, crop=None, patience=0, seed=seed, **common), log=log)
+        train_seconds, clock = time.perf_counter() - clock, time.perf_counter()
         # A fixed short schedule, tested as it ends: three validation photos are too few to pick an epoch.
-        report = evaluate(run_dir / LAST_WEIGHTS, [data / "test"], resize=None, workers=0, out=out / "eval" / model,
-                          progress=progress, log=lambda *args: None)
+        report = evaluate(run_dir / LAST_WEIGHTS, [data / "test"], resize=None, out=out / "eval" / model,
+                          log=lambda *args: None, **common)
+        test_seconds = time.perf_counter() - clock
         results[model] = report["subsets"] | {"mean": report["mean"]}
+        speed[model] = {"parameters": parameter_count(run_dir / LAST_WEIGHTS),
+                        "train_images_per_s": epochs * train_images / train_seconds,
+                        "test_images_per_s": report["mean"]["n"] / test_seconds}
 
-    table = demo_table(results)
-    log("\n" + table)
-    write_results(out, results, splits, epochs, crops_per_photo, seed)
+    log("\n" + demo_table(results))
+    log("\n" + speed_table(speed, epochs))
+    write_results(out, results, speed, splits, epochs, crops_per_photo, seed)
     log(f"\nresults: {out / 'results.csv'}, {out / 'results.json'}, {out / 'results.png'}; "
         f"{time.perf_counter() - started:.0f}s in all")
     return results
 
 
+def parameter_count(weights: Path) -> int:
+    model, _ = load_model(weights, command="demo")
+    return sum(p.numel() for p in model.parameters())
+
+
 def demo_table(results: dict) -> str:
-    """Accuracy and AP (percent) per test generator, one column pair per model; held-out generators marked *."""
+    """Accuracy and AP (percent) per test subset, one column pair per model; held-out subsets marked *;
+    the mean over all subsets."""
     rows = [f"{generator}{'*' if generator in HELD_OUT_GENERATORS else ''}" for generator in GENERATORS] + ["mean"]
     keys = list(GENERATORS) + ["mean"]
     columns = "".join(f"{model + ' acc':>12}{model + ' AP':>12}" for model in results)
@@ -260,7 +350,19 @@ def demo_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, results: dict, splits: dict, epochs: int, crops_per_photo: int, seed: int):
+def speed_table(speed: dict, epochs: int) -> str:
+    """Parameters and images per second per model; the speeds are this machine's, unlike the table above."""
+    header = f"{'model':<10}{'parameters':>12}{'train img/s':>14}{'test img/s':>13}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{model:<10}{row['parameters']:>12,}{row['train_images_per_s']:>14.1f}{row['test_images_per_s']:>13.1f}"
+              for model, row in speed.items()]
+    lines.append(f"speeds on this machine, float64, {torch.get_num_threads()} threads; training: {epochs} epochs "
+                 "with their validation, test: all subsets")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict, speed: dict, splits: dict, epochs: int, crops_per_photo: int,
+                  seed: int):
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "generator", "held_out", "n", "acc", "ap", "real_acc", "fake_acc"])
@@ -270,7 +372,7 @@ def write_results(out: Path, results: dict, splits: dict, epochs: int, crops_per
                                  row["real_acc"], row["fake_acc"]])
     write_json(out / "results.json", {"seed": seed, "epochs": epochs, "crops_per_photo": crops_per_photo,
                                       "crop_size": CROP_SIZE, "lr": DEMO_LR, "batch_size": DEMO_BATCH, "photos": splits,
-                                      "train_generators": TRAIN_GENERATORS, "results": results})
+                                      "train_generators": TRAIN_GENERATORS, "results": results, "speed": speed})
     plot_results(results, out / "results.png")
 
 

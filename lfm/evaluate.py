@@ -21,7 +21,7 @@ from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, cap_workers, check_loading_options, score_items
 from .metrics import CALIBRATED, METRICS, best_threshold, binary_metrics, format_table, mean_metrics
 from .perturb import SEVERITY_NAMES, parse_sweeps
-from .runtime import session
+from .runtime import compute_dtype, session
 from .weights import load_model, prepare_output_folder, write_json, write_text
 
 CLEAN = "none"  # the name of the unperturbed condition in the results
@@ -115,8 +115,9 @@ def evaluate(weights, roots, *, model_name=None, resize=TEST_SIZE, center_crop=N
     size = center_crop or resize
     options = dict(batch_size=batch_size, workers=workers, precision=precision, max_pixels=max_pixels,
                    exif_transpose=exif_transpose, progress=progress)
-    with session(device, backend) as ctx:
-        model, config = load_model(weights, model_name, backend=backend, command="eval")
+    with session(device, backend, precision) as ctx:
+        model, config = load_model(weights, model_name, backend=backend, command="eval",
+                                   dtype=compute_dtype(precision))
         runner = prepare(model.to(ctx.device), engine, ctx.device, (size, size), "eval")
         threshold = None
         if calibration is not None:

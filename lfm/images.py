@@ -99,13 +99,14 @@ def to_pixel_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) pixels -> ImageNet-normalized float32, bit for bit as to_input_tensor (the same
-    float32 operations in the same order); a float input is taken as normalized already."""
+def normalize_pixels(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (..., 3, H, W) pixels -> ImageNet-normalized, bit for bit as to_input_tensor (the same float32
+    operations in the same order), then in `dtype` (the model's); a float input is taken as normalized
+    already."""
     if x.is_floating_point():
-        return x
+        return x.to(dtype)
     mean, std = IMAGENET_MEAN.to(x.device), IMAGENET_STD.to(x.device)
-    return (x.float() / 255.0 - mean) / std
+    return ((x.float() / 255.0 - mean) / std).to(dtype)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -18,7 +18,7 @@ from .data import ImageDataset, make_loader
 from .errors import CommandFailed, UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, check_max_pixels, normalize_pixels
 from .model import LFM, snet_output_size
-from .runtime import Context, all_gather, autocast, bar_disabled, raise_if_interrupted
+from .runtime import Context, all_gather, autocast, bar_disabled, compute_dtype, raise_if_interrupted
 
 # SNet's geometry: grid position (i, j) sees input pixels [8i, 8i + 22] x [8j, 8j + 22]. Working back from
 # block 4, each 2x2 conv widens the window by one step of the current stride and each 2x2/2 max-pool widens
@@ -117,7 +117,7 @@ def lfm_topk(model: LFM, x: torch.Tensor, max_pixels: int | None = None):
     h, w = snet_output_size(*x.shape[2:])
     budget = max(1, (max_pixels or FORWARD_PIXELS) // len(x))
     if x.shape[2] * x.shape[3] <= budget:
-        return _block_topk(model, normalize_pixels(x.to(device)), model.k)
+        return _block_topk(model, normalize_pixels(x.to(device), model.fc1.weight.dtype), model.k)
     # Blocks of bh x bw positions read (8 bh + 15) x (8 bw + 15) pixels: square-ish, or full rows when narrow.
     side = max(1, (math.isqrt(budget) - RECEPTIVE_FIELD + STRIDE) // STRIDE)
     bw = min(w, side)
@@ -127,7 +127,7 @@ def lfm_topk(model: LFM, x: torch.Tensor, max_pixels: int | None = None):
         for left, right in _tile_spans(w, bw):
             rows = slice(STRIDE * top, STRIDE * (bottom - 1) + RECEPTIVE_FIELD)
             cols = slice(STRIDE * left, STRIDE * (right - 1) + RECEPTIVE_FIELD)
-            tile = normalize_pixels(x[:, :, rows, cols].to(device))
+            tile = normalize_pixels(x[:, :, rows, cols].to(device), model.fc1.weight.dtype)
             k = min(model.k, (bottom - top) * (right - left))
             tile_values, tile_positions = _block_topk(model, tile, k)
             row, col = tile_positions.div(right - left, rounding_mode="floor"), tile_positions % (right - left)
@@ -153,17 +153,18 @@ def _block_topk(model: LFM, x: torch.Tensor, k: int):
                      input_precision=block4.input_precision, return_indices=True, backend=model.backend)
 
 
-def logits_of(model, x: torch.Tensor) -> torch.Tensor:
+def logits_of(model, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The model's logits of a (B, 3, H, W) input, normalized or uint8 pixels: an LFM in eval scores an input
     above FORWARD_PIXELS in tiles (lfm_topk, the same numbers); anything else goes to the model whole."""
     tileable = isinstance(model, LFM) and type(model).forward is LFM.forward and not model.training
     if tileable and x.shape[2] * x.shape[3] > FORWARD_PIXELS // len(x):
         return model.fc1(lfm_topk(model, x)[0].flatten(1))
-    return model(normalize_pixels(x))
+    return model(normalize_pixels(x, dtype))
 
 
 def _local_batches(model, loader, ctx: Context, precision: str):
     """(indices, probs, failures) of this rank's batches."""
+    dtype = compute_dtype(precision)
     for batch in loader:
         raise_if_interrupted()
         indices, probs, failures = [], [], list(batch.failures)
@@ -172,8 +173,8 @@ def _local_batches(model, loader, ctx: Context, precision: str):
                 chunk_probs = []
                 for chunk in _forward_chunks(images):
                     with autocast(ctx.device, precision):
-                        logits = logits_of(model, chunk.to(ctx.device, non_blocking=True))
-                    chunk_probs.append(torch.sigmoid(logits.float()).squeeze(1).cpu())
+                        logits = logits_of(model, chunk.to(ctx.device, non_blocking=True), dtype)
+                    chunk_probs.append(torch.sigmoid(logits.to(dtype)).squeeze(1).cpu())
             except ValueError as err:  # the model's input checks, e.g. an image below its minimum size
                 failures += [(int(i), str(err)) for i in batch_indices]
                 continue
@@ -187,8 +188,9 @@ def scored_in_order(model, items, transform, ctx: Context, *, batch_size: int = 
                     exif_transpose: bool = False, progress: bool | None = False, desc: str = "scoring"):
     """Yield (index, prob_fake, None) or (index, None, reason) for every item, in input order, on every
     rank, as soon as the batches holding it and every earlier item are done. prob_fake is
-    sigmoid(logit) in float32 as the authors compute it. Rank r scores items r, r + world_size, ...;
-    the ranks gather after every batch. A NaN score raises CommandFailed naming the image."""
+    sigmoid(logit) in float32 as the authors compute it (in float64 for precision "float64"). Rank r
+    scores items r, r + world_size, ...; the ranks gather after every batch. A NaN score raises
+    CommandFailed naming the image."""
     # The loaders carry uint8 pixels, normalized a chunk (or tile) at a time: a quarter of the memory.
     dataset = ImageDataset(items, dataclasses.replace(transform, normalize=False), max_pixels,
                            exif_transpose=exif_transpose)

@@ -15,7 +15,7 @@ from .engines import DEFAULT_ENGINE, check_engine, prepare
 from .errors import UsageError, warn
 from .images import DEFAULT_MAX_PIXELS, TEST_SIZE, EvalTransform, read_rgb
 from .inference import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, cap_workers, check_loading_options, scored_in_order
-from .runtime import session
+from .runtime import compute_dtype, session
 from .weights import atomic_write, claim_new_file, load_model, prepare_output_folder
 
 # Tab-separated output: characters that would break a line or a column are written escaped.
@@ -44,8 +44,9 @@ def predict(weights, paths, *, model_name=None, resize=TEST_SIZE, batch_size=DEF
     items = [Item(path) for path in files]
     transform = EvalTransform(resize)
     results, failures = [], []
-    with session(device, backend) as ctx:
-        model, config = load_model(weights, model_name, backend=backend, command="predict")
+    with session(device, backend, precision) as ctx:
+        model, config = load_model(weights, model_name, backend=backend, command="predict",
+                                   dtype=compute_dtype(precision))
         if heatmap_dir is not None and config["model"] != "lfm":
             raise UsageError(f"--heatmap shows LFM's Top-K positions; a {config['model']!r} model has none")
         runner = prepare(model.to(ctx.device), engine, ctx.device, (resize, resize), "predict")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .errors import UsageError
 
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16", "float64")
 
 
 @dataclass(frozen=True)
@@ -64,22 +64,25 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-def check_backend(backend: str | None, device: torch.device):
-    """Refuse a backend that cannot run on `device` before any image is read."""
+def check_backend(backend: str | None, device: torch.device, precision: str = "float32"):
+    """Refuse a backend that cannot run on `device`, or in `precision`, before any image is read."""
     from lfm_kernels.configs import interpreter_enabled
 
     if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise UsageError(f"--backend triton needs a CUDA device (device is {device}; on CPU only with "
                          "TRITON_INTERPRET=1); use --backend auto or torch")
+    if precision == "float64" and (backend == "triton" or backend in (None, "auto") and device.type == "cuda"):
+        raise UsageError("--precision float64 runs on the torch backend only (the Triton kernels take 32- and "
+                         "16-bit floats); add --backend torch")
 
 
 @contextmanager
-def session(device_name: str | None = None, backend: str | None = None):
+def session(device_name: str | None = None, backend: str | None = None, precision: str = "float32"):
     """Yield the Context of this process, joining (and finally leaving) the process group under torchrun.
-    The device and the backend are checked first."""
+    The device and the backend (for `precision`) are checked first."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
-    check_backend(backend, device)
+    check_backend(backend, device, precision)
     if world_size == 1:
         yield Context(device=device)
         return
@@ -90,6 +93,12 @@ def session(device_name: str | None = None, backend: str | None = None):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weights, the inputs, the logits and the loss: float64 for "float64" (slower, and the
+    same numbers on any CPU to many more digits), float32 otherwise (bf16 autocasts inside a float32 model)."""
+    return torch.float64 if precision == "float64" else torch.float32
 
 
 def autocast(device: torch.device, precision: str):

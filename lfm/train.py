@@ -47,6 +47,7 @@ from .runtime import (
     bar_disabled,
     broadcast_buffers,
     check_device,
+    compute_dtype,
     raise_if_interrupted,
     session,
 )
@@ -224,7 +225,7 @@ def train(opts: TrainOptions, resume: bool = False, force: bool = False, log=pri
     holds anything but a run of ours that never finished an epoch, unless `force`."""
     opts.check()
     run_dir = prepare_output_folder(opts.out, "--out")
-    with session(opts.device, opts.backend) as ctx, locked_run_folder(run_dir, ctx):
+    with session(opts.device, opts.backend, opts.precision) as ctx, locked_run_folder(run_dir, ctx):
         if resume:
             check_resumable(run_dir)
         elif not force:
@@ -358,7 +359,8 @@ class Trainer:
                                   pin_memory=ctx.device.type == "cuda")
 
         torch.manual_seed(opts.seed)  # the same initial weights on every rank
-        self.model = build_model(opts.model_config(), backend=opts.backend).to(ctx.device)
+        self.dtype = compute_dtype(opts.precision)
+        self.model = build_model(opts.model_config(), backend=opts.backend, dtype=self.dtype).to(ctx.device)
         size = opts.crop or opts.resize
         if size and size < getattr(self.model, "min_size", 1):
             raise UsageError(f"training inputs of {size}x{size} are below the model's minimum {self.model.min_size}")
@@ -423,8 +425,8 @@ class Trainer:
             if any_rank(not batch.groups, self.ctx):  # a rank with nothing left: every rank skips the step
                 continue
             images, labels, _ = batch.groups[0]
-            loss = self.step(images.to(self.ctx.device, non_blocking=True),
-                             labels.to(self.ctx.device, dtype=torch.float32).unsqueeze(1))
+            loss = self.step(images.to(self.ctx.device, self.dtype, non_blocking=True),
+                             labels.to(self.ctx.device, self.dtype).unsqueeze(1))
             total, count = total + loss * len(labels), count + len(labels)
             bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
@@ -441,9 +443,10 @@ class Trainer:
                 logits, aux_logits = self.net(images, return_aux=True)
             else:
                 logits, aux_logits = self.net(images), None
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        loss = F.binary_cross_entropy_with_logits(logits.to(self.dtype), target)
         if aux_logits is not None:
-            loss = loss + self.opts.random_k_weight * F.binary_cross_entropy_with_logits(aux_logits.float(), target)
+            loss = loss + self.opts.random_k_weight * F.binary_cross_entropy_with_logits(aux_logits.to(self.dtype),
+                                                                                         target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -29,16 +29,21 @@ LFM_OPTIONS = ("k", "dropout", "pmin", "pmax", "random_k_weight")
 DEFAULT_K = inspect.signature(LFM).parameters["k"].default  # the released model's Top-K
 
 
-def build_model(config: dict, backend=None) -> nn.Module:
-    """A fresh model from a config such as {"model": "lfm", "k": 16, "dropout": "paper"}."""
+def build_model(config: dict, backend=None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh model from a config such as {"model": "lfm", "k": 16, "dropout": "paper"}, its parameters
+    drawn in `dtype` (float32 draws differ in their last bits between CPU instruction sets; float64 ones
+    by far less)."""
     name = config.get("model", "lfm")
-    if name == "lfm":
-        return LFM(**{key: config[key] for key in LFM_OPTIONS if key in config}, backend=backend)
-    if name == "lfm-gap":
-        return LFMGAP(backend=backend)
-    if name == "npr":
-        return NPR(backend=backend)
-    raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name not in MODEL_NAMES:
+        raise UsageError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if name == "lfm":
+            return LFM(**{key: config[key] for key in LFM_OPTIONS if key in config}, backend=backend)
+        return LFMGAP(backend=backend) if name == "lfm-gap" else NPR(backend=backend)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def check_output_file(path, option: str = "output"):
@@ -224,9 +229,10 @@ def check_head(state: dict, config: dict, path):
                          f"needs {(1, SCORE_CHANNELS * k)}")
 
 
-def load_model(path, model_name: str | None = None, backend=None, command: str = "predict"):
-    """(model in eval mode, config) from a weights file. Our safetensors name their architecture;
-    other files are `model_name` ("lfm" by default, K read from the head's width)."""
+def load_model(path, model_name: str | None = None, backend=None, command: str = "predict",
+               dtype: torch.dtype = torch.float32):
+    """(model in eval mode with parameters in `dtype`, config) from a weights file. Our safetensors name
+    their architecture; other files are `model_name` ("lfm" by default, K read from the head's width)."""
     state, config = read_state_dict(path)
     if config is None:
         config = {"model": model_name or "lfm"}
@@ -236,7 +242,7 @@ def load_model(path, model_name: str | None = None, backend=None, command: str =
         raise UsageError(f"{path} holds a {config['model']!r} model, not {model_name!r}")
     check_head(state, config, path)
     try:
-        model = build_model(config, backend=backend)
+        model = build_model(config, backend=backend, dtype=dtype)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{path} records an architecture that cannot be built ({config}): {err}") from None
     try:

@@ -1,5 +1,10 @@
-"""The demo's data (photos, generators, layout) and a tiny end-to-end run."""
+"""The demo's data (photos, generators, layout), a tiny end-to-end run, and the same numbers on every
+instruction set."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +16,30 @@ from lfm.demo import (
     HELD_OUT_GENERATORS,
     PHOTO_SOURCES,
     TRAIN_GENERATORS,
+    as_rgb,
     box_downscale,
     build_dataset,
+    high_frequency_energy,
     make_fake,
+    random_crops,
     run_demo,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+# The instruction sets a CPU may offer, as ATen, oneDNN and MKL pick them: AVX2 only, and none (scalar
+# code); the machine's own (AVX-512 here) runs with no variable set.
+INSTRUCTION_SETS = {
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def _run_python(code: str, env: dict, threads: int = 2) -> str:
+    """Run `code` in a fresh interpreter (the variables take effect at start-up only); its stdout."""
+    env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def _residual_energy(image: np.ndarray, offset: int) -> float:
@@ -53,6 +77,31 @@ def test_generators_leave_a_2x2_trace_the_photos_do_not_have():
              for g in ("bilinear", "pixel_shuffle")}
     real = _residual_energy(crop, 0) / _residual_energy(crop, 1)
     assert 0.8 < real < 1.25 and all(r < 0.8 for r in ratio.values())
+
+
+def _photo_crops(count=40):
+    rng = np.random.default_rng(0)
+    photos = [box_downscale(as_rgb(np.asarray(photo))) for name in ("astronaut", "coffee", "brick", "grass")
+              for photo in PHOTO_SOURCES[name]()]
+    return random_crops(photos, count, CROP_SIZE, rng), rng
+
+
+def test_sharp_patch_fakes_hold_as_much_detail_as_the_reals():
+    crops, rng = _photo_crops()
+    detail = {g: np.mean([high_frequency_energy(make_fake(c, g, rng)) for c in crops]) for g in GENERATORS}
+    real = np.mean([high_frequency_energy(c) for c in crops])
+    assert all(detail[g] < 0.6 * real for g in GENERATORS if g != "sharp_patch")  # re-upsampled: blurrier
+    assert detail["sharp_patch"] >= 0.95 * real
+
+
+def test_sharp_patch_changes_one_even_square_of_half_the_side():
+    crops, rng = _photo_crops(10)
+    for crop in crops:
+        changed = np.argwhere((make_fake(crop, "sharp_patch", rng) != crop).any(axis=2))
+        top, left = changed.min(axis=0)
+        bottom, right = changed.max(axis=0) + 1
+        assert bottom - top <= CROP_SIZE // 2 and right - left <= CROP_SIZE // 2
+        assert len(changed) > CROP_SIZE ** 2 // 8  # most of the square's pixels
 
 
 def _tiny_sources(n=11, size=140):
@@ -93,4 +142,30 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "results.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["npr"]["mean"]["acc"] == pytest.approx(results["npr"]["mean"]["acc"])
-    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 3 * 7
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 3 * (len(GENERATORS) + 1)
+    # The parameter counts of the three architectures (LFM's head: 64 x 16 + 1; its GAP ablation: 64 + 1)
+    assert [saved["speed"][m]["parameters"] for m in results] == [725_641, 724_681, 1_437_761]
+    assert all(saved["speed"][m]["test_images_per_s"] > 0 for m in results) and "train img/s" in out
+
+
+def test_the_demo_data_is_the_same_on_every_instruction_set():
+    """The fakes round to uint8: computed in float32 they would round differently where kernels differ."""
+    code = ("import hashlib, tempfile, pathlib; from lfm.demo import build_dataset\n"
+            "with tempfile.TemporaryDirectory() as root:\n"
+            "    build_dataset(pathlib.Path(root), crops_per_photo=2, seed=0)\n"
+            "    files = sorted(pathlib.Path(root).rglob('*.png'))\n"
+            "    print(len(files), hashlib.sha256(b''.join(f.read_bytes() for f in files)).hexdigest())")
+    digests = {name: _run_python(code, env) for name, env in {"machine": {}, **INSTRUCTION_SETS}.items()}
+    assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.slow
+def test_demo_table_is_the_same_on_every_instruction_set_and_thread_count(tmp_path):
+    code = ("import sys; from lfm.demo import demo_table, run_demo\n"
+            "print(demo_table(run_demo(out=sys.argv[1], epochs=1, crops_per_photo=3, progress=False, "
+            "log=lambda *a: None)))")
+    runs = {"machine, 2 threads": ({}, 2), "machine, 1 thread": ({}, 1),
+            **{f"{name}, 2 threads": (env, 2) for name, env in INSTRUCTION_SETS.items()}}
+    tables = {label: _run_python(code.replace("sys.argv[1]", repr(str(tmp_path / str(i)))), env, threads)
+              for i, (label, (env, threads)) in enumerate(runs.items())}
+    assert len(set(tables.values())) == 1, "\n".join(f"{label}:\n{table}" for label, table in tables.items())

@@ -101,6 +101,23 @@ def test_models_and_precisions_train(dataset, tmp_path, model, precision, cls):
     assert type(loaded) is cls and config["model"] == model
 
 
+def test_float64_trains_and_evaluates_in_float64(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--data", dataset, "--out", run, "--epochs", 1, "--precision", "float64", "--backend", "torch",
+                  "--classes", "car", "--resize", 0, "--crop", 0, "--batch-size", 8, "--workers", 0) == 0
+    assert {t.dtype for t in load_file(run / "last.safetensors").values() if t.is_floating_point()} == {torch.float64}
+    model, _ = load_model(run / "last.safetensors", dtype=torch.float64)
+    assert torch.equal(model.fc1.weight, load_file(run / "last.safetensors")["fc1.weight"])  # not rounded to float32
+    out = tmp_path / "eval"
+    assert main(["eval", "--weights", str(run / "last.safetensors"), "--data", str(dataset / "val"), "--out", str(out),
+                 "--precision", "float64", "--backend", "torch", "--workers", "0", "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["precision"] == "float64"
+    capsys.readouterr()
+    assert _train("--data", dataset, "--out", tmp_path / "triton", "--precision", "float64", "--backend", "triton",
+                  "--classes", "car") == 2
+    assert "--precision float64 runs on the torch backend only" in capsys.readouterr().err
+
+
 def test_lfm_learns_an_upsampling_trace(dataset, tmp_path):
     run = tmp_path / "run"
     assert _train("--data", dataset, "--out", run, "--epochs", 3, "--lr", "1e-3", "--resize", 0, "--crop", 0,
