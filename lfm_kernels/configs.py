@@ -3,9 +3,9 @@
 Keyed by kernel, by the kind of dot it runs ("16-bit" operands, "tf32", or "ieee" full float32 on
 FMA units) and by GPU family: "sm80" (sm_80 to sm_89: mma.sync tensor cores) and "sm90" (sm_90 and
 later: wgmma, which Triton emits for tiles of at least 64 rows). "*" matches any kind or family.
-Every entry compiles for its family with no stack, no local memory and no STL/LDL, with triton 3.9
-and with triton 3.6 (the GPU machines' version; it refuses dots with K < 16), which
-`python -m lfm_kernels.compile_report` checks, with the tensor-core instruction kind.
+Every entry compiles for its family with triton 3.9 and with triton 3.6 (the GPU machines' version; it
+refuses dots with K < 16); `python -m bench.compile_report` reports registers, spills, the wgmma shape
+and the pipelining of each, and fails where a conv on tensor cores gets no wgmma on sm_90.
 
 This module is the one launch policy: `launch_config` gives a launch its tiles (fitted to the
 extents it is given), warps, stages and floating-point fusion; under the interpreter it scales tiles
@@ -46,12 +46,6 @@ _CONFIGS = {
     },
     # The stem: float32 FMAs over K = 12 (no dot), bound by its output bytes; 32 windows x 64 channels.
     "snet_stem": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
-    # Training statistics: the same GEMM with a reduction epilogue.
-    "snet_block_stats": {
-        ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=128, num_warps=8, num_stages=3),
-        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
-    },
     # The backward passes hold more live tiles (zhat, dy, the gradient and argmax loads): narrower channels.
     "snet_block_bwd": {
         ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
@@ -88,6 +82,7 @@ _CONFIGS = {
     "topk": {("*", "*"): dict(TILE_ELEMENTS=1024, CHUNK=1024, WHOLE_ROW=4096, num_warps=4, num_stages=3)},
     "npr_residual": {("*", "*"): dict(BLOCK=512, num_warps=4, num_stages=3)},
 }
+_CONFIGS["snet_block_stats"] = _CONFIGS["snet_block"]  # training statistics: the same GEMM, a reduction epilogue
 
 # Floating-point fusion (a*b+c as one FMA, rounded once) for every launch, passed explicitly so that a new
 # Triton default cannot change our numerics silently.
@@ -118,11 +113,6 @@ def gpu_tile_sizes():
         yield
     finally:
         _gpu_tiles_in_interpreter = previous
-
-
-def interpreter_tiles() -> bool:
-    """Whether launches take the interpreter's tiles (about 4x larger; results never depend on tiling)."""
-    return interpreter_enabled() and not _gpu_tiles_in_interpreter
 
 
 @contextlib.contextmanager

@@ -52,6 +52,13 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
 
 
+def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
+    """dot_args for kernels whose operands are already in the conv's dtype (packed weights, NHWC inputs
+    cast by conv_input): only what tl.dot gets (DOT_DTYPE) and PRECISION."""
+    dots = dot_args(dtype, precision)
+    return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
+
+
 def autocast_enabled(x: torch.Tensor) -> bool:
     kind = x.device.type
     return kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)

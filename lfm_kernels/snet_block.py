@@ -28,7 +28,7 @@ from .checks import check_float_tensor, check_same_device
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
-from .precision import check_conv_dtypes, check_precision, conv_input, dot_args, resolve_precision
+from .precision import check_conv_dtypes, check_precision, conv_input, dot_args, gemm_dot_args, resolve_precision
 from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
 
 
@@ -303,13 +303,8 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
         tiles, grid = _grid("snet_block", x, w, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
         launch(_snet_block_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, gamma, beta, mean, var, out,
                argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
-               **_dots(compute_dtype, precision))
+               **gemm_dot_args(compute_dtype, precision))
     return out, argmax
-
-
-def _dots(compute_dtype, precision):
-    dots = dot_args(compute_dtype, precision)
-    return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
 
 
 def _batch_stats(x, w, bias, npr, precision, compute_dtype):
@@ -324,7 +319,7 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     m2 = torch.zeros_like(mean)
     if n_rows:
         launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, count, mean, m2,
-               n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr, **tiles, **_dots(compute_dtype, precision))
+               n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
     n = count.sum()
     mu = (count[:, None] * mean).sum(0) / n
     var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
@@ -410,7 +405,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     x_nhwc, w_packed = nhwc(x), packed_weight(weight, compute_dtype)
     args = (x_nhwc, w_packed, bn, grad, argmax if pool else grad)
     shape = (n_rows, H, W, OH, OW, Cin, Cout)
-    flags = dict(POOL=pool, NPR=npr, **tiles, **_dots(compute_dtype, precision))
+    flags = dict(POOL=pool, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
     dz = torch.empty((n_pix, Cout), dtype=torch.float32, device=x.device)
     if n_rows:

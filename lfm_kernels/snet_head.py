@@ -19,7 +19,7 @@ from .backend import on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_tile, dot_operand, packed_weight
-from .precision import check_conv_dtypes, conv_input, dot_args, resolve_precision
+from .precision import check_conv_dtypes, conv_input, gemm_dot_args, resolve_precision
 from .randomness import check_drop
 from .score_topk import score_topk
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
@@ -162,10 +162,9 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     n_chunks = cdiv(Hc * Wc, tiles["BLOCK_P"])
     cs_blocks = cdiv(CS, tiles["BLOCK_CS"])
     n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * cs_blocks, C4, fill_target(x.device))
-    dots = dot_args(compute_dtype, precision)
     args = (nhwc(x), packed_weight(weight, compute_dtype), bias, gamma, beta, mean, var,
             packed_weight(score_weight, compute_dtype, score_operand))
-    meta = dict(**tiles, DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
+    meta = dict(**tiles, **gemm_dot_args(compute_dtype, precision))
     if n_splits > 1:
         part = torch.empty((n_splits, B, CS, Hc, Wc), dtype=torch.float32, device=x.device)
         launch(_snet_head_partial_kernel, (n_splits * B, n_chunks, cs_blocks), *args, part, eps, B, Cin, C4, CS, H, W,
