@@ -52,6 +52,10 @@ _CONFIGS = {
         ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=4, num_stages=2),
     },
+    # Memory-bound passes over a stored conv map (training): BatchNorm + ReLU + pool of the forward, and the
+    # backward's pass from the output gradient to d(conv out). Rows are contiguous runs of channels.
+    "snet_block_apply": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
+    "snet_block_dz": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
     # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
     # BLOCK_C4 = 64 keeps them in registers.
@@ -92,6 +96,7 @@ FP_FUSION = True
 # tiles get 4x the table's cap in launch_config).
 _INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1024),
                      "snet_block_stats": ("BLOCK_M", 1024), "snet_block_bwd": ("BLOCK_M", 1024),
+                     "snet_block_apply": ("BLOCK_M", 1024), "snet_block_dz": ("BLOCK_M", 1024),
                      "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
                      "topk": ("TILE_ELEMENTS", 16384)}
 

@@ -161,21 +161,27 @@ def _snet_stem_kernel(
 
 @triton.jit
 def _snet_block_stats_kernel(
-    x_ptr, w_ptr, bias_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, n_rows, H, W, OH, OW, Cin, Cout,
-    NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, z_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Batch statistics, partial. Grid: (cdiv(n_rows, BLOCK_M), cdiv(Cout, BLOCK_CO)).
+    """The conv once, with batch statistics in the epilogue. Grid: (cdiv(n_rows, BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
-    Computes conv + bias at BLOCK_M pixels of the (B, OH, OW) conv map from the NHWC input and writes this
-    program's pixel count, and per channel the mean and M2 of its pixels, to part_count[pid],
-    part_mean[pid, :], part_m2[pid, :] (merged by the launcher in a fixed order).
+    Computes the conv at BLOCK_M pixels of the (B, OH, OW) conv map from the NHWC input; with STORE_Z writes
+    it (no bias, rounded to z's dtype, as a cuDNN conv in that dtype would) to z (B*OH*OW, Cout) for
+    _snet_block_apply_kernel. Writes this program's pixel count, and per channel the mean and M2 of
+    conv + bias over its pixels (of the stored values with STORE_Z), to part_count[pid], part_mean[pid, :],
+    part_m2[pid, :] (merged by the launcher in a fixed order).
     """
-    _, b, r, c, live = conv_rows(n_rows, OH, OW, False, BLOCK_M)
+    g, b, r, c, live = conv_rows(n_rows, OH, OW, False, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_live = co < Cout
     a = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
                   DOT_DTYPE, PRECISION)
+    if STORE_Z:
+        a = a.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + g.to(tl.int64)[:, None] * Cout + co[None, :], a, mask=live[:, None] & co_live[None, :])
+        a = a.to(tl.float32)
     a += tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     n = tl.sum(live.to(tl.float32), axis=0)
     mean = tl.sum(tl.where(live[:, None], a, 0.0), axis=0) / tl.maximum(n, 1.0)
@@ -187,22 +193,43 @@ def _snet_block_stats_kernel(
 
 
 @triton.jit
-def _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W, OH, OW, Cin, Cout, POOL: tl.constexpr,
-              NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The backward passes' common part over BLOCK_M conv pixels (whole windows of the (OH, OW) grid that
-    covers the conv map with POOL): the recomputed normalized conv output zhat, the gradient dy at the
-    BatchNorm output (the output gradient routed through the saved argmax and the ReLU), gamma * rstd,
-    and the pixel rows, output channels and their liveness. bn is float32 (5, Cout): bias, mean, rstd,
-    gamma, beta."""
+def _snet_block_apply_kernel(
+    z_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, argmax_ptr, eps, n_rows, Hc, Wc, OH, OW, Cout,
+    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """BatchNorm + ReLU [+ 2x2 max-pool, argmax] of a stored conv: memory-bound. Grid: as _snet_block_kernel's.
+
+    Reads z (B*Hc*Wc, Cout), the conv without bias that _snet_block_stats_kernel stored, at the BLOCK_M
+    pixels conv_rows gives (whole pool windows with POOL); writes as _snet_block_kernel, argmax included.
+    """
     g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_live = co < Cout
-    Hc = H - 1
-    Wc = W - 1
-    valid = live & (r < Hc) & (c < Wc)
-    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                  DOT_DTYPE, PRECISION)
+    at = ((b.to(tl.int64) * Hc + r) * Wc + c)[:, None] * Cout + co[None, :]
+    acc = tl.load(z_ptr + at, mask=live[:, None] & co_live[None, :], other=0.0).to(tl.float32)
+    scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
+    _store_normalized(relu(acc * scale + shift), g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL,
+                      POOL, BLOCK_M, BLOCK_CO)
+
+
+@triton.jit
+def _backward_rows(n_rows, H, W, OH, OW, Cout, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """The backward passes' rows: BLOCK_M conv pixels (whole windows of the (OH, OW) grid that covers the
+    conv map with POOL), their offsets in the (B*(H-1)*(W-1), Cout) conv map, whether each is a pixel of
+    the map, and the output channels with their liveness."""
+    _, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    valid = live & (r < H - 1) & (c < W - 1)
+    pixel = ((b.to(tl.int64) * (H - 1) + r) * (W - 1) + c) * Cout
+    return b, r, c, valid, pixel, co, co < Cout
+
+
+@triton.jit
+def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout, POOL: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """From the conv output a (no bias) at _backward_rows' pixels: the normalized zhat, the gradient dy at
+    the BatchNorm output (the output gradient routed through the saved argmax and the ReLU) and
+    gamma * rstd. bn is float32 (5, Cout): bias, mean, rstd, gamma, beta."""
     bias = tl.load(bn_ptr + co, mask=co_live, other=0.0)[None, :]
     mean = tl.load(bn_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
     rstd = tl.load(bn_ptr + 2 * Cout + co, mask=co_live, other=0.0)[None, :]
@@ -211,31 +238,38 @@ def _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W, OH, OW, 
     zhat = (a + bias - mean) * rstd
     if POOL:  # the window's gradient goes to its argmax position; windows past the floor of the half get none
         m = tl.arange(0, BLOCK_M)
-        Hp = Hc // 2
-        Wp = Wc // 2
+        Hp = (H - 1) // 2
+        Wp = (W - 1) // 2
         win = (b.to(tl.int64) * Hp + r // 2) * Wp + c // 2
         pooled = (valid & (r // 2 < Hp) & (c // 2 < Wp))[:, None] & co_live[None, :]
         at = win[:, None] * Cout + co[None, :]
         arg = tl.load(argmax_ptr + at, mask=pooled, other=4).to(tl.int32)
         da = tl.load(grad_ptr + at, mask=pooled & (arg == (m // (BLOCK_M // 4))[:, None]), other=0.0)
     else:
-        da = tl.load(grad_ptr + g.to(tl.int64)[:, None] * Cout + co[None, :], mask=valid[:, None] & co_live[None, :],
-                     other=0.0)
+        da = tl.load(grad_ptr + pixel[:, None] + co[None, :], mask=valid[:, None] & co_live[None, :], other=0.0)
     dy = tl.where(valid[:, None] & (zhat * gamma + beta > 0), da.to(tl.float32), 0.0)
-    return zhat, dy, gamma * rstd, b, r, c, valid, co, co_live
+    return zhat, dy, gamma * rstd
 
 
 @triton.jit
 def _snet_block_dy_sums_kernel(
-    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, z_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Backward, pass 1. Grid: as _snet_block_dz_kernel's. Writes this program's per-channel sums of dy and
-    dy * zhat to sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer."""
-    zhat, dy, _, _, _, _, _, co, co_live = _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W, OH, OW,
-                                                    Cin, Cout, POOL, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO, DOT_DTYPE,
-                                                    PRECISION)
+    """Backward, pass 1: the conv recomputed once. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M),
+    cdiv(Cout, BLOCK_CO)).
+
+    Reads the NHWC block input, the packed weight, the output gradient and the window argmax; writes the
+    conv output (float32, no bias) to z (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel
+    sums of dy and dy * zhat to sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
+    """
+    b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
+    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
+    tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
+    zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
+                            POOL, BLOCK_M)
     at = tl.program_id(0) * Cout + co
     tl.store(sums_ptr + at, tl.sum(dy, axis=0), mask=co_live)
     tl.store(sums_ptr + tl.num_programs(0) * Cout + at, tl.sum(dy * zhat, axis=0), mask=co_live)
@@ -243,22 +277,24 @@ def _snet_block_dy_sums_kernel(
 
 @triton.jit
 def _snet_block_dz_kernel(
-    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dz_ptr, n_rows, H, W, OH, OW, Cin, Cout,
-    POOL: tl.constexpr, NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    z_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, n_rows, H, W, OH, OW, Cout,
+    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """Backward, pass 2. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
+    """Backward, pass 2, memory-bound. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
+    Reads pass 1's conv output z, the output gradient and the argmax; overwrites z in place with
     d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)), the two means in means (2, Cout)
-    (zeros when the statistics were not the batch's), written as float32 (B, H-1, W-1, Cout) to dz.
+    (zeros when the statistics were not the batch's). Each program reads and writes only its own pixels.
     """
-    zhat, dy, g, b, r, c, valid, co, co_live = _block_dy(x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, n_rows, H, W,
-                                                         OH, OW, Cin, Cout, POOL, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                                                         DOT_DTYPE, PRECISION)
+    b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
+    at = z_ptr + pixel[:, None] + co[None, :]
+    ok = valid[:, None] & co_live[None, :]
+    a = tl.load(at, mask=ok, other=0.0)
+    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
+                            POOL, BLOCK_M)
     c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
     c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
-    at = ((b.to(tl.int64) * (H - 1) + r) * (W - 1) + c) * Cout
-    tl.store(dz_ptr + at[:, None] + co[None, :], g * (dy - c1 - zhat * c2), mask=valid[:, None] & co_live[None, :])
+    tl.store(at, k * (dy - c1 - zhat * c2), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +319,9 @@ def _grid(kernel, x, w, n_rows, pool, compute_dtype, precision, **extents):
 
 
 def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, precision, compute_dtype,
-                      save_argmax=False):
-    """relu(batchnorm(conv)) [pooled] with the given statistics: (NHWC out, window argmax or None)."""
+                      save_argmax=False, z=None):
+    """relu(batchnorm(conv)) [pooled] with the given statistics: (NHWC out, window argmax or None). Given z,
+    the conv that _batch_stats stored (training), it reads that instead of computing the conv again."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w.shape[0], H - 1, W - 1
     OH, OW = (Hc // 2, Wc // 2) if pool else (Hc, Wc)
@@ -294,7 +331,11 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
     if not n_rows:
         return out, argmax
     flags = dict(POOL=pool, SAVE_ARGMAX=argmax is not None)
-    if npr:
+    if z is not None:
+        tiles, grid = _grid("snet_block_apply", x, w, n_rows, pool, compute_dtype, precision)
+        launch(_snet_block_apply_kernel, grid, z, bias, gamma, beta, mean, var, out,
+               argmax if argmax is not None else out, eps, n_rows, Hc, Wc, OH, OW, Cout, POOL=pool, **tiles)
+    elif npr:
         tiles, grid = _grid("snet_stem", x, w, n_rows, pool, compute_dtype, precision)
         launch(_snet_stem_kernel, grid, x.contiguous(), w.contiguous(), bias, gamma, beta, mean, var, out,
                argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
@@ -308,8 +349,10 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
 
 
 def _batch_stats(x, w, bias, npr, precision, compute_dtype):
-    """Per-channel mean and biased variance of conv(x) + bias, merged from per-program (count, mean, M2)
-    with Chan's formula in program order."""
+    """(mean, biased variance, z) of conv(x) + bias per channel, merged from per-program (count, mean, M2)
+    with Chan's formula in program order. z is the conv (no bias, compute_dtype, (B*(H-1)*(W-1), Cout))
+    for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute again than its
+    64-channel map costs to store and read."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w.shape[0], H - 1, W - 1
     n_rows = B * Hc * Wc
@@ -317,13 +360,15 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     count = torch.zeros(grid[0], dtype=torch.float32, device=x.device)
     mean = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
     m2 = torch.zeros_like(mean)
+    z = None if npr else torch.empty((n_rows, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, count, mean, m2,
-               n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
+        launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias,
+               mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
+               STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
     n = count.sum()
     mu = (count[:, None] * mean).sum(0) / n
     var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
-    return mu, var
+    return mu, var, z
 
 
 def block_precision(npr: bool, precision: str) -> str:
@@ -368,12 +413,13 @@ def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
     (out, window argmax or an empty tensor, mean used, biased variance used)."""
     precision = block_precision(npr, precision)
+    z = None
     if batch_stats:
-        mean_used, var_used = _batch_stats(x, weight, bias, npr, precision, compute_dtype)
+        mean_used, var_used, z = _batch_stats(x, weight, bias, npr, precision, compute_dtype)
     else:
         mean_used, var_used = mean.float().clone(), var.float().clone()
     out, argmax = _launch_normalize(x, weight, bias, gamma, beta, mean_used, var_used, eps, pool=pool, npr=npr,
-                                    precision=precision, compute_dtype=compute_dtype, save_argmax=True)
+                                    precision=precision, compute_dtype=compute_dtype, save_argmax=True, z=z)
     if argmax is None:
         argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
     return out, argmax, mean_used, var_used
@@ -393,8 +439,9 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
                             argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
                             precision: str, compute_dtype: torch.dtype, need_dx: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): two passes through pool, ReLU and
-    BatchNorm to d(conv out), then its weight and input gradients."""
+    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): the conv once more with the sums
+    BatchNorm's backward needs, a memory-bound pass through pool, ReLU and BatchNorm to d(conv out), then
+    its weight and input gradients."""
     precision = block_precision(npr, precision)
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
@@ -402,18 +449,17 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     n_rows, n_pix = B * OH * OW, B * Hc * Wc
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
-    x_nhwc, w_packed = nhwc(x), packed_weight(weight, compute_dtype)
-    args = (x_nhwc, w_packed, bn, grad, argmax if pool else grad)
-    shape = (n_rows, H, W, OH, OW, Cin, Cout)
-    flags = dict(POOL=pool, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
+    routing = (grad, argmax if pool else grad)
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
-    dz = torch.empty((n_pix, Cout), dtype=torch.float32, device=x.device)
+    dz = torch.empty((n_pix, Cout), dtype=torch.float32, device=x.device)  # the conv output, then its gradient
     if n_rows:
-        launch(_snet_block_dy_sums_kernel, grid, *args, sums, *shape, **flags)
+        launch(_snet_block_dy_sums_kernel, grid, nhwc(x), packed_weight(weight, compute_dtype), bn, *routing, sums, dz,
+               n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
     means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
     if n_rows:
-        launch(_snet_block_dz_kernel, grid, *args, means, dz, *shape, **flags)
+        tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
+        launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, n_rows, H, W, OH, OW, Cout, POOL=pool, **tiles)
     dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()
     dbias = dz.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
