@@ -94,9 +94,21 @@ def arg_type(arg) -> str:
     raise TypeError(f"unsupported kernel argument {arg!r}")
 
 
+def arg_specialization(arg) -> tuple:
+    """(type, specialization) of a kernel argument as the JIT compiles it at a real launch: an integer equal
+    to 1 becomes the constant 1 ("1"), one divisible by 16 is compiled as such ("D": what lets NHWC channel
+    loads vectorize and go asynchronous), pointers are 16-byte aligned ("D": torch allocations are)."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        if arg == 1:
+            return "constexpr", "1"
+        return arg_type(arg), "D" if arg % 16 == 0 else ""
+    return arg_type(arg), "D" if isinstance(arg, torch.Tensor) else ""
+
+
 def launch_key(launch) -> tuple:
-    """What makes two launches one compiled kernel: name, argument types, constexprs and options."""
-    return (launch.name, tuple(arg_type(a) for a in launch.args),
+    """What makes two launches one compiled kernel: name, argument types and specializations, constexprs and
+    options."""
+    return (launch.name, tuple(arg_specialization(a) for a in launch.args),
             tuple(sorted((k, repr(v)) for k, v in launch.meta.items())))
 
 
@@ -184,10 +196,12 @@ def compile_launch(launch, cc: int):
                 raise TypeError(f"constexpr {name} of {launch.name} is not passed by keyword")
             signature[name], constexprs[name] = "constexpr", launch.meta[name]
             continue
-        arg = next(positional)
-        signature[name] = arg_type(arg)
-        if isinstance(arg, torch.Tensor):
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        kind, specialization = arg_specialization(next(positional))
+        signature[name] = kind
+        if specialization == "1":
+            constexprs[name] = 1
+        elif specialization == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     options = {k: launch.meta[k] for k in LAUNCH_OPTIONS if k in launch.meta}
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
                           options=options)

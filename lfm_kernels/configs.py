@@ -55,7 +55,7 @@ _CONFIGS = {
     # Memory-bound passes over a stored conv map (training): BatchNorm + ReLU + pool of the forward, and the
     # backward's pass from the output gradient to d(conv out). Rows are contiguous runs of channels.
     "snet_block_apply": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
-    "snet_block_dz": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
+    "snet_block_dz": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=8, num_stages=1)},
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
     # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
     # BLOCK_C4 = 64 keeps them in registers.
@@ -64,12 +64,18 @@ _CONFIGS = {
         ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=16, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
     },
-    # d(conv input): [BLOCK_P pixels, BLOCK_CI] per program, reduction over BLOCK_CO x 4 taps.
-    "conv2x2_dx": {("*", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=8, num_stages=1)},
-    # d(conv weight): split-K over positions (at most MAX_SPLITS partials, summed in a fixed order).
+    # d(conv input): the implicit GEMM [BLOCK_P pixels, BLOCK_CI] over K = BLOCK_CO x 4 taps; its A operand is
+    # the float32 d(conv out) in every precision, so K steps of 16 keep 3 stages of 4 taps within 228 KB.
+    "conv2x2_dx": {
+        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_CO=16, num_warps=4, num_stages=2),
+        ("*", "*"): dict(BLOCK_P=128, BLOCK_CI=128, BLOCK_CO=16, num_warps=8, num_stages=3),
+    },
+    # d(conv weight): [BLOCK_CO, BLOCK_CI] per tap, K = positions in steps of BLOCK_P, split-K over positions
+    # (at most MAX_SPLITS partials, summed in a fixed order).
     "conv2x2_dw": {
-        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_CO=32, MAX_SPLITS=64, num_warps=8, num_stages=3),
-        ("*", "*"): dict(BLOCK_P=64, BLOCK_CI=32, BLOCK_CO=64, MAX_SPLITS=64, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_P=32, BLOCK_CI=64, BLOCK_CO=64, MAX_SPLITS=64, num_warps=4, num_stages=2),
+        ("tf32", "*"): dict(BLOCK_P=32, BLOCK_CI=128, BLOCK_CO=128, MAX_SPLITS=64, num_warps=8, num_stages=4),
+        ("16-bit", "*"): dict(BLOCK_P=64, BLOCK_CI=128, BLOCK_CO=128, MAX_SPLITS=64, num_warps=8, num_stages=3),
     },
     # Scoring + Top-K candidates: [BLOCK_CO, BLOCK_N positions] score tile; full-float32 dots: narrower K.
     "score_topk_chunk": {

@@ -7,7 +7,7 @@ times the tap's [Cin, Cout] weight slice. The forward kernels run it as a GEMM w
 NHWC activations and a packed (4, Cin, Cout) weight (packed_weight), so that every A and B tile is a
 set of contiguous vectors (conv_tile). Operands are rounded to the conv's dtype (dot_operand).
 Kernels:
-  _conv2x2_dx_kernel   d(conv input) from d(conv out): implicit GEMM over the 4 taps
+  _conv2x2_dx_kernel   d(conv input) from d(conv out): implicit GEMM over Cout x the 4 taps
   _conv2x2_dw_kernel   d(conv weight): split-K GEMM over positions, partials summed in a fixed order
 """
 import torch
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, launch, launch_config
-from .precision import dot_args
+from .precision import dot_args, gemm_dot_args
 
 
 @triton.jit
@@ -95,35 +95,23 @@ def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl
     return acc
 
 
-@triton.jit
-def dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, ky, kx, co, co_live, ci, ci_live, Hc, Wc, Cout, swo, swi, swh, sww,
-            OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += dz[b, i-ky, j-kx, co] @ weight[co, ci, ky, kx] for one tap (zero outside the conv output)."""
-    r = i - ky
-    c = j - kx
-    ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
-    at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
-    d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
-    wt = tl.load(w_ptr + ky * swh + kx * sww + co[:, None] * swo + ci[None, :] * swi,
-                 mask=co_live[:, None] & ci_live[None, :], other=0.0)
-    return tl.dot(dot_operand(d, OPERAND_DTYPE, DOT_DTYPE), dot_operand(wt, OPERAND_DTYPE, DOT_DTYPE), acc,
-                  input_precision=PRECISION)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _conv2x2_dx_kernel(
-    dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, Hc, Wc, swo, swi, swh, sww, sdb, sdc, sdh, sdw,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    dz_ptr, w_ptr, dx_ptr, n_pix, Cin, Cout, H, W, sdb, sdc, sdh, sdw,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """d(conv input). Grid: (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
+    """d(conv input) as an implicit GEMM: M = input pixels, N = Cin, K = Cout blocks x 4 taps. Grid:
+    (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
 
     dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
-    reads the float32 dz (B, Hc, Wc, Cout) and the weight, writes dx through its strides. Each
-    input pixel gathers its own sum: no atomics.
+    reads the float32 dz (B*(H-1)*(W-1), Cout), whose rows for one tap are a constant shift of the
+    pixel's (zero outside the conv map), and the packed (4, Cout, Cin) weight (packed_weight with
+    dgrad_operand), whose dtype operands are rounded to; writes dx through its strides. Each input pixel
+    gathers its own sum: no atomics.
     """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     live = p < n_pix
@@ -132,18 +120,23 @@ def _conv2x2_dx_kernel(
     b = p // (W * H)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_live = ci < Cin
+    Hc = H - 1
+    Wc = W - 1
+    operand = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
     for co0 in range(0, Cout, BLOCK_CO):
         co = co0 + tl.arange(0, BLOCK_CO)
         co_live = co < Cout
-        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 0, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 0, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
-        acc = dx_tap(dz_ptr, w_ptr, acc, b, i, j, live, 1, 1, co, co_live, ci, ci_live, Hc, Wc, Cout,
-                      swo, swi, swh, sww, OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+        for tap in tl.static_range(4):
+            r = i - tap // 2
+            c = j - tap % 2
+            ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
+            at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
+            d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
+            wt = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + ci[None, :],
+                         mask=co_live[:, None] & ci_live[None, :], other=0.0)
+            acc = tl.dot(dot_operand(d, operand, DOT_DTYPE), dot_operand(wt, operand, DOT_DTYPE), acc,
+                         input_precision=PRECISION)
     at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
     tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
 
@@ -200,6 +193,11 @@ def conv_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0)
 
 
+def dgrad_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The (Cout, Cin, 2, 2) weight as _conv2x2_dx_kernel's (4, Cout, Cin) B operand."""
+    return weight.permute(2, 3, 0, 1)
+
+
 def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
     """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
     partial sums added in a fixed order."""
@@ -226,6 +224,6 @@ def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if dx.numel():
         launch(_conv2x2_dx_kernel, (cdiv(B * H * W, tiles["BLOCK_P"]), cdiv(Cin, tiles["BLOCK_CI"])),
-               dz, weight, dx, B * H * W, Cin, Cout, H, W, H - 1, W - 1, *weight.stride(), *dx.stride(), **tiles,
-               **dot_args(compute_dtype, precision))
+               dz, packed_weight(weight, compute_dtype, dgrad_operand), dx, B * H * W, Cin, Cout, H, W, *dx.stride(),
+               **tiles, **gemm_dot_args(compute_dtype, precision))
     return dx
