@@ -7,16 +7,21 @@ per-channel scale and shift computed in the kernel from the conv bias, gamma, be
 variance: no folded weight copy that an update could leave stale), ReLU and the pool happen in the
 epilogue and only the pooled map is written. The stem (npr: the image's residual, 3 channels, K = 12)
 is memory-bound: it runs as plain float32 FMAs, as cuDNN does, in every precision mode.
-Training runs a statistics pass first (per-program partial count, mean and M2 of the conv, merged in a
-fixed order: deterministic, no atomics), then the same normalize kernel as inference with the window
-argmax saved (uint8). The backward recomputes the conv: a pass of per-program sums of dy and dy*zhat,
-then a pass writing d(conv out), then conv2x2.py's input and weight gradients. ReLU and max-pool
-propagate NaN as PyTorch does. Kernels:
-  _snet_block_kernel        conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference and training
-  _snet_stem_kernel         the same for the stem: abs-NPR + conv as float32 FMAs
-  _snet_block_stats_kernel  per-program count, mean and M2 of conv + bias (training statistics)
-  _snet_block_dy_sums_kernel  backward: per-program sums of dy and dy * zhat
-  _snet_block_dz_kernel       backward: d(conv out) from those sums' means
+Training computes each conv once in the forward: a GEMM whose epilogue stores the conv (in the compute
+dtype, as cuDNN would) and per-program partial count, mean and M2 (merged in a fixed order:
+deterministic, no atomics), then a memory-bound pass that normalizes, ReLUs and pools it and saves the
+window argmax (uint8). Only the block input, the statistics and the argmax are kept for the backward, so
+activation memory stays a third of eager's; the backward computes the conv once more (a GEMM whose
+epilogue stores it with per-program sums of dy and dy * zhat), turns it into d(conv out) in place in a
+memory-bound pass, then runs conv2x2.py's input and weight gradients. The stem keeps a statistics pass
+and the fused normalize kernel: its conv (K = 12) costs less to compute twice than its 64-channel map
+costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
+  _snet_block_kernel          conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference, fixed statistics
+  _snet_stem_kernel           the same for the stem: abs-NPR + conv as float32 FMAs
+  _snet_block_stats_kernel    training: the conv [stored] with per-program count, mean and M2 of conv + bias
+  _snet_block_apply_kernel    training: BatchNorm + ReLU [+ pool, argmax] of the stored conv
+  _snet_block_dy_sums_kernel  backward: the conv stored, with per-program sums of dy and dy * zhat
+  _snet_block_dz_kernel       backward: d(conv out) in place from the stored conv and those sums' means
 """
 import torch
 import torch.nn.functional as F
