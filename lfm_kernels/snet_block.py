@@ -266,13 +266,16 @@ def _snet_block_dy_sums_kernel(
     cdiv(Cout, BLOCK_CO)).
 
     Reads the NHWC block input, the packed weight, the output gradient and the window argmax; writes the
-    conv output (float32, no bias) to z (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel
-    sums of dy and dy * zhat to sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
+    conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
+    (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel sums of dy and dy * zhat to
+    sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
                   DOT_DTYPE, PRECISION)
+    a = a.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
+    a = a.to(tl.float32)
     zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
                             POOL, BLOCK_M)
     at = tl.program_id(0) * Cout + co
@@ -282,24 +285,28 @@ def _snet_block_dy_sums_kernel(
 
 @triton.jit
 def _snet_block_dz_kernel(
-    z_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, n_rows, H, W, OH, OW, Cout,
+    z_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """Backward, pass 2, memory-bound. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
     Reads pass 1's conv output z, the output gradient and the argmax; overwrites z in place with
-    d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)), the two means in means (2, Cout)
-    (zeros when the statistics were not the batch's). Each program reads and writes only its own pixels.
+    d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) in z's dtype (what the gradient
+    GEMMs round their operand to), the two means in means (2, Cout) (zeros when the statistics were not the
+    batch's), and writes this program's float32 per-channel sum of it (the conv bias's gradient) to
+    dbias[pid, :]. Each program reads and writes only its own pixels.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     at = z_ptr + pixel[:, None] + co[None, :]
     ok = valid[:, None] & co_live[None, :]
-    a = tl.load(at, mask=ok, other=0.0)
+    a = tl.load(at, mask=ok, other=0.0).to(tl.float32)
     zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
                             POOL, BLOCK_M)
     c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
     c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
-    tl.store(at, k * (dy - c1 - zhat * c2), mask=ok)
+    dz = tl.where(ok, k * (dy - c1 - zhat * c2), 0.0)
+    tl.store(at, dz.to(z_ptr.dtype.element_ty), mask=ok)
+    tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,17 +463,19 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
     routing = (grad, argmax if pool else grad)
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
-    dz = torch.empty((n_pix, Cout), dtype=torch.float32, device=x.device)  # the conv output, then its gradient
+    dz = torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)  # the conv output, then its gradient
     if n_rows:
         launch(_snet_block_dy_sums_kernel, grid, nhwc(x), packed_weight(weight, compute_dtype), bn, *routing, sums, dz,
                n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
     means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
+    tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
+    dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
     if n_rows:
-        tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
-        launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, n_rows, H, W, OH, OW, Cout, POOL=pool, **tiles)
+        launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, dbias, n_rows, H, W, OH, OW, Cout, POOL=pool,
+               **tiles)
     dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()
-    dbias = dz.sum(0).to(bias.dtype)
+    dbias = dbias.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
     if need_dx:
         dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
