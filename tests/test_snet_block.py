@@ -73,6 +73,25 @@ def test_training_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("npr", [False, True])
+def test_training_computes_each_conv_once_per_pass(npr):
+    # Blocks 2-4: one conv GEMM in the forward (statistics in its epilogue, the conv stored for a memory-bound
+    # normalize pass) and one in the backward before the gradient GEMMs. The stem computes its cheap conv
+    # twice in the forward instead of storing 64 channels.
+    cin = 3 if npr else 8
+    leaves = [t.requires_grad_() for t in [torch.randn(2, cin, 9, 9)] + block_params(cin, 16)[:4]]
+    with recorded_launches() as forward:
+        out = snet_block(*leaves, *block_params(cin, 16)[4:], training=True, npr=npr, backend="triton")
+    with recorded_launches() as backward:
+        out.sum().backward()
+    stored = ["_snet_block_stats_kernel", "_snet_block_apply_kernel"]
+    assert [launch.name for launch in forward] == (["_snet_block_stats_kernel", "_snet_stem_kernel"] if npr
+                                                   else stored)
+    assert [launch.name for launch in backward][:4] == ["_snet_block_dy_sums_kernel", "_snet_block_dz_kernel",
+                                                        "_conv2x2_dw_kernel", "_conv2x2_dx_kernel"]
+    assert [launch.meta["STORE_Z"] for launch in forward if launch.name == stored[0]] == [not npr]
+
+
 def test_snet_block_module_loads_sequential_state_dict():
     seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16), nn.ReLU())
     seq[1].running_mean.normal_()

@@ -96,9 +96,9 @@ def test_tf32_follows_torchs_cudnn_switch_in_eval_and_training():
         snet_head(x, *params, score_weight, 3, training=True, backend="triton", **precision).sum().backward()
 
     assert _kernel_precisions(eval_and_train) == {
-        name: {"tf32"} for name in ("_snet_block_stats_kernel", "_snet_head_candidates_kernel", "_score_topk_chunk_kernel",
-                                    "_snet_block_dy_sums_kernel", "_conv2x2_dw_kernel", "_conv2x2_dx_kernel",
-                                    "_score_topk_dfeat_kernel")}
+        name: {"tf32"} for name in ("_snet_block_stats_kernel", "_snet_head_candidates_kernel",
+                                    "_score_topk_chunk_kernel", "_snet_block_dy_sums_kernel", "_conv2x2_dw_kernel",
+                                    "_conv2x2_dx_kernel", "_score_topk_dfeat_kernel")}
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         seen = _kernel_precisions(eval_and_train)
         assert set().union(*seen.values()) == {"ieee"}, seen
