@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
+from .backend import call_op, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_same_device
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
@@ -344,14 +344,16 @@ def _fake_out(x, w, pool, dtype):
     return torch.empty(_out_shape(x, w, pool), dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("lfm::snet_block_eval", mutates_args=())
 @on_input_device
-def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+def _snet_block_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                         beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
                         precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
     return _launch_normalize(x, weight, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
                              precision=block_precision(npr, precision), compute_dtype=compute_dtype)[0]
+
+
+_snet_block_eval_op = torch.library.custom_op("lfm::snet_block_eval", _snet_block_eval, mutates_args=())
 
 
 @_snet_block_eval_op.register_fake
@@ -518,8 +520,8 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     precision = resolve_precision(input_precision)
     bias = conv_bias_or_zeros(conv_weight, conv_bias)
     if not trains:
-        return torch.ops.lfm.snet_block_eval(x, conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                             pool, npr, precision, compute_dtype)
+        return call_op(torch.ops.lfm.snet_block_eval, _snet_block_eval, x, conv_weight, bias, bn_weight, bn_bias,
+                       running_mean, running_var, eps, pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
     out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
                                                        bool(training), pool, npr, precision, compute_dtype)

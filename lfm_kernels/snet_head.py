@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
+from .backend import call_op, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_tile, dot_operand, packed_weight
@@ -149,9 +149,8 @@ def _head_splits(tiles, programs, C4, target):
     return splits(tiles)
 
 
-@torch.library.custom_op("lfm::snet_head_eval", mutates_args=())
 @on_input_device
-def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+def _snet_head_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                        beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
                        score_weight: torch.Tensor, k: int, precision: str, compute_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +178,9 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out = torch.empty((B, CS, k), dtype=compute_dtype, device=x.device)
     idx, _ = merge_candidates(cand_key, cand_pos, out, k)
     return out, idx.view(B, CS, k)
+
+
+_snet_head_eval_op = torch.library.custom_op("lfm::snet_head_eval", _snet_head_eval, mutates_args=())
 
 
 @_snet_head_eval_op.register_fake
@@ -211,7 +213,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
                           input_precision=input_precision, backend=backend)
     check_kernel_k(k)
     x, compute_dtype = conv_input("x", x)
-    values, idx = torch.ops.lfm.snet_head_eval(x, conv_weight, conv_bias_or_zeros(conv_weight, conv_bias), bn_weight,
-                                               bn_bias, running_mean, running_var, eps, score_weight, k,
-                                               resolve_precision(input_precision), compute_dtype)
+    values, idx = call_op(torch.ops.lfm.snet_head_eval, _snet_head_eval, x, conv_weight,
+                          conv_bias_or_zeros(conv_weight, conv_bias), bn_weight, bn_bias, running_mean, running_var,
+                          eps, score_weight, k, resolve_precision(input_precision), compute_dtype)
     return (values, idx) if return_indices else values
