@@ -24,11 +24,19 @@ import triton
 import triton.language as tl
 
 from .backend import call_op, on_input_device, resolve_backend
-from .checks import check_float_tensor, check_same_device
+from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensor_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
-from .precision import check_conv_dtypes, check_precision, conv_input, dot_args, gemm_dot_args, resolve_precision
+from .precision import (
+    autocast_enabled,
+    check_conv_dtypes,
+    check_precision,
+    conv_input,
+    dot_args,
+    gemm_dot_args,
+    resolve_precision,
+)
 from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
 
 
@@ -457,9 +465,23 @@ _snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
-                input_precision):
-    """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend."""
+def block_signature(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                    input_precision) -> tuple:
+    """What check_block reads of its arguments (checks.once_per_signature): the tensors' shapes, dtypes and
+    devices, the flags, and whether autocast is on for x's device."""
+    tensors = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    return (*map(tensor_signature, tensors), bool(training), bool(pool), flag_signature(input_precision),
+            isinstance(x, torch.Tensor) and autocast_enabled(x))
+
+
+def check_block(*args):
+    """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend; arguments as
+    _check_block's, run once per signature."""
+    once_per_signature(block_signature(*args), _check_block, *args)
+
+
+def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                 input_precision):
     check_float_tensor("x", x, 4)
     check_float_tensor("conv_weight", conv_weight, 4)
     Cout, Cin = conv_weight.shape[:2]
