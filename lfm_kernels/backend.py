@@ -63,7 +63,8 @@ def on_input_device(op):
 
     @functools.wraps(op)
     def launch(*args, **kwargs):
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)  # the usual case first
         if first is None or first.device.type != "cuda":
             return op(*args, **kwargs)
         with torch.cuda.device(first.device):
