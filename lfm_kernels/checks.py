@@ -1,6 +1,8 @@
 """Argument checks the ops share: each raises ValueError naming the offending value, before any launch."""
 import torch
 
+from .backend import plain_eager
+
 # The Triton selection runs k rounds of "max, remove" over tiles of at most 2 * MAX_KERNEL_K candidates
 # per row: beyond that a round costs more than a sort, and the tiles no longer fit in registers.
 MAX_KERNEL_K = 1024
@@ -21,15 +23,18 @@ def flag_signature(v):
     return (type(v), v) if v is None or type(v) in (bool, int, str) else type(v)
 
 
-def once_per_signature(signature: tuple, check, *args):
-    """check(*args) unless a call with this signature passed it before. For checks that read only what the
-    signature holds (shapes, dtypes, devices, flags, autocast state), never tensor values: a signature that
-    passed passes again, and a failing call stores nothing, so bad input raises the same ValueError every
-    time. Saves the checks' host time on every repeated call (batch-1 latency)."""
-    key = (check, *signature)
+def once_per_signature(check, signature, x, *args):
+    """check(x, *args) unless a call with the same signature(x, *args) passed it before. For checks that read
+    only what the signature holds (shapes, dtypes, devices, flags, autocast state), never tensor values: a
+    signature that passed passes again, and a failing call stores nothing, so bad input raises the same
+    ValueError every time. Saves the checks' host time on repeated calls (batch-1 latency). Plain eager
+    calls only (backend.plain_eager on x): traced shapes may be symbolic, which do not hash."""
+    if not plain_eager(x):
+        return check(x, *args)
+    key = (check, *signature(x, *args))
     if key in _PASSED:
         return
-    check(*args)
+    check(x, *args)
     if len(_PASSED) >= _PASSED_LIMIT:
         _PASSED.clear()
     _PASSED.add(key)

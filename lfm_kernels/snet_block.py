@@ -477,7 +477,7 @@ def block_signature(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
 def check_block(*args):
     """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend; arguments as
     _check_block's, run once per signature."""
-    once_per_signature(block_signature(*args), _check_block, *args)
+    once_per_signature(_check_block, block_signature, *args)
 
 
 def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,

@@ -202,10 +202,17 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, score_weight, k, precision, 
     return x.new_empty((B, CS, k), dtype=compute_dtype), x.new_empty((B, CS, k), dtype=torch.int64)
 
 
-def _check_head(block: tuple, score_weight, k):
-    """snet_head's checks: check_block's on block (its arguments), then those of the scoring and k."""
-    _check_block(*block)
-    x, conv_weight = block[:2]
+def _head_signature(*args) -> tuple:
+    """What _check_head reads of its arguments (checks.once_per_signature)."""
+    *block, score_weight, k = args
+    return *block_signature(*block[:-1], False, block[-1]), tensor_signature(score_weight), flag_signature(k)
+
+
+def _check_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, input_precision,
+                score_weight, k):
+    """snet_head's checks: check_block's (block 4 does not pool), then those of the scoring and k."""
+    _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
+                 input_precision)
     check_float_tensor("score_weight", score_weight, 4)
     if score_weight.shape[1:] != (conv_weight.shape[0], 1, 1) or score_weight.shape[0] == 0:
         raise ValueError(f"score_weight must have shape (Cs, {conv_weight.shape[0]}, 1, 1) with Cs >= 1, got "
@@ -219,10 +226,8 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     """score_topk(snet_block(x, ..., pool=False), score_weight, k, ...): LFM's block 4, 1x1 scoring and
     Top-K; see the module docstring. The scoring uses the block's precision either way, so eval and
     training pick the same Top-K."""
-    block = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
-             input_precision)
-    once_per_signature((*block_signature(*block), tensor_signature(score_weight), flag_signature(k)), _check_head,
-                       block, score_weight, k)
+    once_per_signature(_check_head, _head_signature, x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                       running_var, training, input_precision, score_weight, k)
     drop = check_drop(drop)
     inference = not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
     if not (inference and resolve_backend(backend, x, "snet_head") == "triton"):
