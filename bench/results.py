@@ -81,16 +81,20 @@ def commit() -> str:
 
 
 def environment() -> dict:
-    """Device, versions and settings that the numbers depend on."""
+    """Device, versions and settings that the numbers depend on; the GPU's capability and the kernels'
+    fingerprint say which family and which kernels were measured (bench.auto_backend requires both)."""
     import torch
     import triton
+
+    from lfm_kernels.configs import kernels_fingerprint
 
     on_gpu = torch.cuda.is_available()
     return {
         "device": torch.cuda.get_device_name() if on_gpu else f"CPU {platform.processor() or platform.machine()}",
+        "capability": list(torch.cuda.get_device_capability()) if on_gpu else None,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": commit(),
+        "python": platform.python_version(), "commit": commit(), "kernels_fingerprint": kernels_fingerprint(),
         "cudnn_benchmark": True,  # bench/conftest.py turns it on for every benchmark
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     }

@@ -42,13 +42,29 @@ def resolve_backend(backend, tensor: torch.Tensor, op: str = "", training: bool 
     return backend
 
 
+def plain_eager(x: torch.Tensor) -> bool:
+    """Whether a launcher may run directly instead of through its torch.library custom op: eager code on a
+    plain tensor, with no torch.compile tracing, no dispatch or torch-function mode (fake tensors, export,
+    FlopCounterMode) and no functorch transform (vmap) active. Those see the custom op, as before; plain
+    eager code skips the dispatcher's host time, which at batch 1 rivals the launches'."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def call_op(op, launcher, x, *args):
+    """launcher(x, *args) in plain eager code (plain_eager), else op(x, *args): the custom op that wraps
+    the same launcher, for torch.compile, fake tensors and vmap."""
+    return launcher(x, *args) if plain_eager(x) else op(x, *args)
+
+
 def on_input_device(op):
     """Run a launcher with the device of its first tensor argument current, so Triton launches on that
     GPU and on torch's current stream for it (a model on cuda:1 while cuda:0 is current)."""
 
     @functools.wraps(op)
     def launch(*args, **kwargs):
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)  # the usual case first
         if first is None or first.device.type != "cuda":
             return op(*args, **kwargs)
         with torch.cuda.device(first.device):

@@ -1,9 +1,43 @@
 """Argument checks the ops share: each raises ValueError naming the offending value, before any launch."""
 import torch
 
+from .backend import plain_eager
+
 # The Triton selection runs k rounds of "max, remove" over tiles of at most 2 * MAX_KERNEL_K candidates
 # per row: beyond that a round costs more than a sort, and the tiles no longer fit in registers.
 MAX_KERNEL_K = 1024
+# Signatures (see once_per_signature) whose checks passed; cleared when full, a bound no model reaches.
+_PASSED = set()
+_PASSED_LIMIT = 4096
+
+
+def tensor_signature(t):
+    """What argument checks read of an argument that should be a tensor: its shape, dtype and device (else
+    its type: such an argument fails its check, so it is never stored)."""
+    return (t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+
+
+def flag_signature(v):
+    """A non-tensor argument in a signature: itself when it is None, a bool, an int or a str (with its type:
+    True == 1), else its type (such a value fails its check, never stored)."""
+    return (type(v), v) if v is None or type(v) in (bool, int, str) else type(v)
+
+
+def once_per_signature(check, signature, x, *args):
+    """check(x, *args) unless a call with the same signature(x, *args) passed it before. For checks that read
+    only what the signature holds (shapes, dtypes, devices, flags, autocast state), never tensor values: a
+    signature that passed passes again, and a failing call stores nothing, so bad input raises the same
+    ValueError every time. Saves the checks' host time on repeated calls (batch-1 latency). Plain eager
+    calls only (backend.plain_eager on x): traced shapes may be symbolic, which do not hash."""
+    if not plain_eager(x):
+        return check(x, *args)
+    key = (check, *signature(x, *args))
+    if key in _PASSED:
+        return
+    check(x, *args)
+    if len(_PASSED) >= _PASSED_LIMIT:
+        _PASSED.clear()
+    _PASSED.add(key)
 
 
 def check_float_tensor(name: str, x, ndim: int):

@@ -144,9 +144,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _policy_state(device: torch.device) -> tuple:
+def policy_state(device: torch.device) -> tuple:
     """What a launch's policy depends on besides its own arguments: the memo key of family, fill_target and
-    launch_config."""
+    launch_config, and of launchers' plans memoized per call signature."""
     return device.type, device.index, _forced_family, _gpu_tiles_in_interpreter, interpreter_enabled()
 
 
@@ -161,7 +161,7 @@ def _family(state: tuple) -> str:
 
 
 def family(device: torch.device) -> str:
-    return _family(_policy_state(device))
+    return _family(policy_state(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +178,7 @@ def fill_target(device: torch.device) -> int:
     """Programs a launch needs so that every SM of the GPU gets one: small launches (batch 1) split work
     until they reach it (more output tiles, or a split reduction summed in a fixed order). 1 on CPU, except
     under the interpreter's GPU tiles, so that tests run the split paths a GPU takes."""
-    return _fill_target(_policy_state(device))
+    return _fill_target(policy_state(device))
 
 
 def halve_to_fill(tiles: dict, name: str, programs, target: int, smallest: int = 16) -> dict:
@@ -198,7 +198,7 @@ def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype 
     entry, each BLOCK_<NAME> given an extent fitted to it (a power of 2 covering it, at least 16 for tl.dot,
     at most the table's cap, 4x that under the interpreter's tiles), the interpreter's row tile under the
     interpreter, and the fp-fusion choice. Memoized: launchers call it on every launch."""
-    state = _policy_state(device)
+    state = policy_state(device)
     return dict(_launch_config(kernel, state, dot_kind(compute_dtype, precision), tuple(sorted(extents.items()))))
 
 

@@ -100,7 +100,7 @@ class SNetBlock(nn.Module):
 
     def tensors(self):
         """(conv weight, conv bias, bn weight, bn bias, running mean, running var), snet_block's order."""
-        conv, bn = self.conv, self.bn
+        conv, bn = self._modules["0"], self._modules["1"]  # not the properties: every forward asks
         return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
 
     def batchnorm_mode(self):

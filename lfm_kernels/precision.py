@@ -1,4 +1,6 @@
 """Dtypes and dot precision: what the kernels take, what their dots compute in, and autocast."""
+import functools
+
 import torch
 
 from .configs import interpreter_enabled
@@ -47,16 +49,23 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     OPERAND_DTYPE, what operands are rounded to; DOT_DTYPE, what tl.dot gets (the interpreter of triton
     3.9 computes bfloat16 dots wrongly, so there rounded bf16 values are widened to float32, exactly);
     PRECISION, "tf32" or "ieee" for float32 (16-bit operands use their own tensor-core path)."""
-    operand = _tl_dtype(dtype)
-    dot = _tl_dtype(torch.float32) if dtype == torch.bfloat16 and interpreter_enabled() else operand
-    return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
+    widen = dtype == torch.bfloat16 and interpreter_enabled()
+    return dict(_dot_args(dtype, precision, widen))
 
 
 def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
     """dot_args for kernels whose operands are already in the conv's dtype (packed weights, NHWC inputs
     cast by conv_input): only what tl.dot gets (DOT_DTYPE) and PRECISION."""
-    dots = dot_args(dtype, precision)
+    dots = _dot_args(dtype, precision, dtype == torch.bfloat16 and interpreter_enabled())
     return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_args(dtype: torch.dtype, precision: str, widen: bool) -> dict:
+    """dot_args' constexprs, memoized (launchers ask on every launch); callers copy, never mutate."""
+    operand = _tl_dtype(dtype)
+    dot = _tl_dtype(torch.float32) if widen else operand
+    return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
 
 
 def autocast_enabled(x: torch.Tensor) -> bool:

@@ -28,12 +28,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
-from .checks import check_float_tensor, check_same_device
+from .backend import call_op, on_input_device, resolve_backend
+from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensor_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
-from .precision import check_conv_dtypes, check_precision, conv_input, dot_args, gemm_dot_args, resolve_precision
+from .precision import (
+    autocast_enabled,
+    check_conv_dtypes,
+    check_precision,
+    conv_input,
+    dot_args,
+    gemm_dot_args,
+    resolve_precision,
+)
 from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
 
 
@@ -401,14 +409,16 @@ def _fake_out(x, w, pool, dtype):
     return torch.empty(_out_shape(x, w, pool), dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("lfm::snet_block_eval", mutates_args=())
 @on_input_device
-def _snet_block_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+def _snet_block_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                         beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
                         precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
     return _launch_normalize(x, weight, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
                              precision=block_precision(npr, precision), compute_dtype=compute_dtype)[0]
+
+
+_snet_block_eval_op = torch.library.custom_op("lfm::snet_block_eval", _snet_block_eval, mutates_args=())
 
 
 @_snet_block_eval_op.register_fake
@@ -515,9 +525,23 @@ _snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
-                input_precision):
-    """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend."""
+def block_signature(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                    input_precision) -> tuple:
+    """What check_block reads of its arguments (checks.once_per_signature): the tensors' shapes, dtypes and
+    devices, the flags, and whether autocast is on for x's device."""
+    tensors = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    return (*map(tensor_signature, tensors), bool(training), bool(pool), flag_signature(input_precision),
+            isinstance(x, torch.Tensor) and autocast_enabled(x))
+
+
+def check_block(*args):
+    """snet_block's argument checks (snet_head's too), the same ValueErrors on every backend; arguments as
+    _check_block's, run once per signature."""
+    once_per_signature(_check_block, block_signature, *args)
+
+
+def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, pool,
+                 input_precision):
     check_float_tensor("x", x, 4)
     check_float_tensor("conv_weight", conv_weight, 4)
     Cout, Cin = conv_weight.shape[:2]
@@ -578,8 +602,8 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
     precision = resolve_precision(input_precision)
     bias = conv_bias_or_zeros(conv_weight, conv_bias)
     if not trains:
-        return torch.ops.lfm.snet_block_eval(x, conv_weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                             pool, npr, precision, compute_dtype)
+        return call_op(torch.ops.lfm.snet_block_eval, _snet_block_eval, x, conv_weight, bias, bn_weight, bn_bias,
+                       running_mean, running_var, eps, pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
     out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
                                                        bool(training), pool, npr, precision, compute_dtype)

@@ -10,22 +10,25 @@ Elsewhere (training, gradients, the torch backend) it is the composition of the 
   _snet_head_partial_kernel     the same up to the scores, over one slice of the C4 channels: partial
                                 scores, summed by selection's chunk kernel (small batches, to fill the GPU)
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
-from .checks import check_float_tensor, check_k, check_kernel_k
-from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
+from .backend import call_op, on_input_device, resolve_backend
+from .checks import check_float_tensor, check_k, check_kernel_k, flag_signature, once_per_signature, tensor_signature
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import conv_tile, dot_operand, packed_weight
 from .precision import check_conv_dtypes, conv_input, gemm_dot_args, resolve_precision
 from .randomness import check_drop
 from .score_topk import score_topk
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
 from .snet_block import (
+    _check_block,
     batchnorm_affine,
-    check_block,
+    block_signature,
     conv_bias_or_zeros,
     needs_grad,
     nhwc,
@@ -149,22 +152,31 @@ def _head_splits(tiles, programs, C4, target):
     return splits(tiles)
 
 
-@torch.library.custom_op("lfm::snet_head_eval", mutates_args=())
+@functools.lru_cache(maxsize=1024)
+def _head_plan(shape: torch.Size, C4: int, CS: int, compute_dtype: torch.dtype, precision: str, device: torch.device,
+               state: tuple):
+    """(tiles and dot constexprs, chunks of positions, score-channel blocks, C4 splits, C4 channels per split) of
+    an inference launch on x of `shape`: memoized per signature, state being configs.policy_state(device)."""
+    B, Cin, H, W = shape
+    tiles = launch_config("snet_head", device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_C4=C4, BLOCK_CS=CS)
+    n_chunks = cdiv((H - 1) * (W - 1), tiles["BLOCK_P"])
+    cs_blocks = cdiv(CS, tiles["BLOCK_CS"])
+    n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * cs_blocks, C4, fill_target(device))
+    return dict(**tiles, **gemm_dot_args(compute_dtype, precision)), n_chunks, cs_blocks, n_splits, c4_per_split
+
+
 @on_input_device
-def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
-                       beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
-                       score_weight: torch.Tensor, k: int, precision: str, compute_dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _snet_head_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                    beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float,
+                    score_weight: torch.Tensor, k: int, precision: str, compute_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference of block 4 (running statistics) + ReLU + 1x1 scoring + Top-K: (values, positions)."""
     B, Cin, H, W = x.shape
     C4, CS, Hc, Wc = weight.shape[0], score_weight.shape[0], H - 1, W - 1
-    tiles = launch_config("snet_head", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_C4=C4, BLOCK_CS=CS)
-    n_chunks = cdiv(Hc * Wc, tiles["BLOCK_P"])
-    cs_blocks = cdiv(CS, tiles["BLOCK_CS"])
-    n_splits, c4_per_split = _head_splits(tiles, B * n_chunks * cs_blocks, C4, fill_target(x.device))
+    meta, n_chunks, cs_blocks, n_splits, c4_per_split = _head_plan(x.shape, C4, CS, compute_dtype, precision,
+                                                                   x.device, policy_state(x.device))
     args = (nhwc(x), packed_weight(weight, compute_dtype), bias, gamma, beta, mean, var,
             packed_weight(score_weight, compute_dtype, score_operand))
-    meta = dict(**tiles, **gemm_dot_args(compute_dtype, precision))
     if n_splits > 1:
         part = torch.empty((n_splits, B, CS, Hc, Wc), dtype=torch.float32, device=x.device)
         launch(_snet_head_partial_kernel, (n_splits * B, n_chunks, cs_blocks), *args, part, eps, B, Cin, C4, CS, H, W,
@@ -181,10 +193,32 @@ def _snet_head_eval_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out, idx.view(B, CS, k)
 
 
+_snet_head_eval_op = torch.library.custom_op("lfm::snet_head_eval", _snet_head_eval, mutates_args=())
+
+
 @_snet_head_eval_op.register_fake
 def _(x, weight, bias, gamma, beta, mean, var, eps, score_weight, k, precision, compute_dtype):
     B, CS = x.shape[0], score_weight.shape[0]
     return x.new_empty((B, CS, k), dtype=compute_dtype), x.new_empty((B, CS, k), dtype=torch.int64)
+
+
+def _head_signature(*args) -> tuple:
+    """What _check_head reads of its arguments (checks.once_per_signature)."""
+    *block, score_weight, k = args
+    return *block_signature(*block[:-1], False, block[-1]), tensor_signature(score_weight), flag_signature(k)
+
+
+def _check_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, input_precision,
+                score_weight, k):
+    """snet_head's checks: check_block's (block 4 does not pool), then those of the scoring and k."""
+    _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
+                 input_precision)
+    check_float_tensor("score_weight", score_weight, 4)
+    if score_weight.shape[1:] != (conv_weight.shape[0], 1, 1) or score_weight.shape[0] == 0:
+        raise ValueError(f"score_weight must have shape (Cs, {conv_weight.shape[0]}, 1, 1) with Cs >= 1, got "
+                         f"{tuple(score_weight.shape)}")
+    check_conv_dtypes(x=x, score_weight=score_weight)  # as score_topk in the composition
+    check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
 
 
 def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, score_weight, k, *, eps=1e-5,
@@ -192,14 +226,8 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
     """score_topk(snet_block(x, ..., pool=False), score_weight, k, ...): LFM's block 4, 1x1 scoring and
     Top-K; see the module docstring. The scoring uses the block's precision either way, so eval and
     training pick the same Top-K."""
-    check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, False,
-                input_precision)
-    check_float_tensor("score_weight", score_weight, 4)
-    if score_weight.shape[1:] != (conv_weight.shape[0], 1, 1) or score_weight.shape[0] == 0:
-        raise ValueError(f"score_weight must have shape (Cs, {conv_weight.shape[0]}, 1, 1) with Cs >= 1, got "
-                         f"{tuple(score_weight.shape)}")
-    check_conv_dtypes(x=x, score_weight=score_weight)  # as score_topk in the composition
-    check_k(k, (x.shape[2] - 1) * (x.shape[3] - 1))
+    once_per_signature(_check_head, _head_signature, x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                       running_var, training, input_precision, score_weight, k)
     drop = check_drop(drop)
     inference = not training and not needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias, score_weight)
     if not (inference and resolve_backend(backend, x, "snet_head") == "triton"):
@@ -211,7 +239,7 @@ def snet_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runni
                           input_precision=input_precision, backend=backend)
     check_kernel_k(k)
     x, compute_dtype = conv_input("x", x)
-    values, idx = torch.ops.lfm.snet_head_eval(x, conv_weight, conv_bias_or_zeros(conv_weight, conv_bias), bn_weight,
-                                               bn_bias, running_mean, running_var, eps, score_weight, k,
-                                               resolve_precision(input_precision), compute_dtype)
+    values, idx = call_op(torch.ops.lfm.snet_head_eval, _snet_head_eval, x, conv_weight,
+                          conv_bias_or_zeros(conv_weight, conv_bias), bn_weight, bn_bias, running_mean, running_var,
+                          eps, score_weight, k, resolve_precision(input_precision), compute_dtype)
     return (values, idx) if return_indices else values

@@ -1,6 +1,7 @@
 """The GPU run (bench/gpu_suite.py) without a GPU: what it would run and in which order (the device query
 faked), that it needs neither the network nor a missing file, that a kill at any moment keeps every row
 measured before it, that a hung or crashing test costs only itself, and that it ends by itself."""
+import json
 import os
 import random
 import re
@@ -11,8 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import bench.auto_backend as auto_backend
 from bench import gpu_suite, results
+from lfm_kernels import configs
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_CUDA = '''
@@ -115,11 +119,29 @@ def test_a_tiny_budget_ends_by_itself_and_says_what_it_skipped(tmp_path):
     (path,) = tmp_path.glob("*.jsonl")
     loaded = results.load(path)
     assert loaded["header"]["budget_s"] == 25
+    env = loaded["header"]["environment"]
+    assert env["kernels_fingerprint"] == configs.kernels_fingerprint() and env["capability"] is None  # no GPU
     assert [t["status"] for t in loaded["tiers"]] == ["skipped"] * len(gpu_suite.TIERS)
     markdown = path.with_suffix(".md").read_text()
     assert "smoke skipped (the budget is spent" in markdown
     assert not path.with_suffix(".png").exists()  # no inference rows, nothing to plot
     assert path.with_suffix(".log").read_text() == out.stdout
+
+
+def test_auto_backend_takes_the_family_and_kernels_from_the_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200 (faked)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    path = tmp_path / "run.jsonl"
+    results.create(path, dict(environment=results.environment(), budget_s=1))
+    for provider, median_s in (("triton", 2.0), ("eager", 1.0)):
+        results.append(path, dict(kind="row", op="snet_head", mode="forward", provider=provider, median_s=median_s,
+                                  batch=256, dtype="float32"))
+    table = tmp_path / "auto_backend.json"
+    monkeypatch.setattr(auto_backend, "AUTO_TABLE", table)
+    assert auto_backend.main([str(path)]) == 0  # no --family: the header's capability says sm90
+    (entry,) = json.loads(table.read_text())["entries"]
+    assert (entry["family"], entry["op"], entry["backend"]) == ("sm90", "snet_head", "torch")
 
 
 def test_killed_at_a_random_moment_keeps_every_row_measured(tmp_path):

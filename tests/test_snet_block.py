@@ -240,3 +240,24 @@ def test_mixed_dtypes_and_empty_channels_raise_on_both_backends(backend):
     empty = block_params(8, 0)
     with pytest.raises(ValueError, match="Cout >= 1"):
         snet_block(torch.randn(1, 8, 5, 5), *empty, backend=backend)
+
+
+def test_checks_run_once_per_signature_and_still_refuse_what_they_refused():
+    """checks.once_per_signature: mixed dtypes pass under autocast (which casts them to one) and are refused
+    outside it, every time; k=True is refused after k=1 passed (True == 1, but not the same signature)."""
+    from lfm_kernels.snet_block import check_block
+    from lfm_kernels.snet_head import snet_head
+
+    x = torch.randn(1, 4, 5, 5)
+    args = (x, torch.randn(8, 4, 2, 2, dtype=torch.float64), None, torch.ones(8), torch.zeros(8), torch.zeros(8),
+            torch.ones(8), False, True, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_block(*args)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="one dtype"):
+            check_block(*args)
+    block = (torch.randn(8, 4, 2, 2), torch.zeros(8), torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8))
+    score_weight = torch.randn(3, 8, 1, 1)
+    assert snet_head(x, *block, score_weight, 1, backend="torch").shape == (1, 3, 1)
+    with pytest.raises(ValueError, match="k must be an int"):
+        snet_head(x, *block, score_weight, True, backend="torch")
