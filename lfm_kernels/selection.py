@@ -20,13 +20,15 @@ Index math: int64 for each row's base (b * sb + c * sc, rows * M, rows * k: thes
 batches or many candidates); int32 within a row, for positions, candidate slots and in-plane offsets
 (select_chunks checks the plane's extent), with int32 division by W only for a position's row and column.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .backend import on_input_device
 from .checks import MAX_KERNEL_K
-from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .randomness import dropout_scale, rank_drop_probs
 
 EMPTY_KEY = tl.constexpr(-2147483648)  # below the key of every float, NaN included
@@ -280,8 +282,7 @@ def rows_per_program(width: int) -> int:
 def reduce_candidates(cand_key, cand_pos, k):
     """Reduction passes until each row's candidates fit one merge tile; returns the (B*C, M') buffers."""
     n_rows, M = cand_key.shape
-    group = merge_slots()
-    block_r = rows_per_program(group)
+    group, block_r, options = _reduce_plan(policy_state(cand_key.device))
     while M > group:
         groups = cdiv(M, group)
         next_key = torch.empty((n_rows, groups * k), dtype=torch.int32, device=cand_key.device)
@@ -289,9 +290,48 @@ def reduce_candidates(cand_key, cand_pos, k):
         if n_rows:
             launch(_topk_reduce_kernel, (cdiv(n_rows, block_r), groups),
                    cand_key, cand_pos, next_key, next_pos, n_rows, M, groups * k, k, BLOCK_R=block_r, BLOCK_M=group,
-                   **launch_options())
+                   **options)
         cand_key, cand_pos, M = next_key, next_pos, groups * k
     return cand_key, cand_pos
+
+
+# Launch plans, memoized per call signature and configs.policy_state (launchers run on every forward: their
+# host time bounds batch-1 latency). They depend on shapes and the launch policy only, never on values.
+@functools.lru_cache(maxsize=64)
+def _reduce_plan(state: tuple) -> tuple:
+    group = merge_slots()
+    return group, rows_per_program(group), launch_options()
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunk_plan(B: int, C: int, N: int, k: int, device: torch.device, state: tuple) -> tuple:
+    """(constexprs, chunks per row) of select_chunks: fewer rows per program, then shorter chunks, until
+    every SM has a program."""
+    tiles = {"BLOCK_N": chunk_size(N)}
+    tiles["BLOCK_R"] = rows_per_program(tiles["BLOCK_N"])
+    target = fill_target(device)
+
+    def programs(t):
+        return cdiv(B * C, t["BLOCK_R"]) * cdiv(N, t["BLOCK_N"])
+
+    halve_to_fill(tiles, "BLOCK_R", programs, target, smallest=1)
+    halve_to_fill(tiles, "BLOCK_N", programs, target, smallest=max(64, triton.next_power_of_2(2 * k)))
+    return {**tiles, **launch_options()}, cdiv(N, tiles["BLOCK_N"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_plan(n_rows: int, M: int, device: torch.device, state: tuple) -> tuple:
+    """(row merge?, grid, constexprs) of merge_candidates: fewer rows per program until every SM has one;
+    with fewer rows than that, the rank merge (one program per block of a row's candidates)."""
+    block_m, target = triton.next_power_of_2(M), fill_target(device)
+    if n_rows >= target:
+        tiles = halve_to_fill({"BLOCK_R": rows_per_program(block_m)}, "BLOCK_R",
+                              lambda t: cdiv(n_rows, t["BLOCK_R"]), target, smallest=1)
+        return True, (cdiv(n_rows, tiles["BLOCK_R"]),), dict(BLOCK_M=block_m, **tiles, **launch_options())
+    tiles = halve_to_fill({"BLOCK_I": block_m}, "BLOCK_I", lambda t: n_rows * cdiv(M, t["BLOCK_I"]),
+                          target, smallest=4)
+    tiles["BLOCK_J"] = max(16, min(block_m, tile_elements() // tiles["BLOCK_I"]))
+    return False, (n_rows, cdiv(M, tiles["BLOCK_I"])), dict(**tiles, **launch_options())
 
 
 def chunk_size(n: int) -> int:
@@ -301,9 +341,7 @@ def chunk_size(n: int) -> int:
 
 
 def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
-    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k). Fewer rows per
-    program until every SM has one; with fewer rows than that, the rank merge (one program per block of
-    a row's candidates)."""
+    """Stage 2 over (B*C, M) candidates into out (B, C, k); returns idx and keep, (B*C, k) (_merge_plan)."""
     cand_key, cand_pos = reduce_candidates(cand_key, cand_pos, k)
     n_rows, M = cand_key.shape
     idx = torch.empty((n_rows, k), dtype=torch.int64, device=out.device)
@@ -314,51 +352,34 @@ def merge_candidates(cand_key, cand_pos, out, k, *, seed=None, drop=None):
     probs = rank_drop_probs(k, *drop, device=out.device) if apply_drop else idx
     args = (cand_key, cand_pos, out, idx, keep, probs, seed if apply_drop else idx)
     scale = dropout_scale(*drop) if apply_drop else 1.0
-    block_m, target = triton.next_power_of_2(M), fill_target(out.device)
-    if n_rows >= target:
-        tiles = halve_to_fill({"BLOCK_R": rows_per_program(block_m)}, "BLOCK_R",
-                              lambda t: cdiv(n_rows, t["BLOCK_R"]), target, smallest=1)
-        launch(_topk_merge_kernel, (cdiv(n_rows, tiles["BLOCK_R"]),), *args, n_rows, out.shape[1], M, k, scale,
-               APPLY_DROP=apply_drop, BLOCK_M=block_m, **tiles, **launch_options())
+    row_merge, grid, meta = _merge_plan(n_rows, M, out.device, policy_state(out.device))
+    if row_merge:
+        launch(_topk_merge_kernel, grid, *args, n_rows, out.shape[1], M, k, scale, APPLY_DROP=apply_drop, **meta)
     else:
-        tiles = halve_to_fill({"BLOCK_I": block_m}, "BLOCK_I", lambda t: n_rows * cdiv(M, t["BLOCK_I"]),
-                              target, smallest=4)
-        tiles["BLOCK_J"] = max(16, min(block_m, tile_elements() // tiles["BLOCK_I"]))
-        launch(_topk_rank_merge_kernel, (n_rows, cdiv(M, tiles["BLOCK_I"])), *args, out.shape[1], M, k, scale,
-               APPLY_DROP=apply_drop, **tiles, **launch_options())
+        launch(_topk_rank_merge_kernel, grid, *args, out.shape[1], M, k, scale, APPLY_DROP=apply_drop, **meta)
     return idx, keep
 
 
 def select_chunks(x, k, *, seed=None):
     """Stage 1 over a (B, C, H, W) tensor, or over the float32 sum of the S maps of an (S, B, C, H, W) one
-    (snet_head's split scores); returns the int32 candidate buffers (B*C, M). Fewer rows per program,
-    then shorter chunks, until every SM has a program."""
+    (snet_head's split scores); returns the int32 candidate buffers (B*C, M) (_chunk_plan)."""
     terms = x if x.dim() == 5 else x.unsqueeze(0)
     S, B, C, H, W = terms.shape
     N = H * W
     if N and (H - 1) * terms.stride(3) + (W - 1) * terms.stride(4) >= 2**31:
         raise ValueError(f"topk: an (H, W) = ({H}, {W}) plane with strides {terms.stride()[3:]} spans 2^31 "
                          "elements or more; its offsets are int32")
-    tiles = {"BLOCK_N": chunk_size(N)}
-    tiles["BLOCK_R"] = rows_per_program(tiles["BLOCK_N"])
-    target = fill_target(x.device)
-
-    def programs(t):
-        return cdiv(B * C, t["BLOCK_R"]) * cdiv(N, t["BLOCK_N"])
-
-    halve_to_fill(tiles, "BLOCK_R", programs, target, smallest=1)
-    halve_to_fill(tiles, "BLOCK_N", programs, target, smallest=max(64, triton.next_power_of_2(2 * k)))
-    n_chunks = cdiv(N, tiles["BLOCK_N"])
+    meta, n_chunks = _chunk_plan(B, C, N, k, x.device, policy_state(x.device))
     M = n_chunks * k
     cand_key = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     cand_pos = torch.empty((B * C, M), dtype=torch.int32, device=x.device)
     if not B * C:
         return cand_key, cand_pos
     launch(
-        _topk_chunk_kernel, (cdiv(B * C, tiles["BLOCK_R"]), n_chunks),
+        _topk_chunk_kernel, (cdiv(B * C, meta["BLOCK_R"]), n_chunks),
         terms, cand_key, cand_pos, seed if seed is not None else cand_key,
         B * C, C, N, W, S, *terms.stride(), k, M,
-        RANDOM_KEYS=seed is not None, **tiles, **launch_options(),
+        RANDOM_KEYS=seed is not None, **meta,
     )
     return cand_key, cand_pos
 

@@ -23,6 +23,9 @@ costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernel
   _snet_block_dy_sums_kernel  backward: the conv stored, with per-program sums of dy and dy * zhat
   _snet_block_dz_kernel       backward: d(conv out) in place from the stored conv and those sums' means
 """
+import functools
+import types
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,7 +33,7 @@ import triton.language as tl
 
 from .backend import call_op, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensor_signature
-from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
 from .precision import (
@@ -326,16 +329,22 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(kernel, x, w, n_rows, pool, compute_dtype, precision, **extents):
-    """(tiles, grid) of a block launch over n_rows output rows (windows with pool, else pixels); channel
-    blocks narrow at small batch until every SM has a program."""
-    Cout = w.shape[0]
-    tiles = launch_config(kernel, x.device, compute_dtype, precision, BLOCK_CO=Cout, **extents)
+    """(constexprs, grid) of a block launch over n_rows output rows (windows with pool, else pixels)."""
+    return _grid_plan(kernel, n_rows, w.shape[0], pool, compute_dtype, precision, x.device, policy_state(x.device),
+                      tuple(sorted(extents.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid_plan(kernel, n_rows, Cout, pool, compute_dtype, precision, device, state, extents):
+    """_grid memoized per signature and configs.policy_state (launchers run on every forward): channel blocks
+    narrow at small batch until every SM has a program. Shared: callers must not modify the constexprs."""
+    tiles = launch_config(kernel, device, compute_dtype, precision, BLOCK_CO=Cout, **dict(extents))
 
     def grid(t):
         return cdiv(n_rows, t["BLOCK_M"] // 4 if pool else t["BLOCK_M"]), cdiv(Cout, t["BLOCK_CO"])
 
-    halve_to_fill(tiles, "BLOCK_CO", lambda t: grid(t)[0] * grid(t)[1], fill_target(x.device))
-    return tiles, grid(tiles)
+    halve_to_fill(tiles, "BLOCK_CO", lambda t: grid(t)[0] * grid(t)[1], fill_target(device))
+    return types.MappingProxyType(tiles), grid(tiles)
 
 
 def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, precision, compute_dtype,

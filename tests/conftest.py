@@ -51,6 +51,22 @@ def tiles(request):
             yield request.param
 
 
+@pytest.fixture
+def small_selection_tiles(monkeypatch):
+    """Top-K selection with 16-position chunks and merges of 64 candidates, so that the reduction passes run on
+    small maps. Selection's launch plans are memoized: made again under the patch and dropped after it."""
+    from lfm_kernels import selection
+
+    plans = (selection._reduce_plan, selection._chunk_plan, selection._merge_plan)
+    for plan in plans:
+        plan.cache_clear()
+    monkeypatch.setattr(selection, "chunk_size", lambda n: 16)
+    monkeypatch.setattr(selection, "merge_slots", lambda: 64)
+    yield
+    for plan in plans:
+        plan.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def weights(tmp_path_factory):
     """A randomly initialized LFM (seed 0), saved as our safetensors: the CLI tests' weights file."""

@@ -1,4 +1,3 @@
-import importlib
 
 import pytest
 import torch
@@ -67,10 +66,7 @@ def test_bad_k(k):
         random_k_pool(torch.randn(1, 1, 4, 5), k, backend="triton")
 
 
-def test_large_k_merges_in_bounded_tiles(monkeypatch):
-    tp = importlib.import_module("lfm_kernels.selection")
-    monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
-    monkeypatch.setattr(tp, "merge_slots", lambda: 64)
+def test_large_k_merges_in_bounded_tiles(small_selection_tiles):
     x = distinct_map(2, 3, 10, 10)
     values, idx = random_k_pool(x, 20, return_indices=True, backend="triton")
     assert all(len(set(row.tolist())) == 20 for row in idx.flatten(0, 1))  # distinct positions

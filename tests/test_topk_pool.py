@@ -139,12 +139,9 @@ def test_random_shapes(b, c, h, w, data):
     assert math.prod(values.shape) == b * c * k
 
 
-def test_large_k_merges_in_bounded_tiles(monkeypatch):
+def test_large_k_merges_in_bounded_tiles(small_selection_tiles):
     # Candidates beyond one merge tile go through reduction passes (shrunk here so they run on a small
     # map); every valid k up to the kernels' bound works and matches the reference.
-    tp = importlib.import_module("lfm_kernels.selection")
-    monkeypatch.setattr(tp, "chunk_size", lambda n: 16)
-    monkeypatch.setattr(tp, "merge_slots", lambda: 64)
     x = distinct_map(2, 3, 10, 10).requires_grad_()
     values, idx = topk_pool(x, 20, return_indices=True, backend="triton")  # 7 chunks x 20 -> 3 groups -> 60
     ref_values, ref_idx = topk_pool_reference(x.detach(), 20, return_indices=True)
