@@ -1,14 +1,15 @@
 """Which path backend="auto" takes on a GPU family, from a GPU run's results.
 
-    python -m bench.auto_backend RESULTS.jsonl [RESULTS.jsonl ...] [--family sm90]
+    python -m bench.auto_backend RESULTS.jsonl [RESULTS.jsonl ...] [--family sm90] [--earlier-kernels]
 
 Reads the op rows of `make gpu-suite` results (bench/results/*.jsonl): for each op, mode (forward:
 "inference", forward+backward: "training") and dtype, the `triton` and `eager` medians at the largest batch
 measured; where eager (the cuDNN composition) was faster, backend="auto" runs the torch backend for that op
-on that family (lfm_kernels.configs.auto_choice). Writes lfm_kernels/auto_backend.json with the kernels'
-fingerprint, so the choices apply only to the kernels that were measured: results of other kernels are
-refused (run the GPU suite again). The family comes from the results' header (its capability), else
---family.
+on that family (lfm_kernels.configs.auto_choice). Writes lfm_kernels/auto_backend.json with the fingerprint
+of the kernels measured. Results of other kernels than these are refused unless --earlier-kernels says to
+take them as the latest evidence until these kernels are measured: the default path then keeps the cuDNN
+composition wherever earlier kernels were slower (it never ships slower than what the user had). The family
+comes from the results' header (its capability), else --family.
 """
 import argparse
 import json
@@ -68,24 +69,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.auto_backend", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--family", choices=FAMILIES, help="GPU family, where the header does not say")
+    parser.add_argument("--earlier-kernels", action="store_true",
+                        help="take results of other kernels than these as the latest evidence")
     args = parser.parse_args(argv)
-    entries, current = [], kernels_fingerprint()
+    entries, current, measured_on = [], kernels_fingerprint(), set()
     for path in args.results:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         header = next((r for r in rows if r.get("kind") == "header"), {})
         env = header.get("environment", {})
         measured = env.get("kernels_fingerprint") or fingerprint_at(env.get("commit", "HEAD"))
-        if measured != current:
+        if measured != current and not args.earlier_kernels:
             print(f"auto_backend: {path} measured other kernels (fingerprint {measured}, these are {current}); "
-                  "run the GPU suite on this code", file=sys.stderr)
+                  "run the GPU suite on this code, or pass --earlier-kernels", file=sys.stderr)
             return 2
+        measured_on.add(measured)
         capability = env.get("capability")
         family = ("sm90" if capability[0] >= 9 else "sm80") if capability else args.family
         if family is None:
             print(f"auto_backend: {path} does not say its GPU's capability; pass --family", file=sys.stderr)
             return 2
         entries += choices(rows, family)
-    AUTO_TABLE.write_text(json.dumps({"fingerprint": current, "entries": entries}, indent=1) + "\n")
+    table = {"measured_fingerprints": sorted(measured_on), "entries": entries}
+    AUTO_TABLE.write_text(json.dumps(table, indent=1) + "\n")
     slower = [e for e in entries if e["backend"] == "torch"]
     print(f"wrote {AUTO_TABLE}: {len(entries)} choices, the cuDNN composition for {len(slower)}")
     for e in slower:

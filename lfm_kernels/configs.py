@@ -30,8 +30,8 @@ FAMILIES = ("sm80", "sm90")
 # SM work when the launch runs as that family without a GPU (the compile report, the interpreter's GPU tiles).
 FAMILY_SMS = {"sm80": 108, "sm90": 132}
 TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
-# Which path backend="auto" takes on a GPU, per op, family, mode and dtype, where a GPU run measured ours
-# slower than the cuDNN composition (python -m bench.auto_backend writes it from a GPU run's results).
+# Which path backend="auto" takes on a GPU, per op, family, mode and dtype, where the latest GPU run measured
+# ours slower than the cuDNN composition (python -m bench.auto_backend writes it from a GPU run's results).
 AUTO_TABLE = Path(__file__).with_name("auto_backend.json")
 
 _CONFIGS = {
@@ -323,18 +323,18 @@ def kernels_fingerprint() -> str:
 
 @functools.cache
 def _auto_table() -> dict:
-    """AUTO_TABLE's choices, if it was measured on these kernels (else none: nothing is known slower)."""
+    """AUTO_TABLE's choices: the latest GPU evidence per family. Measured on other kernels than these (its
+    fingerprint differs), it still holds where ours was measured slower: an op is not run on our kernels
+    by default until a GPU run of them shows it is no longer slower."""
     if not AUTO_TABLE.exists():
         return {}
     table = json.loads(AUTO_TABLE.read_text())
-    if table.get("fingerprint") != kernels_fingerprint():
-        return {}
     return {(e["family"], e["op"], e["mode"], e["dtype"]): e["backend"] for e in table["entries"]}
 
 
 def auto_choice(family_name: str, op: str, mode: str, dtype: str) -> str:
-    """"triton" (ours) unless a GPU run of these kernels on this family measured the cuDNN composition
-    ("torch") faster for this op, mode ("inference" or "training") and dtype."""
+    """"triton" (ours) unless the latest GPU run on this family measured the cuDNN composition ("torch")
+    faster for this op, mode ("inference" or "training") and dtype."""
     return _auto_table().get((family_name, op, mode, dtype), "triton")
 
 
