@@ -56,6 +56,9 @@ _CONFIGS = {
     # backward's pass from the output gradient to d(conv out). Rows are contiguous runs of channels.
     "snet_block_apply": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
     "snet_block_dz": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=8, num_stages=1)},
+    # The stem's backward in one pass (conv, d(conv out), weight gradient): 64 windows a program keep its
+    # per-program weight-gradient partials small.
+    "snet_stem_wgrad": {("*", "*"): dict(BLOCK_M=256, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=1)},
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
     # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
     # BLOCK_C4 = 64 keeps them in registers.
@@ -103,6 +106,7 @@ FP_FUSION = True
 _INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1024),
                      "snet_block_stats": ("BLOCK_M", 1024), "snet_block_bwd": ("BLOCK_M", 1024),
                      "snet_block_apply": ("BLOCK_M", 1024), "snet_block_dz": ("BLOCK_M", 1024),
+                     "snet_stem_wgrad": ("BLOCK_M", 1024),
                      "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
                      "topk": ("TILE_ELEMENTS", 16384)}
 

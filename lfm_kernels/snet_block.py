@@ -22,6 +22,7 @@ costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernel
   _snet_block_apply_kernel    training: BatchNorm + ReLU [+ pool, argmax] of the stored conv
   _snet_block_dy_sums_kernel  backward: the conv stored, with per-program sums of dy and dy * zhat
   _snet_block_dz_kernel       backward: d(conv out) in place from the stored conv and those sums' means
+  _snet_stem_wgrad_kernel     the stem's backward: conv, d(conv out) and the weight gradient in one pass
 """
 import functools
 import types
@@ -270,23 +271,24 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_pt
 @triton.jit
 def _snet_block_dy_sums_kernel(
     x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, z_ptr, n_rows, H, W, OH, OW, Cin, Cout,
-    POOL: tl.constexpr, NPR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    POOL: tl.constexpr, NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward, pass 1: the conv recomputed once. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M),
     cdiv(Cout, BLOCK_CO)).
 
-    Reads the NHWC block input, the packed weight, the output gradient and the window argmax; writes the
-    conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
+    Reads the NHWC block input, the packed weight, the output gradient and the window argmax; with STORE_Z
+    writes the conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
     (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel sums of dy and dy * zhat to
     sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
                   DOT_DTYPE, PRECISION)
-    a = a.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
-    a = a.to(tl.float32)
+    if STORE_Z:
+        a = a.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
+        a = a.to(tl.float32)
     zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
                             POOL, BLOCK_M)
     at = tl.program_id(0) * Cout + co
@@ -318,6 +320,48 @@ def _snet_block_dz_kernel(
     dz = tl.where(ok, k * (dy - c1 - zhat * c2), 0.0)
     tl.store(at, dz.to(z_ptr.dtype.element_ty), mask=ok)
     tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
+
+
+@triton.jit
+def _snet_stem_wgrad_kernel(
+    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The stem's backward pass 2 without d(conv out) in memory. Grid: as _snet_block_dz_kernel's.
+
+    Recomputes the stem's conv (K = 12) at its pixels, turns it into d(conv out) as _snet_block_dz_kernel
+    does, and multiplies that with the residual taps it read: writes this program's weight-gradient partial
+    part[pid, tap, co, ci] ((programs, 4, Cout, Cin) float32) and its conv-bias partial dbias[pid, co],
+    summed by the launcher in a fixed order. Reads the NHWC image and the packed weight; the
+    (B*(H-1)*(W-1), 64) gradient map the general path writes and reads back never exists.
+    """
+    b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
+    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, True, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
+    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
+                            POOL, BLOCK_M)
+    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
+    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
+    dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
+    pid = tl.program_id(0)
+    tl.store(dbias_ptr + pid * Cout + co, tl.sum(dz, axis=0), mask=co_live)
+    operand = w_ptr.dtype.element_ty
+    dz = dot_operand(dz, operand, DOT_DTYPE)
+    ci = tl.arange(0, BLOCK_CI)
+    ci_live = ci < Cin
+    image = b.to(tl.int64) * H * W * Cin
+    for tap in tl.static_range(4):
+        rr = r + tap // 2
+        cc = c + tap % 2
+        ok = valid[:, None] & ci_live[None, :]
+        v = tl.load(x_ptr + (image + (rr * W + cc).to(tl.int64) * Cin)[:, None] + ci[None, :], mask=ok, other=0.0)
+        v0 = tl.load(x_ptr + (image + ((rr // 2 * 2) * W + cc // 2 * 2).to(tl.int64) * Cin)[:, None] + ci[None, :],
+                     mask=ok, other=0.0)
+        v = dot_operand(tl.abs(v.to(tl.float32) - v0.to(tl.float32)), operand, DOT_DTYPE)
+        part = tl.dot(tl.trans(dz), v, input_precision=PRECISION)
+        at = ((pid * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
+        tl.store(part_ptr + at, part, mask=co_live[:, None] & ci_live[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,28 +516,42 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): the conv once more with the sums
     BatchNorm's backward needs, a memory-bound pass through pool, ReLU and BatchNorm to d(conv out), then
-    its weight and input gradients."""
+    its weight and input gradients. The stem without dx computes its conv a third time instead (K = 12)
+    and makes the weight gradient in the same pass: its 64-channel d(conv out) is never stored."""
     precision = block_precision(npr, precision)
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = weight.shape[0], H - 1, W - 1
     OH, OW = (cdiv(Hc, 2), cdiv(Wc, 2)) if pool else (Hc, Wc)  # windows covering every conv pixel
     n_rows, n_pix = B * OH * OW, B * Hc * Wc
+    fused_wgrad = npr and not need_dx  # the stem's weight gradient with d(conv out) never in memory
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
     routing = (grad, argmax if pool else grad)
+    x_nhwc, w_packed, dots = nhwc(x), packed_weight(weight, compute_dtype), gemm_dot_args(compute_dtype, precision)
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
-    dz = torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)  # the conv output, then its gradient
+    # The conv output, then its gradient (in place).
+    dz = sums if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_dy_sums_kernel, grid, nhwc(x), packed_weight(weight, compute_dtype), bn, *routing, sums, dz,
-               n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, NPR=npr, **tiles, **gemm_dot_args(compute_dtype, precision))
+        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, bn, *routing, sums, dz, n_rows, H, W, OH, OW, Cin,
+               Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
     means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
-    tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
-    dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
-    if n_rows:
-        launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, dbias, n_rows, H, W, OH, OW, Cout, POOL=pool,
-               **tiles)
-    dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision).to(weight.dtype).contiguous()
+    if fused_wgrad:
+        tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
+        part = torch.zeros((grid[0], 4, Cout, Cin), dtype=torch.float32, device=x.device)
+        dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+        if n_rows:
+            launch(_snet_stem_wgrad_kernel, grid, x_nhwc, w_packed, bn, *routing, means, part, dbias, n_rows, H, W,
+                   OH, OW, Cin, Cout, POOL=pool, **tiles, **dots)
+        dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
+    else:
+        tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
+        dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+        if n_rows:
+            launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, dbias, n_rows, H, W, OH, OW, Cout, POOL=pool,
+                   **tiles)
+        dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision)
+    dweight = dweight.to(weight.dtype).contiguous()
     dbias = dbias.sum(0).to(bias.dtype)
     dx = x.new_empty(0)
     if need_dx:

@@ -73,23 +73,48 @@ def test_training_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("npr", [False, True])
-def test_training_computes_each_conv_once_per_pass(npr):
+@pytest.mark.parametrize("npr,image_grad", [(False, True), (True, True), (True, False)])
+def test_training_computes_each_conv_once_per_pass(npr, image_grad):
     # Blocks 2-4: one conv GEMM in the forward (statistics in its epilogue, the conv stored for a memory-bound
     # normalize pass) and one in the backward before the gradient GEMMs. The stem computes its cheap conv
-    # twice in the forward instead of storing 64 channels.
+    # twice in the forward instead of storing 64 channels, and without an image gradient a third time in
+    # the backward, where its weight gradient comes out of the same pass.
     cin = 3 if npr else 8
-    leaves = [t.requires_grad_() for t in [torch.randn(2, cin, 9, 9)] + block_params(cin, 16)[:4]]
+    leaves = [t.requires_grad_() for t in block_params(cin, 16)[:4]]
+    x = torch.randn(2, cin, 9, 9, requires_grad=image_grad)
     with recorded_launches() as forward:
-        out = snet_block(*leaves, *block_params(cin, 16)[4:], training=True, npr=npr, backend="triton")
+        out = snet_block(x, *leaves, *block_params(cin, 16)[4:], training=True, npr=npr, backend="triton")
     with recorded_launches() as backward:
         out.sum().backward()
     stored = ["_snet_block_stats_kernel", "_snet_block_apply_kernel"]
     assert [launch.name for launch in forward] == (["_snet_block_stats_kernel", "_snet_stem_kernel"] if npr
                                                    else stored)
-    assert [launch.name for launch in backward][:4] == ["_snet_block_dy_sums_kernel", "_snet_block_dz_kernel",
-                                                        "_conv2x2_dw_kernel", "_conv2x2_dx_kernel"]
     assert [launch.meta["STORE_Z"] for launch in forward if launch.name == stored[0]] == [not npr]
+    expected = (["_snet_block_dy_sums_kernel", "_snet_block_dz_kernel", "_conv2x2_dw_kernel", "_conv2x2_dx_kernel"]
+                if image_grad else ["_snet_block_dy_sums_kernel", "_snet_stem_wgrad_kernel"])
+    assert [launch.name for launch in backward][:len(expected)] == expected
+
+
+@pytest.mark.parametrize("B,H,W,pool", [(2, 9, 11, True), (3, 8, 7, True), (2, 7, 8, False)])
+def test_stem_weight_gradients_without_an_image_gradient(B, H, W, pool, tiles):
+    # The one-pass stem backward (no d(conv out) in memory), batch statistics and the running ones, each
+    # gradient held to the float64 reference.
+    x = torch.randn(B, 3, H, W, dtype=torch.float64)
+    params = block_params(3, 24, dtype=torch.float64)
+    grad = None
+    for training in (True, False):
+        ours = [p.float().requires_grad_() for p in params[:4]]
+        ref = [p.clone().requires_grad_() for p in params[:4]]
+        out = snet_block(x.float(), *ours, *[p.float().clone() for p in params[4:]], training=training, pool=pool,
+                         npr=True, backend="triton")
+        expected = snet_block_reference(x, *ref, *[p.clone() for p in params[4:]], training=training, pool=pool,
+                                        npr=True)
+        grad = torch.randn_like(expected) if grad is None else grad
+        out.backward(grad.float())
+        expected.backward(grad)
+        for name, mine, theirs in zip(("conv_weight", "conv_bias", "bn_weight", "bn_bias"), ours, ref):
+            torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=2e-5, rtol=1e-4,
+                                       msg=f"{name}, training={training}")
 
 
 def test_snet_block_module_loads_sequential_state_dict():
