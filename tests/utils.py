@@ -8,7 +8,7 @@ DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # Error every result may have against its float64 truth on top of twice the reference implementation's
 # error: a few units of the result's rounding, for results whose errors are both tiny.
-ROUNDING_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ROUNDING_FLOOR = {torch.float64: 1e-14, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 # For gradients through ReLU, max-pool or Top-K at the small sizes of the CPU tests: a rounding flip of one
 # near-tie (which side of zero, which position of a window or rank wins) moves one whole term of the
 # gradient, about 3e-4 of its norm at LFM's stem sizes, on whichever side the CPU's kernels round that way.
@@ -44,6 +44,13 @@ def assert_as_accurate(ours, reference, truth, name, norm=False, floor=None, sca
     assert ours_error <= bound, (
         f"{name}: ours is off the float64 truth by {ours_error:.2e} ({kind}), the reference by "
         f"{reference_error:.2e}: more than twice the reference's plus {floor:.0e}")
+
+
+def assert_nan_and_as_accurate(ours, reference, truth, name, **kwargs):
+    """NaN exactly where the float64 truth has NaN, on both sides; the other values as assert_as_accurate."""
+    nan = torch.isnan(truth)
+    assert torch.equal(torch.isnan(ours), nan) and torch.equal(torch.isnan(reference), nan), f"{name}: NaN positions"
+    assert_as_accurate(*(t.nan_to_num(0.0) for t in (ours, reference, truth)), name, **kwargs)
 
 
 def float64_truth(module, x):
