@@ -27,6 +27,20 @@ def official():
     }
 
 
+@pytest.fixture(scope="session")
+def authors_logits(official):
+    """For the authors' reference inputs ("x224", "x256"): (input, the authors' eager code's float32 logits on this
+    machine, its float64 logits: the truth). The stored float32 logits came from another machine's kernels."""
+    from utils import authors_outputs
+
+    result = {}
+    for size in ("x224", "x256"):
+        x = official["outputs"][size]
+        result[size] = (x, *(authors_outputs(official["state_dict"], x, dtype)["logits"]
+                             for dtype in (torch.float32, torch.float64)))
+    return result
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

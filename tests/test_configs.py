@@ -57,7 +57,7 @@ def test_stubbed_launches_run_nothing_and_observers_nest():
     assert [launch.name for launch in outer] == ["_npr_residual_fwd_kernel"] * 2
     assert [launch.name for launch in inner] == ["_npr_residual_fwd_kernel"]
     assert torch.equal(stubbed, torch.full_like(x, 7.0))  # never written
-    torch.testing.assert_close(ran, op.npr_residual_reference(x, 2, True))
+    assert torch.equal(ran, op.npr_residual_reference(x.double(), 2, True).float())  # one rounding of the truth
 
 
 def test_unknown_kernel_or_family_is_refused():

@@ -1,10 +1,13 @@
-"""Engines of eval and predict (torch, compile, onnx) and `lfm export`: same answers as the torch backend."""
+"""Engines of eval and predict (torch, compile, onnx) and `lfm export`: each as accurate as the torch backend,
+against the float64 truth."""
+import json
 import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from utils import NETWORK_FLOOR, assert_as_accurate, assert_authors_logits, assert_module_as_accurate
 
 from lfm import LFM, engines
 from lfm.cli import main
@@ -60,7 +63,7 @@ def test_pt2_export_gives_the_same_logits_at_any_batch(model, tmp_path):
     for batch in (1, 3):
         x = torch.randn(batch, 3, 65, 71)
         with torch.no_grad():
-            torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=0)
+            assert_module_as_accurate(program(x), model, x, floor=NETWORK_FLOOR)
 
 
 @pytest.mark.slow
@@ -71,7 +74,7 @@ def test_aoti_package_gives_the_same_logits_at_any_batch(model, tmp_path):
     for batch in (1, 3):
         x = torch.randn(batch, 3, 65, 71)
         with torch.no_grad():
-            torch.testing.assert_close(package(x), model(x), atol=1e-5, rtol=0)
+            assert_module_as_accurate(package(x), model, x, floor=NETWORK_FLOOR)
 
 
 def test_aoti_export_without_a_compiler_says_so(model, tmp_path, monkeypatch):
@@ -81,14 +84,14 @@ def test_aoti_export_without_a_compiler_says_so(model, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_onnx_engine_exports_once_and_matches_the_authors(official, cache):
+def test_onnx_engine_exports_once_and_matches_the_authors(official, authors_logits, cache):
     pytest.importorskip("onnxruntime")
     model = LFM(backend="torch").eval()
     model.load_state_dict(official["state_dict"], strict=True)
     runner = OnnxRunner(model, (256, 256))
     ref = official["outputs"]
-    torch.testing.assert_close(runner(ref["x256"]), ref["logits256"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(runner(ref["x256"][:1]), ref["logits256"][:1], atol=1e-4, rtol=0)
+    assert_authors_logits(runner(ref["x256"]), authors_logits, "x256")
+    assert_authors_logits(runner(ref["x256"][:1]), authors_logits, "x256", rows=slice(1))
     assert [p.name for p in (cache / "onnx").iterdir()] == [runner.path.name]
     stamp = runner.path.stat().st_mtime_ns
     assert OnnxRunner(model, (256, 256)).path.stat().st_mtime_ns == stamp  # cached, not exported again
@@ -103,11 +106,13 @@ def test_predict_engines_agree(weights, tmp_path, cache, capsys):
     pytest.importorskip("onnxruntime")
     folder = _images(tmp_path / "images")
     probs = {}
-    for engine in ("torch", "onnx"):
-        assert main(["predict", "--weights", str(weights), str(folder), "--workers", "0", "--engine", engine]) == 0
-        probs[engine] = _probs(capsys.readouterr().out)
-    assert len(probs["torch"]) == 3
-    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-5)
+    for engine, precision in (("onnx", "float32"), ("torch", "float32"), ("torch", "float64")):
+        assert main(["predict", "--weights", str(weights), str(folder), "--workers", "0", "--engine", engine,
+                     "--precision", precision, "--json"]) == 0
+        probs[engine, precision] = torch.tensor([json.loads(line)["prob_fake"]
+                                                 for line in capsys.readouterr().out.splitlines()], dtype=torch.float64)
+    assert len(probs["torch", "float64"]) == 3
+    assert_as_accurate(*probs.values(), "probabilities of onnx", floor=NETWORK_FLOOR)
 
 
 def test_chunked_calls_give_the_whole_batch_logits(model, monkeypatch):
@@ -116,7 +121,7 @@ def test_chunked_calls_give_the_whole_batch_logits(model, monkeypatch):
     calls = []
     chunked = engines.Chunked(lambda part: calls.append(len(part)) or model(part))
     with torch.no_grad():
-        torch.testing.assert_close(chunked(x), model(x), atol=1e-5, rtol=0)
+        assert_module_as_accurate(chunked(x), model, x, floor=NETWORK_FLOOR)
     assert calls == [2, 2, 1]
     assert engines.images_per_call(torch.zeros(1, 3, 256, 256)) == 1  # 16.6 MB of first map per image
 
@@ -126,7 +131,7 @@ def test_compile_engine_matches_torch(model):
     compiled = prepare(model, "compile", torch.device("cpu"), (47, 47), "predict")
     x = torch.randn(2, 3, 47, 47)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+        assert_module_as_accurate(compiled(x), model, x, floor=NETWORK_FLOOR)
 
 
 def test_compile_engine_without_a_compiler_runs_torch_with_one_warning(model, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 from tiny_data import fake_image, real_image, write_labeled
+from utils import NETWORK_FLOOR, assert_as_accurate, float64_truth
 
 from lfm import LFM
 from lfm.cli import main
@@ -45,6 +46,16 @@ def _probs(model, paths, transform):
     with torch.no_grad():
         x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
         return torch.sigmoid(model(x)).squeeze(1).double().numpy()
+
+
+def _assert_probs_as_accurate(probs, model, paths, transform):
+    """Probabilities that eval wrote and the model's, computed here in float32, each against the model in
+    float64 on the same preprocessed images."""
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+        truth = torch.sigmoid(float64_truth(model, x)).squeeze(1)
+    assert_as_accurate(torch.tensor(probs, dtype=torch.float64), torch.from_numpy(_probs(model, paths, transform)),
+                       truth, "probabilities", floor=NETWORK_FLOOR)
 
 
 def _predictions(path):
@@ -144,7 +155,7 @@ def test_sweep_with_calibration_from_the_command_line(weights, model, test_sets,
             labels = np.array([int(r["label"]) for r in mine])
             assert labels.tolist() == _labels(paths).tolist()
             # Perturbed before preprocessing, deterministic: the model on the perturbed image, computed here.
-            assert probs == pytest.approx(_probs(model, paths, EvalTransform(None, None, perturbation)), rel=1e-5)
+            _assert_probs_as_accurate(probs, model, paths, EvalTransform(None, None, perturbation))
             got = (report["subsets"] if condition == "none" else report["perturbations"][condition]["subsets"])[subset]
             # The reported metrics are those of the reported probabilities, checked against scikit-learn.
             assert abs(got["ap"] - average_precision_score(labels, probs)) <= 1e-9
@@ -168,8 +179,7 @@ def test_center_crop_as_the_benchmarks_test(weights, model, test_sets, tmp_path,
                       out=tmp_path / "out", log=lambda *a: None)
     rows = _predictions(tmp_path / "out" / "predictions.csv")
     paths = [r["path"] for r in rows]
-    assert [float(r["prob_fake"]) for r in rows] == pytest.approx(_probs(model, paths, EvalTransform(None, 48)),
-                                                                  rel=1e-5)
+    _assert_probs_as_accurate([float(r["prob_fake"]) for r in rows], model, paths, EvalTransform(None, 48))
     assert report["center_crop"] == 48 and report["perturbations"] == {}
     assert main(["eval", "--weights", str(weights), "--data", str(test_sets / "test"), "--center-crop", "300",
                  "--out", str(tmp_path / "big")]) == 2

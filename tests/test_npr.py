@@ -1,7 +1,10 @@
 """The NPR baseline and LFM's global-average-pooling ablation."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import assert_as_accurate
 
 from lfm import LFM, LFMGAP, NPR
 
@@ -30,13 +33,22 @@ def test_npr_feeds_two_thirds_of_the_signed_residual(shape):
     model = NPR(backend="torch").eval()
     x = torch.randn(shape)
     seen = {}
-    model.conv1.register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0]))
+    hook = model.conv1.register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0]))
     logits = model(x)
+    hook.remove()
     assert logits.shape == (shape[0], 1)
-    torch.testing.assert_close(seen["input"], _anchor_residual(x) * (2 / 3), rtol=0, atol=1e-6)
-    feats = model.layer2(model.layer1(model.maxpool(F.relu(model.bn1(model.conv1(seen["input"]))))))
-    assert feats.shape[1] == 512
-    torch.testing.assert_close(logits, model.fc1(feats.mean((2, 3))))
+    # The residual times 2/3: the difference and the product rounded to float32.
+    assert_as_accurate(seen["input"], None, _anchor_residual(x.double()) * (2 / 3), "input of conv1", floor=2**-23)
+
+    def written_out(model, residual):
+        feats = model.layer2(model.layer1(model.maxpool(F.relu(model.bn1(model.conv1(residual))))))
+        assert feats.shape[1] == 512
+        return model.fc1(feats.mean((2, 3)))
+
+    with torch.no_grad():
+        truth = written_out(copy.deepcopy(model).double(), _anchor_residual(x.double()) * (2 / 3))
+        reference = written_out(model, _anchor_residual(x) * (2 / 3))
+    assert_as_accurate(logits, reference, truth, "logits")
 
 
 def test_npr_learns_a_nearest_upsampling_trace():
@@ -61,8 +73,11 @@ def test_lfm_gap_averages_the_score_maps():
     torch.manual_seed(0)
     model = LFMGAP(backend="torch").eval()
     x = torch.randn(2, 3, 40, 47)  # GAP needs a single position only: smaller than LFM's 47x47 minimum
-    scores = model.covn1_1(model.features(x))
-    torch.testing.assert_close(model(x), model.fc1(scores.mean((2, 3))))
+    logits = model(x)
+    with torch.no_grad():
+        reference, truth = (m.fc1(m.covn1_1(m.features(t)).mean((2, 3)))
+                            for m, t in ((model, x), (copy.deepcopy(model).double(), x.double())))
+    assert_as_accurate(logits, reference, truth, "logits")
     assert model.fc1.in_features == 64
 
 

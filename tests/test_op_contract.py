@@ -20,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from utils import DTYPE_TOL, distinct_map, layouts
+from utils import BRANCH_FLIP_FLOOR, DTYPE_TOL, assert_as_accurate, distinct_map, layouts
 
 from lfm_kernels import npr_residual, random_k_pool, score_topk, snet_block, snet_head, topk_pool
 from lfm_kernels.configs import FAMILIES, gpu_family, gpu_tile_sizes
@@ -113,19 +113,26 @@ DETERMINISTIC_OPS = [case for case in OPS if not case.random]
 
 @pytest.mark.parametrize("case", DETERMINISTIC_OPS, ids=lambda c: c.name)
 def test_matches_reference_forward_and_backward(case, tiles):
+    """Our kernels and the reference (the torch backend) in float32, each against the reference in float64:
+    the output, running statistics (where training updates them) and every input's gradient."""
     inputs, state = case.inputs(2)
-    ours_in, ours_state = _as(torch.float32, inputs, True), _as(torch.float32, state, False)
-    ref_in, ref_state = _as(torch.float64, inputs, True), _as(torch.float64, state, False)
-    out = case.run("triton", ours_in, ours_state)
-    ref = case.run("torch", ref_in, ref_state)
-    torch.testing.assert_close(out.double(), ref, atol=case.atol, rtol=1e-5)
-    for mine, theirs in zip(ours_state, ref_state):  # running statistics, where training updates them
-        torch.testing.assert_close(mine.double(), theirs, atol=1e-6, rtol=1e-5)
-    grad = torch.randn_like(ref)
-    mine = torch.autograd.grad(out, ours_in, grad.float())
-    theirs = torch.autograd.grad(ref, ref_in, grad)
-    for i, (a, b) in enumerate(zip(mine, theirs)):
-        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=f"gradient of input {i}")
+    runs = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float32), ("torch", torch.float64)):
+        leaves, stats = _as(dtype, inputs, True), _as(dtype, state, False)
+        out = case.run(backend, leaves, stats)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        runs.append((out.detach(), stats, torch.autograd.grad(out, leaves, grad)))
+    ours, ref32, truth = runs
+    assert_as_accurate(ours[0], ref32[0], truth[0], "output", norm=True)
+    for i, sides in enumerate(zip(ours[1], ref32[1], truth[1])):
+        assert_as_accurate(*sides, f"running statistic {i}")
+    for i, sides in enumerate(zip(ours[2], ref32[2], truth[2])):
+        if "train" in case.name and i == 2:
+            # A conv bias before batch statistics has a gradient of exactly zero: rounding noise on both
+            # sides, measured against the size of the conv weight's gradient.
+            assert_as_accurate(*sides, f"gradient of input {i}", norm=True, scale=truth[2][1].norm())
+        else:
+            assert_as_accurate(*sides, f"gradient of input {i}", norm=True, floor=BRANCH_FLIP_FLOOR)
 
 
 @pytest.mark.slow  # every launch-table entry: minutes under the interpreter
@@ -245,7 +252,11 @@ def test_memory_layouts(case, layout):
     inputs, state = case.inputs(2)
     batch = layouts(inputs[0].float())[layout]
     out = _seeded(case, "triton", [batch] + _as(torch.float32, inputs[1:], False), _as(torch.float32, state, False))
-    torch.testing.assert_close(out.double(), _expected(case, inputs, state), atol=case.atol, rtol=1e-5)
+    if case.random:  # a selection: exactly its own run on contiguous inputs
+        assert torch.equal(out.double(), _expected(case, inputs, state))
+    else:
+        reference = case.run("torch", _as(torch.float32, inputs, False), _as(torch.float32, state, False))
+        assert_as_accurate(out, reference, _expected(case, inputs, state), f"output, {layout}", norm=True)
 
 
 @pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)

@@ -1,9 +1,12 @@
 """Scoring an image of any size in bounded memory: LFM's Top-K computed in tiles of the input gives the
 untiled model's scores, positions, logits and heatmaps."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from utils import NETWORK_FLOOR, assert_as_accurate
 
 import lfm.inference
 from lfm import LFM
@@ -61,11 +64,10 @@ def test_tiles_give_the_untiled_topk_logits_and_positions(models, h, w, max_pixe
         values, positions = lfm_topk(model, x, max_pixels=max_pixels)
         logits = model.fc1(values.flatten(1))
     assert len(sizes) > 1 and all(th * tw <= max_pixels for th, tw in sizes)
-    for got_values, got_positions, got_logits in ((values, positions, logits),
-                                                  (whole_values, whole_positions, whole_logits)):
-        assert torch.equal(got_positions, true_positions)
-        assert (got_values.double() - true_values).abs().max() <= 1e-5
-        assert (got_logits.double() - true_logits).abs().max() <= 1e-5
+    assert torch.equal(positions, true_positions) and torch.equal(whole_positions, true_positions)
+    # The tiles against the float64 truth, as accurate as the untiled model.
+    assert_as_accurate(values, whole_values, true_values, "Top-K values", norm=True)
+    assert_as_accurate(logits, whole_logits, true_logits, "logits", floor=NETWORK_FLOOR)
 
 
 @pytest.mark.parametrize("block", [(1, 1), (2, 3), (3, 2), (5, 7)])
@@ -113,17 +115,19 @@ def test_large_images_are_scored_in_tiles_automatically(models, tmp_path, capsys
     x = _pixels(143, 111, seed=5)
     Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(tmp_path / "big.png")
     with torch.no_grad():
-        true_prob = torch.sigmoid(truth(normalize_pixels(x).double())).item()
+        true_logits = truth(normalize_pixels(x).double())
+        whole_logits = model(normalize_pixels(x))
     monkeypatch.setattr(lfm.inference, "FORWARD_PIXELS", 50 * 50)
     sizes = _record_tiles(monkeypatch)
     args = ["predict", "--weights", str(tmp_path / "w.safetensors"), str(tmp_path / "big.png"), "--no-resize",
-            "--workers", "0"]
+            "--workers", "0", "--json"]
     assert main(args) == 0
-    prob = float(capsys.readouterr().out.split("\t")[1])
+    prob = torch.tensor([[json.loads(capsys.readouterr().out)["prob_fake"]]], dtype=torch.float64)
     assert len(sizes) > 1 and all(th * tw <= 50 * 50 for th, tw in sizes)
-    assert abs(prob - true_prob) <= 1e-5
-    with torch.no_grad():  # the engines' path, any model: the same logits as the model's forward
-        assert (logits_of(model, x).double() - truth(normalize_pixels(x).double())).abs().max() <= 1e-5
+    assert_as_accurate(prob, torch.sigmoid(whole_logits), torch.sigmoid(true_logits), "probability",
+                       floor=NETWORK_FLOOR)
+    with torch.no_grad():  # the engines' path, any model: as accurate as the model's untiled forward
+        assert_as_accurate(logits_of(model, x), whole_logits, true_logits, "logits", floor=NETWORK_FLOOR)
 
 
 @pytest.mark.parametrize("band_pixels", [111 * 1, 111 * 7, 111 * 30])

@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from utils import assert_authors_logits
 
 from lfm import LFM, NPR
 from lfm.errors import UsageError
@@ -64,12 +65,11 @@ def test_wrong_architecture_and_missing_files_are_usage_errors(tmp_path):
         load_model(tmp_path / "list.pth")
 
 
-def test_authors_checkpoint_loads(official):
+def test_authors_checkpoint_loads(official, authors_logits):
     model, config = load_model(official["dir"] / "bs_model.pth")
     assert config == {"model": "lfm", "k": 16}
-    ref = official["outputs"]
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["x224"]), ref["logits224"], atol=1e-4, rtol=0)
+        assert_authors_logits(model(authors_logits["x224"][0]), authors_logits, "x224")
 
 
 def test_build_model_names():
