@@ -116,6 +116,32 @@ def _store_normalized(y, g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout
         tl.store(argmax_ptr + at, arg.to(tl.uint8), mask=ok)
 
 
+@triton.jit
+def stem_tap(x_ptr, b, ci, r, c, tap: tl.constexpr, live, Cin, H, W, OPERAND_DTYPE: tl.constexpr):
+    """[rows] |NPR residual| of image channel ci at conv tap `tap` (ky * 2 + kx) of pixels (r, c) of images b,
+    from the contiguous (B, Cin, H, W) image, in float32 rounded to OPERAND_DTYPE (the stem's operand)."""
+    plane = x_ptr + (b.to(tl.int64) * Cin + ci) * H * W
+    rr = r + tap // 2
+    cc = c + tap % 2
+    v = tl.load(plane + rr * W + cc, mask=live, other=0.0).to(tl.float32)
+    v = tl.abs(v - tl.load(plane + (rr // 2 * 2) * W + cc // 2 * 2, mask=live, other=0.0).to(tl.float32))
+    return dot_operand(v, OPERAND_DTYPE, tl.float32)
+
+
+@triton.jit
+def stem_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, OPERAND_DTYPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """[BLOCK_M, BLOCK_CO] stem conv (no bias) of the image's residual: Cin x 4 float32 FMAs per output (K = 12
+    leaves tensor cores idle), weight (Cout, Cin, 2, 2) contiguous, rounded to OPERAND_DTYPE."""
+    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
+    for ci in range(0, Cin):
+        for tap in tl.static_range(4):
+            w = tl.load(w_ptr + (co * Cin + ci) * 4 + tap, mask=co_live, other=0.0)
+            v = stem_tap(x_ptr, b, ci, r, c, tap, live, Cin, H, W, OPERAND_DTYPE)
+            acc += v[:, None] * dot_operand(w, OPERAND_DTYPE, tl.float32)[None, :]
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -160,17 +186,7 @@ def _snet_stem_kernel(
     g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_live = co < Cout
-    acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
-    for ci in range(0, Cin):
-        plane = x_ptr + (b.to(tl.int64) * Cin + ci) * H * W
-        for tap in tl.static_range(4):
-            rr = r + tap // 2
-            cc = c + tap % 2
-            v = tl.load(plane + rr * W + cc, mask=live, other=0.0).to(tl.float32)
-            v = tl.abs(v - tl.load(plane + (rr // 2 * 2) * W + cc // 2 * 2, mask=live, other=0.0).to(tl.float32))
-            w = tl.load(w_ptr + (co * Cin + ci) * 4 + tap, mask=co_live, other=0.0)
-            w = dot_operand(w, OPERAND_DTYPE, tl.float32)
-            acc += dot_operand(v, OPERAND_DTYPE, tl.float32)[:, None] * w[None, :]
+    acc = stem_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
     scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
     _store_normalized(relu(acc * scale + shift), g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL,
                       SAVE_ARGMAX, BLOCK_M, BLOCK_CO)
@@ -325,20 +341,19 @@ def _snet_block_dz_kernel(
 @triton.jit
 def _snet_stem_wgrad_kernel(
     x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
-    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
 ):
-    """The stem's backward pass 2 without d(conv out) in memory. Grid: as _snet_block_dz_kernel's.
+    """The stem's backward pass 2 without d(conv out) in memory. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else
+    BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
-    Recomputes the stem's conv (K = 12) at its pixels, turns it into d(conv out) as _snet_block_dz_kernel
-    does, and multiplies that with the residual taps it read: writes this program's weight-gradient partial
-    part[pid, tap, co, ci] ((programs, 4, Cout, Cin) float32) and its conv-bias partial dbias[pid, co],
-    summed by the launcher in a fixed order. Reads the NHWC image and the packed weight; the
-    (B*(H-1)*(W-1), 64) gradient map the general path writes and reads back never exists.
+    Recomputes the stem's conv (stem_conv) at its pixels from the contiguous image and weight, turns it into
+    d(conv out) as _snet_block_dz_kernel does, and reduces it against each of the Cin x 4 residual taps:
+    writes this program's weight-gradient partial part[pid, tap, co, ci] ((programs, 4, Cout, Cin) float32)
+    and conv-bias partial dbias[pid, co], summed by the launcher in a fixed order. The (B*(H-1)*(W-1), Cout)
+    gradient map that the general path writes and reads back never exists.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
-    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, True, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                  DOT_DTYPE, PRECISION)
+    a = stem_conv(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
     zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
                             POOL, BLOCK_M)
     c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
@@ -346,22 +361,12 @@ def _snet_stem_wgrad_kernel(
     dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
     pid = tl.program_id(0)
     tl.store(dbias_ptr + pid * Cout + co, tl.sum(dz, axis=0), mask=co_live)
-    operand = w_ptr.dtype.element_ty
-    dz = dot_operand(dz, operand, DOT_DTYPE)
-    ci = tl.arange(0, BLOCK_CI)
-    ci_live = ci < Cin
-    image = b.to(tl.int64) * H * W * Cin
-    for tap in tl.static_range(4):
-        rr = r + tap // 2
-        cc = c + tap % 2
-        ok = valid[:, None] & ci_live[None, :]
-        v = tl.load(x_ptr + (image + (rr * W + cc).to(tl.int64) * Cin)[:, None] + ci[None, :], mask=ok, other=0.0)
-        v0 = tl.load(x_ptr + (image + ((rr // 2 * 2) * W + cc // 2 * 2).to(tl.int64) * Cin)[:, None] + ci[None, :],
-                     mask=ok, other=0.0)
-        v = dot_operand(tl.abs(v.to(tl.float32) - v0.to(tl.float32)), operand, DOT_DTYPE)
-        part = tl.dot(tl.trans(dz), v, input_precision=PRECISION)
-        at = ((pid * 4 + tap) * Cout + co).to(tl.int64)[:, None] * Cin + ci[None, :]
-        tl.store(part_ptr + at, part, mask=co_live[:, None] & ci_live[None, :])
+    dz = dot_operand(dz, OPERAND_DTYPE, tl.float32)  # as the weight-gradient GEMM rounds its operands
+    for ci in range(0, Cin):
+        for tap in tl.static_range(4):
+            v = stem_tap(x_ptr, b, ci, r, c, tap, valid, Cin, H, W, OPERAND_DTYPE)
+            tl.store(part_ptr + ((pid * 4 + tap) * Cout + co).to(tl.int64) * Cin + ci, tl.sum(dz * v[:, None], axis=0),
+                     mask=co_live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,12 +542,13 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
     means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
     if fused_wgrad:
-        tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
+        tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision)
         part = torch.zeros((grid[0], 4, Cout, Cin), dtype=torch.float32, device=x.device)
         dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_stem_wgrad_kernel, grid, x_nhwc, w_packed, bn, *routing, means, part, dbias, n_rows, H, W,
-                   OH, OW, Cin, Cout, POOL=pool, **tiles, **dots)
+            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), bn, *routing, means, part,
+                   dbias, n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, **tiles,
+                   OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
         dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
     else:
         tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
