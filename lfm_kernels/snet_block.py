@@ -446,6 +446,13 @@ def _conv_operands(x, weight, npr, compute_dtype):
     return nhwc(x), packed_weight(weight, compute_dtype)
 
 
+def _conv_dot_args(npr, compute_dtype, precision):
+    """_block_conv's dot constexprs: the stem multiplies operands rounded to the compute dtype as float32 FMAs
+    (no tensor-core dot, whatever the dtype), the other blocks as dot_args says."""
+    dots = dot_args(compute_dtype, precision)
+    return dict(dots, DOT_DTYPE=tl.float32, PRECISION="ieee") if npr else dots
+
+
 def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     """(mean, biased variance, z) of conv(x) + bias per channel, merged from per-program (count, mean, M2)
     with Chan's formula in program order. z is the conv (no bias, compute_dtype, (B*(H-1)*(W-1), Cout))
@@ -462,7 +469,7 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     if n_rows:
         launch(_snet_block_stats_kernel, grid, *_conv_operands(x, w, npr, compute_dtype), bias,
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
-               STORE_Z=z is not None, **tiles, **dot_args(compute_dtype, precision))
+               STORE_Z=z is not None, **tiles, **_conv_dot_args(npr, compute_dtype, precision))
     n = count.sum()
     mu = (count[:, None] * mean).sum(0) / n
     var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
@@ -552,7 +559,7 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
     routing = (grad, argmax if pool else grad)
-    operands, dots = _conv_operands(x, weight, npr, compute_dtype), dot_args(compute_dtype, precision)
+    operands, dots = _conv_operands(x, weight, npr, compute_dtype), _conv_dot_args(npr, compute_dtype, precision)
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
     # The conv output, then its gradient (in place).
     dz = sums if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
