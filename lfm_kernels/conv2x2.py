@@ -65,13 +65,13 @@ def conv_rows(n_rows, OH, OW, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, BLOCK_M: tl.constexpr,
+def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of images b: an implicit
     GEMM with K = Cin blocks x 4 taps. x is NHWC (B, H, W, Cin) contiguous, so each tap's A tile is
     BLOCK_M rows of BLOCK_CI contiguous channels at a constant shift of the row's pixel (vector loads the
     pipeliner can put in flight); w is the packed (4, Cin, Cout) B operand (packed_weight), whose dtype
-    operands are rounded to."""
+    operands are rounded to. With NPR, the A tile is |x - x[2*(i//2), 2*(j//2)]| taken in x's dtype."""
     image = b.to(tl.int64) * H * W * Cin
     pixel = image + (r * W + c).to(tl.int64) * Cin
     operand = w_ptr.dtype.element_ty
@@ -84,6 +84,10 @@ def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, BLOCK_M
             ky = tap // 2
             kx = tap % 2
             a = tl.load(x_ptr + (pixel + (ky * W + kx) * Cin)[:, None] + ci[None, :], mask=ok, other=0.0)
+            if NPR:
+                anchor = image + (((r + ky) // 2 * 2) * W + (c + kx) // 2 * 2).to(tl.int64) * Cin
+                a0 = tl.load(x_ptr + anchor[:, None] + ci[None, :], mask=ok, other=0.0)
+                a = tl.abs(a.to(tl.float32) - a0.to(tl.float32))
             w = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
                         mask=ci_live[:, None] & co_live[None, :], other=0.0)
             acc = tl.dot(dot_operand(a, operand, DOT_DTYPE), dot_operand(w, operand, DOT_DTYPE), acc,

@@ -142,18 +142,6 @@ def stem_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, OPERAND_DTYPE
     return acc
 
 
-@triton.jit
-def _block_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """The block's conv at pixels (r, c) of images b, from the operands _conv_operands gives: the stem's
-    (NPR) as float32 FMAs on the image, the others as conv2x2's implicit GEMM on NHWC activations."""
-    if NPR:
-        return stem_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
-    return conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                     DOT_DTYPE, PRECISION)
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +163,7 @@ def _snet_block_kernel(
     g, b, r, c, live = conv_rows(n_rows, OH, OW, POOL, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_live = co < Cout
-    acc = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, BLOCK_M, BLOCK_CI, BLOCK_CO,
+    acc = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, False, BLOCK_M, BLOCK_CI, BLOCK_CO,
                     DOT_DTYPE, PRECISION)
     scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live)
     _store_normalized(relu(acc * scale + shift), g, live, n_rows, co, co_live, out_ptr, argmax_ptr, Cout, POOL,
@@ -208,11 +196,11 @@ def _snet_stem_kernel(
 def _snet_block_stats_kernel(
     x_ptr, w_ptr, bias_ptr, z_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
-    BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The conv once, with batch statistics in the epilogue. Grid: (cdiv(n_rows, BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
-    Computes the conv (_block_conv) at BLOCK_M pixels of the (B, OH, OW) conv map; with STORE_Z writes
+    Computes the conv at BLOCK_M pixels of the (B, OH, OW) conv map from the NHWC input; with STORE_Z writes
     it (no bias, rounded to z's dtype, as a cuDNN conv in that dtype would) to z (B*OH*OW, Cout) for
     _snet_block_apply_kernel. Writes this program's pixel count, and per channel the mean and M2 of
     conv + bias over its pixels (of the stored values with STORE_Z), to part_count[pid], part_mean[pid, :],
@@ -221,8 +209,8 @@ def _snet_block_stats_kernel(
     g, b, r, c, live = conv_rows(n_rows, OH, OW, False, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_live = co < Cout
-    a = _block_conv(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                    OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    a = conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
     if STORE_Z:
         a = a.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + g.to(tl.int64)[:, None] * Cout + co[None, :], a, mask=live[:, None] & co_live[None, :])
@@ -300,19 +288,19 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_pt
 def _snet_block_dy_sums_kernel(
     x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, z_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
-    BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward, pass 1: the conv recomputed once. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M),
     cdiv(Cout, BLOCK_CO)).
 
-    Reads the conv's operands (_conv_operands), the output gradient and the window argmax; with STORE_Z
+    Reads the NHWC block input, the packed weight, the output gradient and the window argmax; with STORE_Z
     writes the conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
     (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel sums of dy and dy * zhat to
     sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
-    a = _block_conv(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
-                    OPERAND_DTYPE, DOT_DTYPE, PRECISION)
+    a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
+                  DOT_DTYPE, PRECISION)
     if STORE_Z:
         a = a.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
@@ -427,30 +415,15 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
                argmax if argmax is not None else out, eps, n_rows, Hc, Wc, OH, OW, Cout, POOL=pool, **tiles)
     elif npr:
         tiles, grid = _grid("snet_stem", x, w, n_rows, pool, compute_dtype, precision)
-        launch(_snet_stem_kernel, grid, *_conv_operands(x, w, npr, compute_dtype), bias, gamma, beta, mean, var, out,
+        launch(_snet_stem_kernel, grid, x.contiguous(), w.contiguous(), bias, gamma, beta, mean, var, out,
                argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
                OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
     else:
         tiles, grid = _grid("snet_block", x, w, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
-        launch(_snet_block_kernel, grid, *_conv_operands(x, w, npr, compute_dtype), bias, gamma, beta, mean, var, out,
+        launch(_snet_block_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, gamma, beta, mean, var, out,
                argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
                **gemm_dot_args(compute_dtype, precision))
     return out, argmax
-
-
-def _conv_operands(x, weight, npr, compute_dtype):
-    """(input, weight) as _block_conv reads them: the contiguous image and (Cout, Cin, 2, 2) weight for the
-    stem, else NHWC activations and the packed GEMM weight."""
-    if npr:
-        return x.contiguous(), weight.contiguous()
-    return nhwc(x), packed_weight(weight, compute_dtype)
-
-
-def _conv_dot_args(npr, compute_dtype, precision):
-    """_block_conv's dot constexprs: the stem multiplies operands rounded to the compute dtype as float32 FMAs
-    (no tensor-core dot, whatever the dtype), the other blocks as dot_args says."""
-    dots = dot_args(compute_dtype, precision)
-    return dict(dots, DOT_DTYPE=tl.float32, PRECISION="ieee") if npr else dots
 
 
 def _batch_stats(x, w, bias, npr, precision, compute_dtype):
@@ -467,9 +440,9 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     m2 = torch.zeros_like(mean)
     z = None if npr else torch.empty((n_rows, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_stats_kernel, grid, *_conv_operands(x, w, npr, compute_dtype), bias,
+        launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias,
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
-               STORE_Z=z is not None, **tiles, **_conv_dot_args(npr, compute_dtype, precision))
+               STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
     n = count.sum()
     mu = (count[:, None] * mean).sum(0) / n
     var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
@@ -559,13 +532,13 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
     routing = (grad, argmax if pool else grad)
-    operands, dots = _conv_operands(x, weight, npr, compute_dtype), _conv_dot_args(npr, compute_dtype, precision)
+    x_nhwc, w_packed, dots = nhwc(x), packed_weight(weight, compute_dtype), gemm_dot_args(compute_dtype, precision)
     sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
     # The conv output, then its gradient (in place).
     dz = sums if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_dy_sums_kernel, grid, *operands, bn, *routing, sums, dz, n_rows, H, W, OH, OW, Cin, Cout,
-               POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
+        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, bn, *routing, sums, dz, n_rows, H, W, OH, OW, Cin,
+               Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
     dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
     means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
     if fused_wgrad:
@@ -573,8 +546,9 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
         part = torch.zeros((grid[0], 4, Cout, Cin), dtype=torch.float32, device=x.device)
         dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_stem_wgrad_kernel, grid, *operands, bn, *routing, means, part, dbias, n_rows, H, W, OH, OW,
-                   Cin, Cout, POOL=pool, **tiles, OPERAND_DTYPE=dots["OPERAND_DTYPE"])
+            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), bn, *routing, means, part,
+                   dbias, n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, **tiles,
+                   OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
         dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
     else:
         tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)

@@ -65,7 +65,7 @@ def _head_scores(x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
     for c40 in range(c4_start, c4_stop, BLOCK_C4):
         c4 = c40 + tl.arange(0, BLOCK_C4)
         c4_live = c4 < c4_stop
-        acc = conv_tile(x_ptr, w_ptr, b, r, c, live, c4, c4_live, Cin, H, W, C4, BLOCK_P, BLOCK_CI, BLOCK_C4,
+        acc = conv_tile(x_ptr, w_ptr, b, r, c, live, c4, c4_live, Cin, H, W, C4, False, BLOCK_P, BLOCK_CI, BLOCK_C4,
                         DOT_DTYPE, PRECISION)
         scale, shift = batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, c4, c4_live)
         feat = relu(acc * scale + shift)
