@@ -68,8 +68,8 @@ _CONFIGS = {
         ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=16, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
         ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
     },
-    # d(conv input): the implicit GEMM [BLOCK_P pixels, BLOCK_CI] over K = BLOCK_CO x 4 taps; its A operand is
-    # the float32 d(conv out) in every precision, so K steps of 16 keep 3 stages of 4 taps within 228 KB.
+    # d(conv input): the implicit GEMM [BLOCK_P pixels, BLOCK_CI] over K = BLOCK_CO x 4 taps; K steps of 16
+    # keep 3 stages of 4 float32 A and B tiles within sm_90's 228 KB.
     "conv2x2_dx": {
         ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_CO=16, num_warps=4, num_stages=2),
         ("*", "*"): dict(BLOCK_P=128, BLOCK_CI=128, BLOCK_CO=16, num_warps=8, num_stages=3),

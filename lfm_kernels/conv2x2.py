@@ -108,7 +108,7 @@ def _conv2x2_dx_kernel(
     (cdiv(B*H*W, BLOCK_P), cdiv(Cin, BLOCK_CI)).
 
     dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
-    reads the float32 dz (B*(H-1)*(W-1), Cout), whose rows for one tap are a constant shift of the
+    reads dz (B*(H-1)*(W-1), Cout) in the weight's dtype, whose rows for one tap are a constant shift of the
     pixel's (zero outside the conv map), and the packed (4, Cout, Cin) weight (packed_weight with
     dgrad_operand), whose dtype operands are rounded to; writes dx through its strides. Each input pixel
     gathers its own sum: no atomics.

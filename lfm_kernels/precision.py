@@ -56,7 +56,7 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
 def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
     """dot_args for kernels whose operands are already in the conv's dtype (packed weights, NHWC inputs
     cast by conv_input): only what tl.dot gets (DOT_DTYPE) and PRECISION."""
-    dots = _dot_args(dtype, precision, dtype == torch.bfloat16 and interpreter_enabled())
+    dots = dot_args(dtype, precision)
     return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
 
 

@@ -285,6 +285,22 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_pt
 
 
 @triton.jit
+def _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr, H, W,
+                   Cout, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) from the conv output a at
+    _backward_rows' pixels (zero off the map), the two means in means (2, Cout) (zeros when the statistics
+    were not the batch's); stores this program's float32 per-channel sum of it, the conv bias's gradient,
+    to dbias[pid, :]."""
+    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
+                            POOL, BLOCK_M)
+    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
+    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
+    dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
+    tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
+    return dz
+
+
+@triton.jit
 def _snet_block_dy_sums_kernel(
     x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, z_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
@@ -319,23 +335,17 @@ def _snet_block_dz_kernel(
 ):
     """Backward, pass 2, memory-bound. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
 
-    Reads pass 1's conv output z, the output gradient and the argmax; overwrites z in place with
-    d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) in z's dtype (what the gradient
-    GEMMs round their operand to), the two means in means (2, Cout) (zeros when the statistics were not the
-    batch's), and writes this program's float32 per-channel sum of it (the conv bias's gradient) to
-    dbias[pid, :]. Each program reads and writes only its own pixels.
+    Reads pass 1's conv output z, the output gradient and the argmax; overwrites z in place with d(conv out)
+    (_conv_out_grad) in z's dtype (what the gradient GEMMs round their operand to) and writes this program's
+    conv-bias partial to dbias[pid, :]. Each program reads and writes only its own pixels.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     at = z_ptr + pixel[:, None] + co[None, :]
     ok = valid[:, None] & co_live[None, :]
     a = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
-                            POOL, BLOCK_M)
-    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
-    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
-    dz = tl.where(ok, k * (dy - c1 - zhat * c2), 0.0)
+    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr,
+                        H, W, Cout, POOL, BLOCK_M)
     tl.store(at, dz.to(z_ptr.dtype.element_ty), mask=ok)
-    tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
 
 
 @triton.jit
@@ -354,13 +364,9 @@ def _snet_stem_wgrad_kernel(
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = stem_conv(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
-    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
-                            POOL, BLOCK_M)
-    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
-    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
-    dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
+    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr,
+                        H, W, Cout, POOL, BLOCK_M)
     pid = tl.program_id(0)
-    tl.store(dbias_ptr + pid * Cout + co, tl.sum(dz, axis=0), mask=co_live)
     dz = dot_operand(dz, OPERAND_DTYPE, tl.float32)  # as the weight-gradient GEMM rounds its operands
     for ci in range(0, Cin):
         for tap in tl.static_range(4):
