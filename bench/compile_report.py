@@ -35,7 +35,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -115,14 +114,13 @@ def launch_key(launch) -> tuple:
 @contextlib.contextmanager
 def launches_as(family: str):
     """Stub out every launch and make them as a GPU of `family` would, on CPU tensors: the launchers take
-    the GPU's tiles and fill targets, and (the kernels being real JIT functions, not interpreted) not the
-    interpreter's widening of bfloat16 dots, which lfm_kernels.precision applies when TRITON_INTERPRET is set."""
+    the GPU's tiles and fill targets (the kernels being real JIT functions, not interpreted, they also get
+    tl.dot's operands as a GPU does)."""
     from bench.workloads import cpu_tensors_take_the_triton_path
-    from lfm_kernels import configs, precision
+    from lfm_kernels import configs
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(cpu_tensors_take_the_triton_path())
-        stack.enter_context(mock.patch.object(precision, "interpreter_enabled", lambda: False))
         stack.enter_context(configs.gpu_family(family))
         stack.enter_context(configs.gpu_tile_sizes())
         yield stack

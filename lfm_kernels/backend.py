@@ -34,7 +34,7 @@ def resolve_backend(backend, tensor: torch.Tensor, op: str = "", training: bool 
     backend = check_backend_name(backend)
     if backend == "auto":
         return auto_backend(op, tensor, training)
-    if backend == "triton" and not tensor.is_cuda and not (interpreter_enabled() or launches_stubbed()):
+    if backend == "triton" and not tensor.is_cuda and not (launches_stubbed() or interpreter_enabled()):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}); "
             "on CPU set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"

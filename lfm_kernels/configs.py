@@ -116,7 +116,13 @@ _gpu_tiles_in_interpreter = False
 
 
 def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET is set now (read at call time: then backend="triton" accepts CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when it decorates a kernel, at import, so whether our kernels run in the
+# interpreter is fixed for the process: the launch policy follows that, not the variable's value per launch.
+KERNELS_INTERPRETED = interpreter_enabled()
 
 
 @contextlib.contextmanager
@@ -152,7 +158,7 @@ def cdiv(a: int, b: int) -> int:
 def policy_state(device: torch.device) -> tuple:
     """What a launch's policy depends on besides its own arguments: the memo key of family, fill_target and
     launch_config, and of launchers' plans memoized per call signature."""
-    return device.type, device.index, _forced_family, _gpu_tiles_in_interpreter, interpreter_enabled()
+    return device.type, device.index, _forced_family, _gpu_tiles_in_interpreter, KERNELS_INTERPRETED
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,11 +264,18 @@ def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:
     first = next(a for a in args if isinstance(a, torch.Tensor))
     if first.device.type != "cuda":
         return {}
+    return _tuned_lookup(first.device, kernel_name, first.dtype, tuple(meta.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuned_lookup(device: torch.device, kernel_name: str, dtype: torch.dtype, meta: tuple) -> dict:
+    """tuned_options' table lookup, memoized per launch signature: the key (device name, constexprs as JSON)
+    costs more host time than a launch's other work. Shared: callers must not modify the result."""
     import triton
 
-    key = tuned_key(torch.cuda.get_device_name(first.device), triton.__version__, kernel_name,
-                    str(first.dtype).removeprefix("torch."), meta)
-    return tuned.get(key, {})
+    key = tuned_key(torch.cuda.get_device_name(device), triton.__version__, kernel_name,
+                    str(dtype).removeprefix("torch."), dict(meta))
+    return _tuned().get(key, {})
 
 
 @dataclass

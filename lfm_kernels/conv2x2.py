@@ -185,8 +185,10 @@ def packed_weight(weight: torch.Tensor, dtype: torch.dtype, pack=None) -> torch.
     """A weight as a GEMM kernel's B operand, contiguous in `dtype`: by default a (Cout, Cin, 2, 2) conv
     weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Packed on every call: a
     cache keyed on the weight's version would go stale after a `.data` write or a fused optimizer step,
-    which do not count as versions."""
-    return (pack or conv_operand)(weight).to(dtype).contiguous()
+    which do not count as versions. One allocation and one copy that also converts (the host side of
+    .to(dtype).contiguous() costs about twice as much)."""
+    operand = (pack or conv_operand)(weight)
+    return torch.empty(operand.shape, dtype=dtype, device=operand.device).copy_(operand)
 
 
 def conv_operand(weight: torch.Tensor) -> torch.Tensor:

@@ -99,9 +99,16 @@ class SNetBlock(nn.Module):
         return self._modules["1"]
 
     def tensors(self):
-        """(conv weight, conv bias, bn weight, bn bias, running mean, running var), snet_block's order."""
-        conv, bn = self._modules["0"], self._modules["1"]  # not the properties: every forward asks
-        return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        """(conv weight, conv bias, bn weight, bn bias, running mean, running var), snet_block's order. Read
+        from the children's parameter and buffer dicts: every forward asks, and nn.Module.__getattr__ costs
+        about as much per name as a tensor allocation. Parametrized ones (torch.nn.utils.parametrize) are not
+        in those dicts: they are read as attributes."""
+        conv, bn = self._modules["0"], self._modules["1"]
+        try:
+            return (conv._parameters["weight"], conv._parameters["bias"], bn._parameters["weight"],
+                    bn._parameters["bias"], bn._buffers["running_mean"], bn._buffers["running_var"])
+        except KeyError:
+            return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
 
     def batchnorm_mode(self):
         """(use batch statistics, momentum) as nn.BatchNorm2d decides them; counts tracked batches."""

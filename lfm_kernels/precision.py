@@ -3,7 +3,7 @@ import functools
 
 import torch
 
-from .configs import interpreter_enabled
+from .configs import KERNELS_INTERPRETED
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("tf32", "ieee")
@@ -49,7 +49,7 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     OPERAND_DTYPE, what operands are rounded to; DOT_DTYPE, what tl.dot gets (the interpreter of triton
     3.9 computes bfloat16 dots wrongly, so there rounded bf16 values are widened to float32, exactly);
     PRECISION, "tf32" or "ieee" for float32 (16-bit operands use their own tensor-core path)."""
-    widen = dtype == torch.bfloat16 and interpreter_enabled()
+    widen = dtype == torch.bfloat16 and KERNELS_INTERPRETED
     return dict(_dot_args(dtype, precision, widen))
 
 
@@ -97,7 +97,7 @@ def conv_input(name: str, x: torch.Tensor, keep_dtype: bool = False):
     stem) x stays in its own dtype, so the neighbor-pixel residual is taken before rounding, as the
     reference does."""
     compute_dtype = autocast_dtype(x) or x.dtype
-    if not keep_dtype:
+    if not keep_dtype and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     check_kernel_dtype(name, x)
     return x, compute_dtype

@@ -59,7 +59,7 @@ def test_sweep_writes_each_launch_once_with_its_fastest_options(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     launch_count, kernel_dtypes = json.loads(out.stdout.splitlines()[-1])
     assert {"_npr_residual_fwd_kernel", "_topk_chunk_kernel", "_snet_block_kernel", "_snet_stem_kernel",
-            "_snet_head_candidates_kernel", "_snet_block_dz_kernel"} <= set(kernel_dtypes)
+            "_snet_head_partial_kernel", "_snet_block_dz_kernel"} <= set(kernel_dtypes)
     assert kernel_dtypes["_snet_block_kernel"] == "bfloat16"
     entries = json.loads(table.read_text())["entries"]
     assert len(entries) == launch_count and {e["kernel"] for e in entries} == set(kernel_dtypes)

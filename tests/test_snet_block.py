@@ -134,6 +134,29 @@ def test_snet_block_module_loads_sequential_state_dict():
         assert_module_as_accurate(block(x), seq, x, "output", norm=True)
 
 
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_module_reads_replaced_and_parametrized_tensors_on_every_call():
+    """SNetBlock reads its tensors from its children's dicts (host time): a replaced parameter is seen at
+    once, and a parametrized one (not in those dicts) through its attribute."""
+    from torch.nn.utils import parametrize
+
+    seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    block = SNetBlock(8, 16, pool=False, input_precision="ieee", backend="triton").eval()
+    block.load_state_dict(seq.state_dict())
+    x = torch.randn(2, 8, 6, 7)
+    with torch.no_grad():
+        block(x)
+        block.bn.weight = nn.Parameter(torch.rand(16) + 0.5)
+        seq[1].weight.copy_(block.bn.weight)
+        parametrize.register_parametrization(block.conv, "weight", Doubled())
+        seq[0].weight.mul_(2)
+        assert_module_as_accurate(block(x), seq, x, "output", norm=True)
+
+
 def test_module_training_updates_buffers_like_batchnorm():
     seq = nn.Sequential(nn.Conv2d(8, 16, 2), nn.BatchNorm2d(16, momentum=None), nn.ReLU())
     block = SNetBlock(8, 16, pool=False, backend="triton")
