@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all test-slow lint demo bench gpu-suite test-gpu-stack clean
+.PHONY: test test-all test-slow lint demo bench gpu-suite gpu-session test-gpu-stack clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -46,6 +46,12 @@ bench: $(STAMP)
 # defaults (bench/results/, 450 s).
 gpu-suite:
 	bash bench/gpu_suite.sh
+
+# A lent GPU's whole session in one command under 9 minutes: the GPU run, backend="auto"'s table from it, then
+# the launch-option sweep in the time left, every file flat in OUT (bench/gpu_session.sh).
+OUT ?= bench/results/session
+gpu-session:
+	bash bench/gpu_session.sh $(OUT)
 
 # The GPU machines' stack (triton 3.6, numpy 2.x >= 2.4) in a separate venv, then the whole suite on CPU.
 # torch 2.11 is only on PyPI as the CUDA build (several GB with its CUDA wheels), so this takes the CPU

@@ -1,12 +1,12 @@
 """Which path backend="auto" takes on a GPU family, from a GPU run's results.
 
-    python -m bench.auto_backend RESULTS.jsonl [RESULTS.jsonl ...] [--family sm90] [--earlier-kernels]
+    python -m bench.auto_backend RESULTS.jsonl [RESULTS.jsonl ...] [--family sm90] [--earlier-kernels] [--table PATH]
 
 Reads the op rows of `make gpu-suite` results (bench/results/*.jsonl): for each op, mode (forward:
 "inference", forward+backward: "training") and dtype, the `triton` and `eager` medians at the largest batch
 measured; where eager (the cuDNN composition) was faster, backend="auto" runs the torch backend for that op
-on that family (lfm_kernels.configs.auto_choice). Writes lfm_kernels/auto_backend.json with the fingerprint
-of the kernels measured. Results of other kernels than these are refused unless --earlier-kernels says to
+on that family (lfm_kernels.configs.auto_choice). Writes lfm_kernels/auto_backend.json (or --table) with the
+fingerprint of the kernels measured. Results of other kernels than these are refused unless --earlier-kernels says to
 take them as the latest evidence until these kernels are measured: the default path then keeps the cuDNN
 composition wherever earlier kernels were slower (it never ships slower than what the user had). The family
 comes from the results' header (its capability), else --family.
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=FAMILIES, help="GPU family, where the header does not say")
     parser.add_argument("--earlier-kernels", action="store_true",
                         help="take results of other kernels than these as the latest evidence")
+    parser.add_argument("--table", type=Path, default=AUTO_TABLE, help=f"the table to write (default {AUTO_TABLE})")
     args = parser.parse_args(argv)
     entries, current, measured_on = [], kernels_fingerprint(), set()
     for path in args.results:
@@ -90,9 +91,9 @@ def main(argv=None) -> int:
             return 2
         entries += choices(rows, family)
     table = {"measured_fingerprints": sorted(measured_on), "entries": entries}
-    AUTO_TABLE.write_text(json.dumps(table, indent=1) + "\n")
+    args.table.write_text(json.dumps(table, indent=1) + "\n")
     slower = [e for e in entries if e["backend"] == "torch"]
-    print(f"wrote {AUTO_TABLE}: {len(entries)} choices, the cuDNN composition for {len(slower)}")
+    print(f"wrote {args.table}: {len(entries)} choices, the cuDNN composition for {len(slower)}")
     for e in slower:
         print(f"  {e['family']} {e['op']} {e['mode']} {e['dtype']}: ours {e['speedup']:.2f}x of eager")
     return 0

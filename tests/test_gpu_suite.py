@@ -96,20 +96,30 @@ def test_gpu_run_order(gpu_plan):
     assert all("[torch-" not in t and "ledger" not in t for t in tests)  # no CPU-only reference, no ledger
 
 
-def test_gpu_command_installs_nothing():
+@pytest.mark.parametrize("target,recipe,scripts", [
+    ("gpu-suite", "bash bench/gpu_suite.sh", ("gpu_suite.sh", "gpu_python.sh")),
+    ("gpu-session OUT=out", "bash bench/gpu_session.sh out", ("gpu_session.sh", "gpu_suite.sh", "gpu_python.sh")),
+])
+def test_gpu_commands_install_nothing(target, recipe, scripts):
     # A clean make: under `make test` the parent's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    recipe = subprocess.run(["make", "--no-print-directory", "-n", "gpu-suite"], cwd=REPO, capture_output=True,
-                            text=True, check=True, env=env).stdout
-    assert recipe.strip() == "bash bench/gpu_suite.sh"  # no venv, no pip: .venv is used only if it is there
-    commands = [line for line in (REPO / "bench" / "gpu_suite.sh").read_text().splitlines()
+    made = subprocess.run(["make", "--no-print-directory", "-n", *target.split()], cwd=REPO, capture_output=True,
+                          text=True, check=True, env=env).stdout
+    assert made.strip() == recipe  # no venv, no pip: .venv is used only if it is there
+    commands = [line for script in scripts for line in (REPO / "bench" / script).read_text().splitlines()
                 if not line.lstrip().startswith("#")]
     assert not re.search(r"\b(pip|conda|apt-get|curl|wget)\b|-m venv|://", "\n".join(commands))
 
 
-def test_without_a_gpu_it_says_so():
+def test_without_a_gpu_it_says_so(tmp_path):
     out = suite(timeout=120)
     assert out.returncode == 1 and "no CUDA GPU visible" in out.stderr
+    for script in ("gpu_suite.sh", "gpu_session.sh"):
+        out = subprocess.run(["bash", str(REPO / "bench" / script), str(tmp_path / "out")], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+        command = script.removesuffix(".sh").replace("_", "-")
+        assert out.returncode == 1 and f"{command}: no CUDA GPU visible" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
 def test_a_tiny_budget_ends_by_itself_and_says_what_it_skipped(tmp_path):
@@ -128,6 +138,36 @@ def test_a_tiny_budget_ends_by_itself_and_says_what_it_skipped(tmp_path):
     assert path.with_suffix(".log").read_text() == out.stdout
 
 
+FAKE_GPU_PYTHON = """
+import torch
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda *args, **kwargs: "NVIDIA H200 (faked)"
+torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
+"""
+
+
+@pytest.mark.slow  # a GPU run's machinery with a tiny budget (each tier skipped), then the two tables
+def test_gpu_session_leaves_every_file_flat_in_its_folder(tmp_path):
+    """gpu_session.sh with torch.cuda faked (a sitecustomize) and budgets too small for any tier or sweep:
+    the run's files, the auto table written from them and the tuned table carried over, all in OUT."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(FAKE_GPU_PYTHON)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(fake), "PYTHON": sys.executable, "LFM_SHARED": str(tmp_path),
+           "GPU_SUITE_BUDGET_S": "20", "GPU_SESSION_BUDGET_S": "1"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh"), str(out)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = out.glob("*.jsonl")
+    assert {p.name for p in out.iterdir()} >= {run.name, run.with_suffix(".log").name, run.with_suffix(".md").name,
+                                               "auto_backend.json"}
+    assert all(p.is_file() for p in out.iterdir())  # flat: what a device lease brings back
+    table = json.loads((out / "auto_backend.json").read_text())
+    assert table == {"measured_fingerprints": [configs.kernels_fingerprint()], "entries": []}  # no op row measured
+    assert "bench.tune: no budget left" in done.stdout
+
+
 def test_auto_backend_takes_the_family_and_kernels_from_the_header(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200 (faked)")
@@ -137,9 +177,8 @@ def test_auto_backend_takes_the_family_and_kernels_from_the_header(tmp_path, mon
     for provider, median_s in (("triton", 2.0), ("eager", 1.0)):
         results.append(path, dict(kind="row", op="snet_head", mode="forward", provider=provider, median_s=median_s,
                                   batch=256, dtype="float32"))
-    table = tmp_path / "auto_backend.json"
-    monkeypatch.setattr(auto_backend, "AUTO_TABLE", table)
-    assert auto_backend.main([str(path)]) == 0  # no --family: the header's capability says sm90
+    table = tmp_path / "auto_backend.json"  # as gpu_session.sh writes it, beside the run's results
+    assert auto_backend.main([str(path), "--table", str(table)]) == 0  # no --family: the header says sm90
     (entry,) = json.loads(table.read_text())["entries"]
     assert (entry["family"], entry["op"], entry["backend"]) == ("sm90", "snet_head", "torch")
 
