@@ -66,8 +66,9 @@ def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_
         # One graph for any batch; F.max_pool2d becomes ONNX's MaxPool, which ONNX Runtime runs in its
         # blocked layout next to the convs (four strided slices there cost more than all the convs).
         return F.max_pool2d(F.conv2d(x, weight, bias), 2).relu_()
-    if torch.compiler.is_compiling() or not x.shape[0] or x.is_cuda:
+    if torch.compiler.is_compiling() or not x.shape[0] or x.device.type != "cpu":
         # One graph for any batch (Inductor fuses the pool); a GPU wants whole batches (cuDNN in channels_last).
+        # Chunks sized for a CPU's cache are for CPUs only.
         return max_pool_2x2(F.conv2d(x, weight, bias)).relu_()
     # Pool first: max-pool and ReLU commute (both monotonic, both keep NaN), so ReLU touches a quarter.
     B, _, H, W = x.shape

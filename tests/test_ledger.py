@@ -1,4 +1,4 @@
-"""The byte and launch ledger (bench/ledger.py): on CPU, fake tensors or stubbed launches, a few seconds."""
+"""The byte and launch ledger (bench/ledger.py): on CPU, meta tensors or stubbed launches, a few seconds."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -66,6 +66,10 @@ def test_launch_counts(rows_256):
     triton = rows_256["triton", torch.float32].inference
     assert any(name.startswith("lfm.") for name in triton.by_op)
     assert triton.launches <= 6  # the fused eval forward is a handful of ops
+    # The torch provider as on a GPU: each op of the cuDNN composition once (its CPU path, by cache-sized
+    # chunks of images, would launch over a thousand), and no CPU training path.
+    composed = rows_256["torch", torch.float32]
+    assert composed.inference.launches < 100 and composed.training.launches < 2 * eager.training.launches
 
 
 def fused_ops(x, feat, weight):
