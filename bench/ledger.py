@@ -1,6 +1,7 @@
 """Bytes moved and kernel launches per image, for one inference forward and one training step, without a GPU.
 
-Each provider's model runs on meta tensors (shapes and dtypes, nothing computed) under `TrafficCounter`, a TorchDispatchMode that sees every op reaching the dispatcher:
+Each provider's model runs on meta tensors (shapes and dtypes, nothing computed) under `TrafficCounter`, a
+TorchDispatchMode that sees every op reaching the dispatcher:
 - an op reads its tensor inputs and writes its fresh outputs and the inputs it mutates (in-place ops
   read and write), each counted at its size (the distinct elements it addresses);
 - each such op is one kernel launch, except an op that launches our Triton kernels (lfm_kernels.configs.
@@ -211,7 +212,8 @@ def format_ledger(rows) -> str:
     """Markdown table; "x eager" is the share of the eager provider's bytes at the same dtype and size."""
     eager = {(r.dtype, r.size): r for r in rows if r.provider == "eager"}
     lines = [f"Bytes read + written per image and kernel launches per call, batch {rows[0].batch} "
-             "(without a GPU: meta tensors; the triton provider's kernels stubbed out, launched as on an H100/H200)", "",
+             "(without a GPU: meta tensors; the triton provider's kernels stubbed out, launched as on an H100/H200)",
+             "",
              "| size | dtype | provider | inference MB/img | x eager | launches | train step MB/img | x eager "
              "| launches |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
