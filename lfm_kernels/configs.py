@@ -299,23 +299,29 @@ class Launch:
         return n
 
 
-_observers = []
+_observers = []  # (callback or None, run) of each active observe_launches
+_stubbing = []  # one entry per active observe_launches(run=False)
 
 
 @contextlib.contextmanager
-def observe_launches(callback, *, run: bool = True):
-    """Call callback(Launch) for every kernel launch while active; with run=False the kernels are not run
-    (to count, list or compile launches, or to time the host side of a forward). Nests."""
-    _observers.append((callback, run))
+def observe_launches(callback=None, *, run: bool = True):
+    """Call callback(Launch) for every kernel launch while active (None: no call); with run=False the
+    kernels are not run (to count, list or compile launches, or to time the host side of a forward). Nests."""
+    entry = (callback, run)
+    _observers.append(entry)
+    if not run:
+        _stubbing.append(entry)
     try:
         yield
     finally:
-        _observers.remove((callback, run))
+        _observers.remove(entry)
+        if not run:
+            _stubbing.remove(entry)
 
 
 def launches_stubbed() -> bool:
     """Whether an observer stops launches (then the triton backend may take CPU tensors: nothing runs)."""
-    return any(not runs for _, runs in _observers)
+    return bool(_stubbing)
 
 
 def launch(kernel, grid, *args, **meta):
@@ -323,12 +329,13 @@ def launch(kernel, grid, *args, **meta):
     num_stages that bench.tune measured fastest for this launch on this GPU where it measured them, and
     always passes the fp-fusion choice."""
     meta = {"enable_fp_fusion": FP_FUSION} | meta | tuned_options(kernel.fn.__name__, args, meta)
-    run = True
-    for callback, runs in _observers:
-        callback(Launch(kernel, tuple(grid), args, meta))
-        run = run and runs
-    if run:
-        kernel[grid](*args, **meta)
+    if _observers:
+        for callback, _ in _observers:
+            if callback is not None:
+                callback(Launch(kernel, tuple(grid), args, meta))
+        if _stubbing:
+            return
+    kernel[grid](*args, **meta)
 
 
 def kernels_fingerprint() -> str:

@@ -31,7 +31,7 @@ from lfm_kernels.configs import observe_launches
 
 launches = []
 # No GPU here: launches are stubbed out (run=False) and only recorded; LFM's workloads on small CPU tensors.
-with observe_launches(lambda launch: None, run=False), cpu_tensors_take_the_triton_path(), tune.recording(launches):
+with observe_launches(run=False), cpu_tensors_take_the_triton_path(), tune.recording(launches):
     lfm_workloads(torch.bfloat16, "cpu", eval_batches=(1,), train_batch=2, op_batch=2)
 # Timings that favour 8 warps and 2 stages; the launcher's own options time 1 ms.
 tune.median_launch_ms = lambda launch, options: 1.0 / options.get("num_warps", 1) + 0.01 * options.get("num_stages", 0)

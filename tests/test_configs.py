@@ -53,8 +53,10 @@ def test_stubbed_launches_run_nothing_and_observers_nest():
             assert configs.launches_stubbed()
             op._launch(op._npr_residual_fwd_kernel, x, x, stubbed, factor=2, absolute=True)
         op._launch(op._npr_residual_fwd_kernel, x, x, ran, factor=2, absolute=True)
+        with configs.observe_launches(run=False):  # no callback: a stub only
+            op._launch(op._npr_residual_fwd_kernel, x, x, stubbed, factor=2, absolute=True)
     assert not configs.launches_stubbed()
-    assert [launch.name for launch in outer] == ["_npr_residual_fwd_kernel"] * 2
+    assert [launch.name for launch in outer] == ["_npr_residual_fwd_kernel"] * 3
     assert [launch.name for launch in inner] == ["_npr_residual_fwd_kernel"]
     assert torch.equal(stubbed, torch.full_like(x, 7.0))  # never written
     assert torch.equal(ran, op.npr_residual_reference(x.double(), 2, True).float())  # one rounding of the truth
