@@ -171,19 +171,14 @@ def timed_fn(provider: str, fn):
 
 
 def cuda_graphed(fn, example_inputs):
-    """fn(*inputs) captured once in a CUDA graph on static copies of example_inputs (after warm-up calls on a
-    side stream: compilation, autotuning, allocations); each call copies its inputs into the static ones and
+    """fn(*inputs) captured once in a CUDA graph on static copies of example_inputs, as `lfm predict` captures
+    it (lfm.engines.capture_cuda_graph: warm-up calls on a side stream for compilation, autotuning and
+    allocations; the ops' weights derived once); each call copies its inputs into the static ones and
     replays the graph, returning the graph's output tensor."""
+    from lfm.engines import capture_cuda_graph
+
     static = [t.clone() for t in example_inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_CALLS):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
+    graph, out, weights = capture_cuda_graph(fn, static, WARMUP_CALLS)
 
     def replay(*inputs):
         for target, source in zip(static, inputs):
@@ -191,6 +186,7 @@ def cuda_graphed(fn, example_inputs):
         graph.replay()
         return out
 
+    replay.weights = weights  # the derived weights the graph reads live as long as the replay function
     return replay
 
 

@@ -209,12 +209,34 @@ class OnnxRunner:
         return torch.from_numpy(np.concatenate(logits))
 
 
+def capture_cuda_graph(fn, static_inputs, warmup_calls: int = 2):
+    """(graph, output, weights) of fn(*static_inputs) captured in a CUDA graph after warm-up calls on a side
+    stream (kernels compiled, allocations made), under lfm_kernels.frozen.frozen_weights: the warm-up
+    derives the ops' weights once (packed, BatchNorm folded) and the graph replays the forward's kernels
+    only, reading those. Keep `weights` (the derived tensors) as long as the graph, and the parameters
+    unchanged while it is replayed (inference)."""
+    from lfm_kernels.frozen import frozen_weights
+
+    device = static_inputs[0].device
+    weights = {}
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with frozen_weights(weights), torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn(*static_inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with frozen_weights(weights), torch.cuda.graph(graph):
+        output = fn(*static_inputs)
+    return graph, output, weights
+
+
 class CudaGraphRunner:
     """The model's inference replayed from a CUDA graph, one captured per input shape and dtype (at most
     MAX_GRAPHS of them; other shapes run as they are): a replay costs the host a few microseconds, where
-    a forward's Python and launches cost far more than the GPU's work at batch 1. Captured after two
-    warm-up forwards on a side stream (kernels compiled, weights packed), so that capture records only
-    launches; the weights must not change while the runner is in use (inference)."""
+    a forward's Python and launches cost far more than the GPU's work at batch 1. Captured by
+    capture_cuda_graph, so that the graph records only the forward's kernels: the weights must not
+    change while the runner is in use (inference)."""
 
     MAX_GRAPHS = 8
 
@@ -231,23 +253,16 @@ class CudaGraphRunner:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 return self.model(x)
             self.graphs[key] = self._capture(x)
-        static_in, static_out, graph = self.graphs[key]
+        static_in, static_out, graph, _weights = self.graphs[key]
         static_in.copy_(x)
         graph.replay()
         return static_out.clone()
 
     def _capture(self, x: torch.Tensor):
         static_in = x.detach().clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(2):
-                self.model(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            static_out = self.model(static_in)
-        return static_in, static_out, graph
+        with torch.no_grad():
+            graph, static_out, weights = capture_cuda_graph(self.model, [static_in])
+        return static_in, static_out, graph, weights
 
 
 def prepare(model: torch.nn.Module, engine: str, device: torch.device, size, command: str):

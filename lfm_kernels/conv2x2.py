@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, launch, launch_config
+from .frozen import preprocessed
 from .precision import dot_args, gemm_dot_args
 
 
@@ -183,11 +184,16 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 def packed_weight(weight: torch.Tensor, dtype: torch.dtype, pack=None) -> torch.Tensor:
     """A weight as a GEMM kernel's B operand, contiguous in `dtype`: by default a (Cout, Cin, 2, 2) conv
-    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Packed on every call: a
-    cache keyed on the weight's version would go stale after a `.data` write or a fused optimizer step,
-    which do not count as versions. One allocation and one copy that also converts (the host side of
-    .to(dtype).contiguous() costs about twice as much)."""
-    operand = (pack or conv_operand)(weight)
+    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Packed on every call (once
+    under frozen.frozen_weights): a cache keyed on the weight's version would go stale after a `.data`
+    write or a fused optimizer step, which do not count as versions."""
+    return preprocessed(_pack, weight, dtype, pack or conv_operand)
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype, pack) -> torch.Tensor:
+    """One allocation and one copy that also converts (the host side of .to(dtype).contiguous() costs about
+    twice as much)."""
+    operand = pack(weight)
     return torch.empty(operand.shape, dtype=dtype, device=operand.device).copy_(operand)
 
 

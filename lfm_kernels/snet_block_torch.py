@@ -2,9 +2,9 @@
 
 Inference (nothing trained, no gradient needed; on a GPU, the cuDNN composition that backend="auto" takes
 where a GPU run measured it faster than our kernels):
-  - BatchNorm folded into the conv weight and bias on every call. Nothing is cached, so no update of
-    the parameters (an optimizer step, a `.data` write) can leave a stale copy; folding costs under 1%
-    of a block.
+  - BatchNorm folded into the conv weight and bias on every call (once under frozen.frozen_weights, for
+    a CUDA graph). Nothing is cached otherwise, so no update of the parameters (an optimizer step, a
+    `.data` write) can leave a stale copy; folding costs under 1% of a block.
   - channels_last activations and folded weights, which oneDNN convolves about twice as fast as NCHW.
   - pool blocks by cache-sized chunks (CHUNK_BYTES of conv output: a few images, or a band of rows of
     one): the pre-pool map is pooled while it is in cache instead of going to memory and back, which
@@ -31,6 +31,7 @@ blocks in eval mode with gradients (running statistics).
 import torch
 import torch.nn.functional as F
 
+from .frozen import preprocessed
 from .npr_residual import npr_residual_inference
 
 
@@ -58,7 +59,8 @@ def snet_block_inference(x, conv_weight, conv_bias, bn_weight, bn_bias, running_
     cache-sized chunks of images or rows."""
     if npr:
         x = npr_residual_inference(x)
-    weight, bias = fold_batchnorm(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    weight, bias = preprocessed(fold_batchnorm, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                running_var, eps)
     x = x.contiguous(memory_format=torch.channels_last)
     if not pool:
         return F.conv2d(x, weight, bias).relu_()

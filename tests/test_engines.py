@@ -183,3 +183,33 @@ def test_unknown_engine_in_the_api(weights, tmp_path):
 
     with pytest.raises(UsageError, match="--engine must be one of torch, compile, onnx, got 'fast'"):
         predict(weights, [str(tmp_path)], engine="fast")
+
+
+@pytest.mark.parametrize("backend,derive", [("triton", "lfm_kernels.conv2x2._pack"),
+                                            ("torch", "lfm_kernels.snet_block_torch.fold_batchnorm")])
+def test_frozen_weights_derive_each_weight_once(backend, derive, monkeypatch):
+    """What a CUDA graph's capture runs under (engines.capture_cuda_graph): inside frozen_weights the ops'
+    derived weights (packed for our GEMMs, BatchNorm folded for the cuDNN composition) are computed by the
+    first forward and reused by the next, so a graph replays no weight preprocessing; outside, every
+    forward derives them again. The logits are the same either way."""
+    import importlib
+
+    from lfm_kernels.frozen import frozen_weights
+
+    module_name, name = derive.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    real, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *args: calls.append(name) or real(*args))
+    torch.manual_seed(0)
+    model, x = LFM(backend=backend).eval(), torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want = model(x)
+        per_forward = len(calls)
+        assert per_forward == 4  # blocks 2-4 and the scoring packed, or blocks 1-4 folded
+        weights = {}
+        with frozen_weights(weights):
+            first, second = model(x), model(x)
+        assert len(calls) == 2 * per_forward and len(weights) == per_forward  # the second forward derived nothing
+        assert torch.equal(first, want) and torch.equal(second, want)
+        model(x)
+        assert len(calls) == 3 * per_forward  # outside, derived on every call again
