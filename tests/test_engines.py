@@ -1,7 +1,9 @@
 """Engines of eval and predict (torch, compile, onnx) and `lfm export`: each as accurate as the torch backend,
 against the float64 truth."""
+import contextlib
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -213,3 +215,50 @@ def test_frozen_weights_derive_each_weight_once(backend, derive, monkeypatch):
         assert torch.equal(first, want) and torch.equal(second, want)
         model(x)
         assert len(calls) == 3 * per_forward  # outside, derived on every call again
+
+
+class FakeCudaGraphs:
+    """torch.cuda's stream and graph API as no-ops on CPU, recording what runs while a graph captures."""
+
+    def __init__(self, monkeypatch, record):
+        self.capturing = False
+        fake = self
+
+        class Graph:
+            def replay(self):
+                record.append("replay")
+
+        @contextlib.contextmanager
+        def graph(g):
+            fake.capturing = True
+            yield
+            fake.capturing = False
+
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda *args: stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+
+
+def test_cuda_graph_runner_captures_no_weight_derivation(monkeypatch):
+    """CudaGraphRunner's capture with torch.cuda's graph API faked on CPU: the warm-up derives the packed
+    weights, the captured forward derives none (a replay runs no weight copy), and replays give the logits."""
+    from lfm_kernels import conv2x2
+
+    record = []
+    fake = FakeCudaGraphs(monkeypatch, record)
+    real = conv2x2._pack
+    monkeypatch.setattr(conv2x2, "_pack", lambda *args: record.append("capture" if fake.capturing else "warm-up")
+                        or real(*args))
+    torch.manual_seed(0)
+    model, x = LFM(backend="triton").eval(), torch.randn(1, 3, 48, 48)
+    runner = engines.CudaGraphRunner(model)
+    with torch.no_grad():
+        want = model(x)
+        record.clear()
+        got = runner(x)
+        assert runner(x).equal(got)
+    assert record == ["warm-up"] * 4 + ["replay"] * 2  # 4 weights packed once; the capture packed nothing
+    assert got.equal(want)
