@@ -5,11 +5,12 @@
 Reads the op rows of `make gpu-suite` results (bench/results/*.jsonl): for each op, mode (forward:
 "inference", forward+backward: "training") and dtype, the `triton` and `eager` medians at the largest batch
 measured; where eager (the cuDNN composition) was faster, backend="auto" runs the torch backend for that op
-on that family (lfm_kernels.configs.auto_choice). Writes lfm_kernels/auto_backend.json (or --table) with the
-fingerprint of the kernels measured. Results of other kernels than these are refused unless --earlier-kernels says to
-take them as the latest evidence until these kernels are measured: the default path then keeps the cuDNN
-composition wherever earlier kernels were slower (it never ships slower than what the user had). The family
-comes from the results' header (its capability), else --family.
+on that family (lfm_kernels.configs.auto_choice). Updates lfm_kernels/auto_backend.json (or --table): its
+choices for what these results measured are replaced, the others (earlier runs' evidence) kept, and the
+fingerprints of the kernels measured added. Results of other kernels than these are refused unless
+--earlier-kernels says to take them as the latest evidence until these kernels are measured: the default path
+then keeps the cuDNN composition wherever earlier kernels were slower (it never ships slower than what the
+user had). The family comes from the results' header (its capability), else --family.
 """
 import argparse
 import json
@@ -42,6 +43,11 @@ def fingerprint_at(commit: str) -> str:
         source = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=root, check=True, capture_output=True).stdout
         digest.update(Path(name).name.encode() + b"\0" + source)
     return digest.hexdigest()[:16]
+
+
+def entry_key(entry: dict) -> tuple:
+    """What a choice is for: configs.auto_choice's arguments."""
+    return entry["family"], entry["op"], entry["mode"], entry["dtype"]
 
 
 def choices(rows: list[dict], family: str) -> list[dict]:
@@ -90,10 +96,16 @@ def main(argv=None) -> int:
             print(f"auto_backend: {path} does not say its GPU's capability; pass --family", file=sys.stderr)
             return 2
         entries += choices(rows, family)
-    table = {"measured_fingerprints": sorted(measured_on), "entries": entries}
+    earlier = json.loads(args.table.read_text()) if args.table.exists() else {"measured_fingerprints": [],
+                                                                              "entries": []}
+    measured = {entry_key(e) for e in entries}
+    kept = [e for e in earlier["entries"] if entry_key(e) not in measured]
+    table = {"measured_fingerprints": sorted(set(earlier["measured_fingerprints"]) | measured_on),
+             "entries": sorted(kept + entries, key=entry_key)}
     args.table.write_text(json.dumps(table, indent=1) + "\n")
-    slower = [e for e in entries if e["backend"] == "torch"]
-    print(f"wrote {args.table}: {len(entries)} choices, the cuDNN composition for {len(slower)}")
+    slower = [e for e in table["entries"] if e["backend"] == "torch"]
+    print(f"wrote {args.table}: {len(entries)} choices measured, {len(kept)} kept from earlier runs; "
+          f"the cuDNN composition for {len(slower)}")
     for e in slower:
         print(f"  {e['family']} {e['op']} {e['mode']} {e['dtype']}: ours {e['speedup']:.2f}x of eager")
     return 0

@@ -60,6 +60,20 @@ def test_measurements_of_other_kernels_are_refused_unless_taken_as_the_latest_ev
     assert configs.auto_choice("sm90", "npr_residual", "inference", "float32") == "triton"
 
 
+def test_a_new_run_replaces_what_it_measured_and_keeps_earlier_evidence(table, tmp_path):
+    earlier = [_row("snet_block2", "forward", "triton", 2.0), _row("snet_block2", "forward", "eager", 1.0),
+               _row("snet_head", "forward", "triton", 2.0), _row("snet_head", "forward", "eager", 1.0)]
+    assert writer.main([str(_results(tmp_path, "0" * 16, earlier)), "--earlier-kernels"]) == 0
+    now = [_row("snet_head", "forward", "triton", 0.5), _row("snet_head", "forward", "eager", 1.0)]  # a cut-short run
+    assert writer.main([str(_results(tmp_path, configs.kernels_fingerprint(), now))]) == 0
+    configs._auto_table.cache_clear()
+    assert configs.auto_choice("sm90", "snet_head", "inference", "float32") == "triton"  # measured again: faster
+    assert configs.auto_choice("sm90", "snet_block/cin=64", "inference", "float32") == "torch"  # not: still slower
+    written = json.loads(table.read_text())
+    assert written["measured_fingerprints"] == sorted(["0" * 16, configs.kernels_fingerprint()])
+    assert len(written["entries"]) == 2
+
+
 def test_the_committed_table_keeps_the_composition_where_the_last_gpu_run_measured_ours_slower():
     # The H200 run of 2026-12-04 (bench/results/) measured earlier kernels: blocks 2-4 and the head slower than
     # cuDNN, the NPR residual and the stem's inference faster. Until these kernels are measured, auto follows it.

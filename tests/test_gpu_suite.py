@@ -149,7 +149,7 @@ torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
 @pytest.mark.slow  # a GPU run's machinery with a tiny budget (each tier skipped), then the two tables
 def test_gpu_session_leaves_every_file_flat_in_its_folder(tmp_path):
     """gpu_session.sh with torch.cuda faked (a sitecustomize) and budgets too small for any tier or sweep:
-    the run's files, the auto table written from them and the tuned table carried over, all in OUT."""
+    the run's files and the auto table updated from them, all in OUT."""
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text(FAKE_GPU_PYTHON)
@@ -164,7 +164,9 @@ def test_gpu_session_leaves_every_file_flat_in_its_folder(tmp_path):
                                                "auto_backend.json"}
     assert all(p.is_file() for p in out.iterdir())  # flat: what a device lease brings back
     table = json.loads((out / "auto_backend.json").read_text())
-    assert table == {"measured_fingerprints": [configs.kernels_fingerprint()], "entries": []}  # no op row measured
+    committed = json.loads((REPO / "lfm_kernels" / "auto_backend.json").read_text())
+    assert table["entries"] == committed["entries"]  # no op measured: the committed evidence stands
+    assert configs.kernels_fingerprint() in table["measured_fingerprints"]
     assert "bench.tune: no budget left" in done.stdout
 
 
