@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--family", choices=FAMILIES, help="GPU family, where the header does not say")
     parser.add_argument("--earlier-kernels", action="store_true",
                         help="take results of other kernels than these as the latest evidence")
-    parser.add_argument("--table", type=Path, default=AUTO_TABLE, help=f"the table to write (default {AUTO_TABLE})")
+    parser.add_argument("--table", type=Path, default=AUTO_TABLE, help=f"the table to update (default {AUTO_TABLE})")
     args = parser.parse_args(argv)
     entries, current, measured_on = [], kernels_fingerprint(), set()
     for path in args.results:
@@ -98,8 +98,8 @@ def main(argv=None) -> int:
         entries += choices(rows, family)
     earlier = json.loads(args.table.read_text()) if args.table.exists() else {"measured_fingerprints": [],
                                                                               "entries": []}
-    measured = {entry_key(e) for e in entries}
-    kept = [e for e in earlier["entries"] if entry_key(e) not in measured]
+    remeasured = {entry_key(e) for e in entries}
+    kept = [e for e in earlier["entries"] if entry_key(e) not in remeasured]
     table = {"measured_fingerprints": sorted(set(earlier["measured_fingerprints"]) | measured_on),
              "entries": sorted(kept + entries, key=entry_key)}
     args.table.write_text(json.dumps(table, indent=1) + "\n")

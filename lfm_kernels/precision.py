@@ -49,8 +49,7 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     OPERAND_DTYPE, what operands are rounded to; DOT_DTYPE, what tl.dot gets (the interpreter of triton
     3.9 computes bfloat16 dots wrongly, so there rounded bf16 values are widened to float32, exactly);
     PRECISION, "tf32" or "ieee" for float32 (16-bit operands use their own tensor-core path)."""
-    widen = dtype == torch.bfloat16 and KERNELS_INTERPRETED
-    return dict(_dot_args(dtype, precision, widen))
+    return dict(_dot_args(dtype, precision))
 
 
 def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
@@ -61,10 +60,10 @@ def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _dot_args(dtype: torch.dtype, precision: str, widen: bool) -> dict:
+def _dot_args(dtype: torch.dtype, precision: str) -> dict:
     """dot_args' constexprs, memoized (launchers ask on every launch); callers copy, never mutate."""
     operand = _tl_dtype(dtype)
-    dot = _tl_dtype(torch.float32) if widen else operand
+    dot = _tl_dtype(torch.float32) if dtype == torch.bfloat16 and KERNELS_INTERPRETED else operand
     return dict(OPERAND_DTYPE=operand, DOT_DTYPE=dot, PRECISION=precision if dtype == torch.float32 else "tf32")
 
 

@@ -475,8 +475,8 @@ def _fake_out(x, w, pool, dtype):
 
 @on_input_device
 def _snet_block_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
-                        beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
-                        precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
+                     beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
+                     precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
     return _launch_normalize(x, weight, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
                              precision=block_precision(npr, precision), compute_dtype=compute_dtype)[0]
