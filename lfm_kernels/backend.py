@@ -65,7 +65,7 @@ def on_input_device(op):
     def launch(*args, **kwargs):
         first = args[0] if args and isinstance(args[0], torch.Tensor) else next(
             (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)  # the usual case first
-        if first is None or first.device.type != "cuda" or first.device.index == torch.cuda.current_device():
+        if first is None or not first.is_cuda or first.device.index == torch.cuda.current_device():
             return op(*args, **kwargs)  # already current: no device guard to enter and leave (host time)
         with torch.cuda.device(first.device):
             return op(*args, **kwargs)

@@ -11,10 +11,18 @@ _PASSED = set()
 _PASSED_LIMIT = 4096
 
 
-def tensor_signature(t):
-    """What argument checks read of an argument that should be a tensor: its shape, dtype and device (else
-    its type: such an argument fails its check, so it is never stored)."""
-    return (t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+def tensors_signature(*tensors) -> list:
+    """What argument checks read of arguments that should be tensors, flat: each one's shape, dtype and
+    device, else its type (such an argument fails its check, so it is never stored). Flat because the key's
+    hashing and comparison cost host time per nested tuple; a type never equals a shape, so no two argument
+    lists share one."""
+    signature = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            signature += (t.shape, t.dtype, t.device)
+        else:
+            signature.append(type(t))
+    return signature
 
 
 def flag_signature(v):

@@ -157,16 +157,17 @@ def cdiv(a: int, b: int) -> int:
 
 def policy_state(device: torch.device) -> tuple:
     """What a launch's policy depends on besides its own arguments: the memo key of family, fill_target and
-    launch_config, and of launchers' plans memoized per call signature."""
-    return device.type, device.index, _forced_family, _gpu_tiles_in_interpreter, KERNELS_INTERPRETED
+    launch_config, and of launchers' plans memoized per call signature (KERNELS_INTERPRETED is fixed for the
+    process)."""
+    return device, _forced_family, _gpu_tiles_in_interpreter
 
 
 @functools.lru_cache(maxsize=None)
 def _family(state: tuple) -> str:
-    kind, index, forced, _, _ = state
+    device, forced, _ = state
     if forced is not None:
         return forced
-    if kind == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         return "sm90"
     return "sm80"
 
@@ -177,12 +178,12 @@ def family(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fill_target(state: tuple) -> int:
-    kind, index, forced, gpu_tiles, interpreter = state
+    device, forced, gpu_tiles = state
     if forced is not None:
         return FAMILY_SMS[forced]
-    if kind == "cuda":
-        return torch.cuda.get_device_properties(index).multi_processor_count
-    return 1 if interpreter and not gpu_tiles else FAMILY_SMS[_family(state)]
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 if KERNELS_INTERPRETED and not gpu_tiles else FAMILY_SMS[_family(state)]
 
 
 def fill_target(device: torch.device) -> int:
@@ -221,7 +222,7 @@ def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict
     if key is None:
         raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
     config = dict(entries[key], enable_fp_fusion=FP_FUSION)
-    interpreter_sized = state[4] and not state[3]
+    interpreter_sized = KERNELS_INTERPRETED and not state[2]
     if interpreter_sized and kernel in _INTERPRETER_ROWS:
         rows, size = _INTERPRETER_ROWS[kernel]
         config[rows] = size

@@ -110,8 +110,8 @@ def _conv2x2_dx_kernel(
 
     dx[b, ci, i, j] = sum over taps (ky, kx) and co of dz[b, i-ky, j-kx, co] * weight[co, ci, ky, kx]:
     reads dz (B*(H-1)*(W-1), Cout) in the weight's dtype, whose rows for one tap are a constant shift of the
-    pixel's (zero outside the conv map), and the packed (4, Cout, Cin) weight (packed_weight with
-    dgrad_operand), whose dtype operands are rounded to; writes dx through its strides. Each input pixel
+    pixel's (zero outside the conv map), and the packed (4, Cout, Cin) weight (packed_weight in
+    DGRAD_OPERAND order), whose dtype operands are rounded to; writes dx through its strides. Each input pixel
     gathers its own sum: no atomics.
     """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -182,28 +182,24 @@ def _conv2x2_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def packed_weight(weight: torch.Tensor, dtype: torch.dtype, pack=None) -> torch.Tensor:
-    """A weight as a GEMM kernel's B operand, contiguous in `dtype`: by default a (Cout, Cin, 2, 2) conv
-    weight as conv_tile's (4, Cin, Cout), tap ky*2+kx first; else pack(weight). Packed on every call (once
-    under frozen.frozen_weights): a cache keyed on the weight's version would go stale after a `.data`
-    write or a fused optimizer step, which do not count as versions."""
-    return preprocessed(_pack, weight, dtype, pack or conv_operand)
+# Memory orders of the GEMM kernels' B operands (packed_weight): the weight's dimensions, outermost first.
+CONV_OPERAND = (2, 3, 1, 0)  # a (Cout, Cin, 2, 2) conv weight as (4, Cin, Cout), tap ky*2+kx first
+DGRAD_OPERAND = (2, 3, 0, 1)  # as _conv2x2_dx_kernel's (4, Cout, Cin)
 
 
-def _pack(weight: torch.Tensor, dtype: torch.dtype, pack) -> torch.Tensor:
-    """One allocation and one copy that also converts (the host side of .to(dtype).contiguous() costs about
-    twice as much)."""
-    operand = pack(weight)
-    return torch.empty(operand.shape, dtype=dtype, device=operand.device).copy_(operand)
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype, order=CONV_OPERAND) -> torch.Tensor:
+    """A weight as a GEMM kernel's B operand in `dtype`: a tensor of the weight's shape whose memory holds its
+    dimensions in `order`, outermost first (its .permute(order) is the operand as a contiguous tensor; the
+    kernels read the memory). Packed on every call (once under frozen.frozen_weights): a cache keyed on the
+    weight's version would go stale after a `.data` write or a fused optimizer step, which do not count as
+    versions."""
+    return preprocessed(_pack, weight, dtype, order)
 
 
-def conv_operand(weight: torch.Tensor) -> torch.Tensor:
-    return weight.permute(2, 3, 1, 0)
-
-
-def dgrad_operand(weight: torch.Tensor) -> torch.Tensor:
-    """The (Cout, Cin, 2, 2) weight as _conv2x2_dx_kernel's (4, Cout, Cin) B operand."""
-    return weight.permute(2, 3, 0, 1)
+def _pack(weight: torch.Tensor, dtype: torch.dtype, order) -> torch.Tensor:
+    """One allocation laid out in `order` and one converting copy: no permuted view to build (each view and
+    each conversion costs host time about as much as the allocation)."""
+    return torch.empty_permuted(weight.shape, order, dtype=dtype, device=weight.device).copy_(weight)
 
 
 def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
@@ -232,6 +228,6 @@ def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if dx.numel():
         launch(_conv2x2_dx_kernel, (cdiv(B * H * W, tiles["BLOCK_P"]), cdiv(Cin, tiles["BLOCK_CI"])),
-               dz, packed_weight(weight, compute_dtype, dgrad_operand), dx, B * H * W, Cin, Cout, H, W, *dx.stride(),
+               dz, packed_weight(weight, compute_dtype, DGRAD_OPERAND), dx, B * H * W, Cin, Cout, H, W, *dx.stride(),
                **tiles, **gemm_dot_args(compute_dtype, precision))
     return dx

@@ -1,5 +1,6 @@
 """Dtypes and dot precision: what the kernels take, what their dots compute in, and autocast."""
 import functools
+import types
 
 import torch
 
@@ -52,11 +53,13 @@ def dot_args(dtype: torch.dtype, precision: str) -> dict:
     return dict(_dot_args(dtype, precision))
 
 
-def gemm_dot_args(dtype: torch.dtype, precision: str) -> dict:
+@functools.lru_cache(maxsize=None)
+def gemm_dot_args(dtype: torch.dtype, precision: str) -> types.MappingProxyType:
     """dot_args for kernels whose operands are already in the conv's dtype (packed weights, NHWC inputs
-    cast by conv_input): only what tl.dot gets (DOT_DTYPE) and PRECISION."""
-    dots = dot_args(dtype, precision)
-    return dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"])
+    cast by conv_input): only what tl.dot gets (DOT_DTYPE) and PRECISION. Memoized, read-only (every
+    launch asks)."""
+    dots = _dot_args(dtype, precision)
+    return types.MappingProxyType(dict(DOT_DTYPE=dots["DOT_DTYPE"], PRECISION=dots["PRECISION"]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,8 +71,10 @@ def _dot_args(dtype: torch.dtype, precision: str) -> dict:
 
 
 def autocast_enabled(x: torch.Tensor) -> bool:
-    kind = x.device.type
-    return kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
+    """Whether autocast is on for x's device (CUDA or CPU; no other device has it here)."""
+    if x.is_cuda:
+        return torch.is_autocast_enabled("cuda")
+    return x.is_cpu and torch.is_autocast_enabled("cpu")
 
 
 def autocast_dtype(x: torch.Tensor):

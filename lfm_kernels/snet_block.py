@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .backend import call_op, on_input_device, resolve_backend
-from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensor_signature
+from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensors_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
 from .npr_residual import npr_residual_reference
@@ -608,8 +608,8 @@ def block_signature(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
                     input_precision) -> tuple:
     """What check_block reads of its arguments (checks.once_per_signature): the tensors' shapes, dtypes and
     devices, the flags, and whether autocast is on for x's device."""
-    tensors = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
-    return (*map(tensor_signature, tensors), bool(training), bool(pool), flag_signature(input_precision),
+    tensors = tensors_signature(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    return (*tensors, bool(training), bool(pool), flag_signature(input_precision),
             isinstance(x, torch.Tensor) and autocast_enabled(x))
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .backend import call_op, on_input_device, resolve_backend
-from .checks import check_float_tensor, check_k, check_kernel_k, flag_signature, once_per_signature, tensor_signature
+from .checks import check_float_tensor, check_k, check_kernel_k, flag_signature, once_per_signature, tensors_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import conv_tile, dot_operand, packed_weight
 from .precision import check_conv_dtypes, conv_input, gemm_dot_args, resolve_precision
@@ -134,9 +134,7 @@ def _snet_head_partial_kernel(
 # ---------------------------------------------------------------------------------------------
 # Op
 # ---------------------------------------------------------------------------------------------
-def score_operand(score_weight: torch.Tensor) -> torch.Tensor:
-    """The (CS, C4, 1, 1) scoring weight as the scoring GEMM's (C4, CS) B operand."""
-    return score_weight.flatten(1).t()
+SCORE_OPERAND = (1, 0, 2, 3)  # packed_weight's order of the (CS, C4, 1, 1) scoring weight: the (C4, CS) B operand
 
 
 def _head_splits(tiles, programs, C4, target):
@@ -176,7 +174,7 @@ def _snet_head_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     meta, n_chunks, cs_blocks, n_splits, c4_per_split = _head_plan(x.shape, C4, CS, compute_dtype, precision,
                                                                    x.device, policy_state(x.device))
     args = (nhwc(x), packed_weight(weight, compute_dtype), bias, gamma, beta, mean, var,
-            packed_weight(score_weight, compute_dtype, score_operand))
+            packed_weight(score_weight, compute_dtype, SCORE_OPERAND))
     if n_splits > 1:
         part = torch.empty((n_splits, B, CS, Hc, Wc), dtype=torch.float32, device=x.device)
         launch(_snet_head_partial_kernel, (n_splits * B, n_chunks, cs_blocks), *args, part, eps, B, Cin, C4, CS, H, W,
@@ -205,7 +203,7 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, score_weight, k, precision, 
 def _head_signature(*args) -> tuple:
     """What _check_head reads of its arguments (checks.once_per_signature)."""
     *block, score_weight, k = args
-    return *block_signature(*block[:-1], False, block[-1]), tensor_signature(score_weight), flag_signature(k)
+    return *block_signature(*block[:-1], False, block[-1]), *tensors_signature(score_weight), flag_signature(k)
 
 
 def _check_head(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, input_precision,
