@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A lent GPU's work as one unattended command (make gpu-session OUT=DIR), sized for a device lease whose
 # commands run at most 600 s: the GPU run (gpu_suite.sh), then backend="auto"'s table from its results
-# (bench.auto_backend), then the launch-option sweep (bench.tune) in the time left. Everything lands flat in
+# (bench.auto_backend), then the tile and launch-option sweep (bench.tune) in the time left. All lands flat in
 # OUT_DIR: the run's .jsonl, .log, .md and .png, auto_backend.json and tuned_configs.json (both going on
 # from the committed tables in lfm_kernels/); commit the run under bench/results/ and the two tables under
 # lfm_kernels/. Budget from the command's start: $GPU_SESSION_BUDGET_S (default 540 s), of which

@@ -12,8 +12,10 @@ extents it is given), warps, stages and floating-point fusion; under the interpr
 up (results never depend on tiles); `gpu_family` and `gpu_tile_sizes` make a CPU run launch as a
 GPU family would. Every kernel runs through `launch`, which `observe_launches` lets tools watch
 (the compile report, the byte ledger, host-time benchmarks, tests) or stub out. `python -m bench.tune`
-times num_warps x num_stages on a GPU and writes its winners to tuned_configs.json beside this file;
-`tuned_options` applies them over the table for that GPU.
+times tiles on a GPU (through `tile_choices`, so that launchers plan their grids for them), then
+num_warps x num_stages per launch, and writes its winners to tuned_configs.json beside this file;
+`launch_config` applies the tiles and `tuned_options` the per-launch options over the table, on that GPU
+with that triton only. The compile report checks the table's entries, not a GPU's tuned tiles.
 """
 import contextlib
 import functools
@@ -113,6 +115,8 @@ _INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1
 
 _forced_family = None
 _gpu_tiles_in_interpreter = False
+_tile_choices = None  # set by tile_choices: ((kernel, kind, ((name, value), ...)), ...), else None
+_configs_given = set()  # (kernel, kind) of every launch_config asked for in this process
 
 
 def interpreter_enabled() -> bool:
@@ -150,6 +154,26 @@ def gpu_family(name: str):
         _forced_family = previous
 
 
+@contextlib.contextmanager
+def tile_choices(choices: dict):
+    """Launch with choices[(kernel, kind)] ({BLOCK_*, num_warps, num_stages: value}) over the table's entry of
+    that kernel and dot kind, in place of the tuned table's tiles: bench.tune tries tiles on a GPU this way.
+    Launch plans follow (the choices are part of policy_state)."""
+    global _tile_choices
+    frozen = tuple(sorted((kernel, kind, tuple(sorted(tiles.items()))) for (kernel, kind), tiles in choices.items()))
+    previous, _tile_choices = _tile_choices, frozen
+    try:
+        yield
+    finally:
+        _tile_choices = previous
+
+
+def configs_given() -> set:
+    """(kernel, dot kind) of every launch configuration given out in this process: which table entries a
+    workload uses (bench.tune sweeps their tiles)."""
+    return set(_configs_given)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launchers (triton.cdiv is a constexpr function, costly to call from Python)."""
     return -(-a // b)
@@ -159,12 +183,12 @@ def policy_state(device: torch.device) -> tuple:
     """What a launch's policy depends on besides its own arguments: the memo key of family, fill_target and
     launch_config, and of launchers' plans memoized per call signature (KERNELS_INTERPRETED is fixed for the
     process)."""
-    return device, _forced_family, _gpu_tiles_in_interpreter
+    return device, _forced_family, _gpu_tiles_in_interpreter, _tile_choices
 
 
 @functools.lru_cache(maxsize=None)
 def _family(state: tuple) -> str:
-    device, forced, _ = state
+    device, forced, _, _ = state
     if forced is not None:
         return forced
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
@@ -178,7 +202,7 @@ def family(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _fill_target(state: tuple) -> int:
-    device, forced, gpu_tiles = state
+    device, forced, gpu_tiles, _ = state
     if forced is not None:
         return FAMILY_SMS[forced]
     if device.type == "cuda":
@@ -222,6 +246,8 @@ def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict
     if key is None:
         raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
     config = dict(entries[key], enable_fp_fusion=FP_FUSION)
+    config.update(_chosen_tiles(state).get((kernel, kind), {}))
+    _configs_given.add((kernel, kind))
     interpreter_sized = KERNELS_INTERPRETED and not state[2]
     if interpreter_sized and kernel in _INTERPRETER_ROWS:
         rows, size = _INTERPRETER_ROWS[kernel]
@@ -247,13 +273,33 @@ def tuned_key(device: str, triton_version: str, kernel_name: str, dtype: str, co
 
 
 @functools.cache
+def _tuned_table() -> dict:
+    return json.loads(TUNED_TABLE.read_text()) if TUNED_TABLE.exists() else {}
+
+
+@functools.cache
 def _tuned() -> dict:
-    """bench.tune's winners: tuned_key -> (num_warps, num_stages)."""
-    if not TUNED_TABLE.exists():
-        return {}
-    table = json.loads(TUNED_TABLE.read_text())
+    """bench.tune's per-launch winners: tuned_key -> (num_warps, num_stages)."""
     return {tuned_key(e["device"], e["triton"], e["kernel"], e["dtype"], e["constexprs"]):
-            dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in table["entries"]}
+            dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in _tuned_table().get("entries", [])}
+
+
+@functools.cache
+def _tuned_tiles(device_name: str) -> dict:
+    """bench.tune's tile winners on this GPU with this triton: {(kernel, dot kind): tiles and options}."""
+    import triton
+
+    return {(e["kernel"], e["kind"]): e["tiles"] for e in _tuned_table().get("tiles", [])
+            if e["device"] == device_name and e["triton"] == triton.__version__}
+
+
+def _chosen_tiles(state: tuple) -> dict:
+    """{(kernel, dot kind): tiles} over the table's entries: tile_choices' while active, else bench.tune's
+    winners for the GPU (none on other devices)."""
+    device, _, _, choices = state
+    if choices is not None:
+        return {(kernel, kind): dict(tiles) for kernel, kind, tiles in choices}
+    return _tuned_tiles(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
 
 
 def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:

@@ -66,3 +66,74 @@ def test_sweep_writes_each_launch_once_with_its_fastest_options(tmp_path):
     for entry in entries:
         assert (entry["num_warps"], entry["num_stages"], entry["median_ms"]) == (8, 2, 0.145)
         assert entry["launcher_ms"] == 1.0 and entry["device"] == "GPU" and entry["triton"] == "3.x"
+
+
+def test_tile_neighbors_step_each_choice_once_within_bounds():
+    from bench.tune import tile_neighbors
+
+    base = dict(BLOCK_M=128, BLOCK_CI=16, num_warps=8, num_stages=2)
+    assert tile_neighbors(base) == [base, {**base, "BLOCK_M": 256}, {**base, "BLOCK_M": 64}, {**base, "BLOCK_CI": 32},
+                                    {**base, "num_warps": 4}, {**base, "num_stages": 3}]
+
+
+TILE_SWEEP_ON_STUBBED_WORKLOADS = """
+import json, sys, time
+from pathlib import Path
+
+import torch
+
+from bench import tune
+from bench.workloads import cpu_tensors_take_the_triton_path
+from lfm_kernels.configs import gpu_family, observe_launches, tile_choices
+
+table = Path(sys.argv[1])
+
+
+def deepest_pipeline(run):
+    # Faked timing: a launch with more stages is faster; the deepest pipeline of the run decides.
+    stages = []
+    with observe_launches(lambda launch: stages.append(launch.meta["num_stages"]), run=False):
+        run()
+    return -max(stages)
+
+
+def untimed(run):
+    raise AssertionError("swept an entry the table already had")
+
+
+# No GPU here: launches are stubbed out and planned as on an H100/H200, on small CPU tensors.
+with observe_launches(run=False), cpu_tensors_take_the_triton_path(), gpu_family("sm90"):
+    run = tune.goal_workload(torch.bfloat16, "cpu", batch=1, train_batch=2)
+    tune.workload_ms = deepest_pipeline
+    chosen, done = tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() - 1, on=torch.device("cpu"))
+    assert not done and chosen == {} and not table.exists()  # budget spent before the first entry
+    chosen, done = tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, on=torch.device("cpu"))
+    assert done
+    first = table.read_text()
+    tune.workload_ms = untimed
+    assert tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, on=torch.device("cpu"))[1]
+    assert table.read_text() == first
+    launched = {}
+    with tile_choices(chosen), observe_launches(lambda launch: launched.setdefault(launch.name, launch.meta)):
+        run()
+print(json.dumps(launched["_snet_block_kernel"]["num_stages"]))
+"""
+
+
+def test_tile_sweep_keeps_the_fastest_neighbor_and_launchers_take_it(tmp_path):
+    from bench.tune import tile_neighbors
+
+    table = tmp_path / "tuned_configs.json"
+    out = subprocess.run([sys.executable, "-c", TILE_SWEEP_ON_STUBBED_WORKLOADS, str(table)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    tiles = {(e["kernel"], e["kind"]): e for e in json.loads(table.read_text())["tiles"]}
+    assert {("snet_block", "16-bit"), ("snet_head", "16-bit"), ("snet_block_bwd", "16-bit")} <= set(tiles)
+    assert all(kind == "16-bit" for _, kind in tiles)
+    for entry in tiles.values():
+        assert entry["tiles"] in tile_neighbors(entry["table_tiles"]) and entry["median_ms"] <= entry["table_ms"]
+        assert (entry["device"], entry["triton"]) == ("GPU", "3.x")
+    block = tiles["snet_block", "16-bit"]
+    assert block["table_tiles"]["num_stages"] == 3 and block["tiles"]["num_stages"] == 4
+    assert json.loads(out.stdout.splitlines()[-1]) == 4  # the launcher plans with the chosen tiles

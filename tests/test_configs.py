@@ -42,6 +42,27 @@ def test_launch_config_fits_tiles_to_extents_within_the_table_cap():
     assert interpreter["BLOCK_M"] == 1024 and interpreter["BLOCK_CO"] == 4 * table["BLOCK_CO"]
 
 
+def test_tile_choices_replace_table_entries_and_launch_plans_follow():
+    table = configs._CONFIGS["snet_block"][("tf32", "*")]
+    chosen = {("snet_block", "tf32"): dict(BLOCK_M=64, BLOCK_CO=256, num_stages=4)}
+    x, w = torch.empty(1, 64, 127, 127, device="meta"), torch.empty(128, 64, 2, 2, device="meta")
+    bn = [torch.empty(128, device="meta") for _ in range(5)]
+    metas = {}
+    block = importlib.import_module("lfm_kernels.snet_block")
+    for name, choices in (("table", None), ("chosen", chosen), ("table again", None)):
+        with configs.gpu_family("sm90"), configs.gpu_tile_sizes(), configs.tile_choices(choices or {}):
+            entry = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CO=512)
+            with configs.observe_launches(lambda launch: metas.setdefault(name, (launch.meta, launch.grid)), run=False):
+                block.snet_block(x, w, *bn, backend="triton")  # a memoized plan, made again under each state
+        assert entry["BLOCK_M"] == (64 if choices else table["BLOCK_M"])
+        assert entry["BLOCK_CO"] == (256 if choices else table["BLOCK_CO"])
+        assert entry["num_warps"] == table["num_warps"]  # not chosen: the table's
+    assert metas["chosen"][0]["BLOCK_M"] == 64 and metas["chosen"][0]["num_stages"] == 4
+    assert metas["table"] == metas["table again"] and metas["table"][0]["BLOCK_M"] == table["BLOCK_M"]
+    assert metas["chosen"][1] != metas["table"][1]  # the grid follows the tiles
+    assert ("snet_block", "tf32") in configs.configs_given()
+
+
 def test_stubbed_launches_run_nothing_and_observers_nest():
     op = importlib.import_module("lfm_kernels.npr_residual")  # the module: the package exports the function
 
