@@ -88,9 +88,11 @@ _CONFIGS = {
         ("ieee", "*"): dict(BLOCK_N=128, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("*", "*"): dict(BLOCK_N=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
     },
+    # d(feat) [BLOCK_CI, BLOCK_N positions] over K = score channels: 64 rows per warpgroup (4 warps) is
+    # what sm_90 needs for wgmma (32 rows ran TF32 on mma.sync); 64x64x8 (TF32) and 64x64x16 (16-bit), no spills.
     "score_topk_dfeat": {
-        ("16-bit", "*"): dict(BLOCK_N=64, BLOCK_CI=64, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("*", "*"): dict(BLOCK_N=64, BLOCK_CI=32, BLOCK_CO=32, num_warps=8, num_stages=3),
+        ("ieee", "*"): dict(BLOCK_N=64, BLOCK_CI=32, BLOCK_CO=32, num_warps=8, num_stages=3),
+        ("*", "*"): dict(BLOCK_N=64, BLOCK_CI=64, BLOCK_CO=32, num_warps=4, num_stages=3),
     },
     "score_topk_dweight": {("*", "*"): dict(BLOCK_CI=128, num_warps=4, num_stages=3)},
     # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one

@@ -17,7 +17,7 @@ def _inputs(B, Cin, H, W, Cout, seed=0):
 
 @pytest.mark.parametrize("B,Cin,H,W,Cout,k", [(2, 40, 9, 11, 24, 7), (1, 512, 6, 5, 64, 16), (2, 3, 1, 17, 5, 17),
                                               (1, 20, 30, 30, 8, 16)])
-def test_matches_conv_then_topk_in_float64(B, Cin, H, W, Cout, k):
+def test_matches_conv_then_topk_in_float64(B, Cin, H, W, Cout, k, tiles):
     feat64, w64 = _inputs(B, Cin, H, W, Cout)
     leaves = {side: (feat64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_())
               for side, dtype in (("ours", torch.float32), ("float32", torch.float32), ("float64", torch.float64))}
