@@ -36,7 +36,15 @@ from pathlib import Path
 
 import torch
 
-from lfm_kernels.configs import TUNED_TABLE, configs_given, json_constexprs, launch_config, tile_choices, tuned_key
+from lfm_kernels.configs import (
+    TUNED_TABLE,
+    configs_given,
+    json_constexprs,
+    launch_config,
+    tile_choices,
+    tiles_measured,
+    tuned_key,
+)
 
 TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
 SWEPT_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
@@ -47,7 +55,9 @@ SECONDS_PER_OPTION = 2.0  # compiling one variant (about 1 s) and timing it: the
 TILED_KERNELS = ("snet_block", "snet_head", "snet_block_stats", "snet_block_bwd", "conv2x2_dw", "conv2x2_dx")
 DTYPES = (torch.float32, torch.bfloat16)
 TILE_ROUNDS = 3  # timed runs of the goal workloads per variant, after one that compiles it
-SECONDS_PER_TILES = 5.0  # compiling a variant's kernels and running the goal workloads 4 times: the estimate
+SECONDS_PER_TILES = 5.0  # compiling a variant's kernels, checking its outputs and timing it: the estimate
+MIN_GAIN = 0.02  # a variant replaces the table's tiles only when it is this much faster (less is noise)
+VARIANT_TOLERANCE = 0.1  # norm-relative: far above rounding (TF32, bfloat16, near-tie flips), far below a wrong tile
 STAGES, WARPS = (2, 5), (4, 8)  # the ranges of the swept num_stages and num_warps
 
 
@@ -124,19 +134,58 @@ def median_launch_ms(launch: Launch, options: dict) -> float:
     return statistics.median(times)
 
 
-def goal_workload(dtype, device="cuda", batch=None, train_batch=None):
-    """A function that runs the goal workloads once: LFM inference at `batch` (256) and 256x256, and a training
-    step at `train_batch` (32) and 224x224, on one model in `dtype`."""
-    from bench.shapes import LARGE_BATCH, TRAIN_BATCH
-    from bench.workloads import inference, lfm_model, training_step
+class GoalWorkloads:
+    """LFM's goal workloads on one model in `dtype`: `run()` runs them once (inference at `batch`, 256, and
+    256x256; a training step at `train_batch`, 32, and 224x224) on fixed random images; `outputs()` is what
+    every tile variant must reproduce."""
 
-    model = lfm_model(dtype, device)
+    def __init__(self, dtype, device="cuda", batch=None, train_batch=None):
+        from bench.shapes import IMAGE_SIZE, LARGE_BATCH, TRAIN_BATCH, TRAIN_SIZE
+        from bench.workloads import lfm_model
 
-    def run():
-        inference(model, batch or LARGE_BATCH)
-        training_step(model, train_batch or TRAIN_BATCH)
+        self.model = lfm_model(dtype, device)
+        self.state = {name: t.clone() for name, t in self.model.state_dict().items()}
+        images = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch or LARGE_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=images)
+        self.train_images = torch.randn(train_batch or TRAIN_BATCH, 3, TRAIN_SIZE, TRAIN_SIZE, generator=images)
+        self.images, self.train_images = (x.to(device, dtype) for x in (self.images, self.train_images))
 
-    return run
+    def run(self):
+        from bench.workloads import training_step
+
+        with torch.no_grad():
+            self.model.eval()(self.images)
+        training_step(self.model, images=self.train_images)
+
+    def outputs(self) -> dict:
+        """From the saved state, with seeded randomness: the inference's logits, then the gradient of every
+        parameter and the running statistics after one training step, as float32 tensors by name."""
+        from bench.workloads import training_step
+
+        self.model.load_state_dict(self.state)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            result = {"logits": self.model.eval()(self.images).float()}
+        training_step(self.model, images=self.train_images, keep_grads=True)
+        result |= {f"gradient of {name}": p.grad.float() for name, p in self.model.named_parameters()
+                   if p.grad is not None}
+        result |= {name: t.float() for name, t in self.model.named_buffers() if t.is_floating_point()}
+        self.model.zero_grad(set_to_none=True)
+        self.model.load_state_dict(self.state)
+        return result
+
+
+def differs(outputs: dict, reference: dict) -> str:
+    """The first output that is not finite or differs from the reference by more than VARIANT_TOLERANCE
+    (norm-relative), as a message; "" when none does."""
+    for name, ref in reference.items():
+        out = outputs[name]
+        if not torch.isfinite(out).all():
+            return f"{name} is not finite"
+        error = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        if error > VARIANT_TOLERANCE:
+            return f"{name} differs from the table's tiles by {error:.2g} (norm-relative)"
+    return ""
 
 
 def workload_ms(run) -> float:
@@ -170,53 +219,82 @@ def tile_neighbors(tiles: dict) -> list:
     pipeline stage more or fewer (STAGES), twice or half the warps (WARPS)."""
     variants = [dict(tiles)]
     for name, value in tiles.items():
-        if name == "num_stages":
+        if name.startswith("BLOCK_"):
+            steps, bounds = (value * 2, value // 2), (16, 1 << 30)
+        elif name == "num_stages":
             steps, bounds = (value + 1, value - 1), STAGES
+        elif name == "num_warps":
+            steps, bounds = (value * 2, value // 2), WARPS
         else:
-            steps, bounds = (value * 2, value // 2), (16, 1 << 30) if name.startswith("BLOCK_") else WARPS
+            continue
         variants += [{**tiles, name: v} for v in steps if bounds[0] <= v <= bounds[1]]
     return variants
 
 
-def tune_tiles(run, dtype, table_path: Path, device: str, triton_version: str, deadline: float, force: bool = False,
-               on: torch.device = torch.device("cuda")) -> tuple:
-    """Sweep the tiles of each launch-config entry that run() uses in dtype on the torch device `on` (all with
-    force, else those the table lacks for GPU `device`), rewriting the table after each; returns the choices
-    {(kernel, kind): tiles} now in force and False when the budget stopped it first."""
+def gpu_intact(torch_device: torch.device) -> bool:
+    """Whether the GPU still runs work after a variant failed (an illegal address poisons its context)."""
+    if torch_device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(torch_device)
+        return True
+    except RuntimeError:
+        return False
+
+
+def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str, triton_version: str,
+               deadline: float, force: bool = False, torch_device: torch.device = torch.device("cuda")) -> tuple:
+    """Sweep the tiles of each TILED_KERNELS entry that the goal workloads use in dtype on `torch_device` (all
+    with force, else those the table lacks for GPU `gpu_name`), each from the table's tiles (tile_neighbors),
+    rewriting the table after each; returns the choices {(kernel, kind): tiles} in force and False when the
+    budget stopped it first. A variant counts only when its outputs match the table tiles' (tiles change
+    code paths, not the math) and beats them by MIN_GAIN (less is noise)."""
     table = load_table(table_path)
-    mine = lambda e: e["device"] == device and e["triton"] == triton_version  # noqa: E731
-    chosen = {(e["kernel"], e["kind"]): e["tiles"] for e in table.get("tiles", []) if mine(e)}
-    swept = set() if force else set(chosen)
+    mine = tiles_measured(table, gpu_name, triton_version)
+    chosen = {} if force else {pair: tiles for pair, (tiles, _) in mine.items()}
     with tile_choices(chosen):
-        run()  # launch plans made again under these choices: configs_given names every entry the workloads use
-        used = [pair for pair in configs_given() if pair[0] in TILED_KERNELS and pair[1] in dot_kinds(dtype)]
+        workloads.run()  # so that every entry the workloads use has been given out in this process
+    used = [pair for pair in configs_given() if pair[0] in TILED_KERNELS and pair[1] in dot_kinds(dtype)]
     for kernel, kind in sorted(used, key=lambda pair: (TILED_KERNELS.index(pair[0]), pair)):
-        if (kernel, kind) in swept:
+        if not force and (kernel, kind) in mine:
             continue
         with tile_choices(chosen):
-            base = table_tiles(kernel, kind, dtype, on)
+            base = table_tiles(kernel, kind, dtype, torch_device)
         variants = tile_neighbors(base)
         if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
             return chosen, False
-        timed = []
+        timed, reference = [], None
         for tiles in variants:
             with tile_choices({**chosen, (kernel, kind): tiles}):
                 try:
-                    timed.append((workload_ms(run), tiles))
+                    outputs = workloads.outputs()
+                    wrong = differs(outputs, reference) if reference is not None else ""
+                    if wrong:
+                        print(f"  {kernel} {kind} {tiles}: refused, {wrong}")
+                        continue
+                    reference = reference or outputs
+                    timed.append((workload_ms(workloads.run), tiles))
                 except Exception as error:  # noqa: BLE001 (tiles can exceed shared memory or registers: skip them)
                     print(f"  {kernel} {kind} {tiles}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                    if not gpu_intact(torch_device):
+                        raise RuntimeError(f"{kernel} {kind} {tiles} left the GPU unusable; {table_path} holds "
+                                           "what was done before it") from error
         if not timed or timed[0][1] != base:
             print(f"{kernel} {kind}: the table's tiles {base} did not run; left as they are")
             continue
+        base_ms = timed[0][0]
         best_ms, best = min(timed, key=lambda t: t[0])
+        if best_ms > base_ms * (1 - MIN_GAIN):
+            best_ms, best = base_ms, base
         chosen[(kernel, kind)] = best
-        entry = dict(device=device, triton=triton_version, kernel=kernel, kind=kind, tiles=best,
-                     median_ms=round(best_ms, 4), table_ms=round(timed[0][0], 4), table_tiles=base)
-        same = lambda e: mine(e) and (e["kernel"], e["kind"]) == (kernel, kind)  # noqa: E731
-        table["tiles"] = [e for e in table.get("tiles", []) if not same(e)] + [entry]
+        entry = dict(device=gpu_name, triton=triton_version, kernel=kernel, kind=kind, tiles=best,
+                     median_ms=round(best_ms, 4), table_ms=round(base_ms, 4), table_tiles=base)
+        key = (gpu_name, triton_version, kernel, kind)
+        kept = [e for e in table.get("tiles", []) if (e["device"], e["triton"], e["kernel"], e["kind"]) != key]
+        table["tiles"] = [*kept, entry]
         write_table(table_path, table)
-        print(f"{kernel} {kind}: goal workloads {entry['table_ms']:.3f} ms with the table's tiles {base}, "
-              f"{entry['median_ms']:.3f} ms with {best}")
+        print(f"{kernel} {kind}: goal workloads {base_ms:.3f} ms with the table's tiles {base}, "
+              f"{best_ms:.3f} ms with {best}")
     return chosen, True
 
 
@@ -271,7 +349,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole sweep (default 300)")
     parser.add_argument("--table", type=Path, default=TABLE, help=f"the table to update (default {TABLE})")
-    parser.add_argument("--force", action="store_true", help="sweep launches that the table already has again")
+    parser.add_argument("--force", action="store_true",
+                        help="sweep what the table already has again (tiles from the launch-config table's)")
     args = parser.parse_args(argv)
     deadline = time.time() + args.budget_s
     if not torch.cuda.is_available():
@@ -283,11 +362,14 @@ def main(argv=None) -> int:
         print(f"bench.tune: no budget left; run again to go on ({args.table} holds what is done)")
         return 0
     name, version = torch.cuda.get_device_name(), triton.__version__
-    chosen = {}
     for dtype in DTYPES:  # tiles first: they set the grids and the constexprs that launch entries are keyed on
-        run = goal_workload(dtype)
-        chosen, done = tune_tiles(run, dtype, args.table, name, version, deadline, args.force)
-        del run  # the model and its activations
+        goal = GoalWorkloads(dtype)
+        try:
+            chosen, done = tune_tiles(goal, dtype, args.table, name, version, deadline, args.force)
+        except RuntimeError as error:
+            sys.stderr.write(f"bench.tune: {error}\n")
+            return 1
+        del goal  # the model and its images
         torch.cuda.empty_cache()
         if not done:
             print(f"bench.tune: budget spent; run again to go on ({args.table} holds what is done)")

@@ -32,12 +32,14 @@ def inference(model, batch, size=IMAGE_SIZE):
         return model.eval()(torch.empty(batch, 3, size, size, dtype=parameter.dtype, device=parameter.device))
 
 
-def training_step(model, batch=TRAIN_BATCH, size=TRAIN_SIZE, aux=True):
-    """Forward and backward of one training step (with the random-K auxiliary logits when `aux`)."""
+def training_step(model, batch=TRAIN_BATCH, size=TRAIN_SIZE, aux=True, images=None, keep_grads=False):
+    """Forward and backward of one training step (with the random-K auxiliary logits when `aux`) on `images`
+    (default: uninitialized, batch x 3 x size x size); the gradients are dropped unless `keep_grads`."""
     parameter = next(model.parameters())
-    images = torch.empty(batch, 3, size, size, dtype=parameter.dtype, device=parameter.device)
+    if images is None:
+        images = torch.empty(batch, 3, size, size, dtype=parameter.dtype, device=parameter.device)
     model.train()
-    target = torch.zeros(batch, 1, dtype=parameter.dtype, device=parameter.device)
+    target = torch.zeros(images.shape[0], 1, dtype=parameter.dtype, device=parameter.device)
     if aux:
         logits, aux_logits = model(images, return_aux=True)
         loss = F.binary_cross_entropy_with_logits(logits, target) + F.binary_cross_entropy_with_logits(aux_logits,
@@ -45,7 +47,8 @@ def training_step(model, batch=TRAIN_BATCH, size=TRAIN_SIZE, aux=True):
     else:
         loss = F.binary_cross_entropy_with_logits(model(images), target)
     loss.backward()
-    model.zero_grad(set_to_none=True)
+    if not keep_grads:
+        model.zero_grad(set_to_none=True)
 
 
 def standalone_ops(dtype, device, batch):

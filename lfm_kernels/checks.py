@@ -13,9 +13,9 @@ _PASSED_LIMIT = 4096
 
 def tensors_signature(*tensors) -> list:
     """What argument checks read of arguments that should be tensors, flat: each one's shape, dtype and
-    device, else its type (such an argument fails its check, so it is never stored). Flat because the key's
-    hashing and comparison cost host time per nested tuple; a type never equals a shape, so no two argument
-    lists share one."""
+    device, else its type (NoneType for an optional tensor left out; anything else fails its check, so it
+    is never stored). Flat because hashing and comparing the key cost host time per nested tuple; a type
+    never equals a shape, so no two argument lists share one."""
     signature = []
     for t in tensors:
         if isinstance(t, torch.Tensor):

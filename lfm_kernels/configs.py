@@ -248,9 +248,12 @@ def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict
     if key is None:
         raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
     config = dict(entries[key], enable_fp_fusion=FP_FUSION)
-    config.update(_chosen_tiles(state).get((kernel, kind), {}))
+    tiles, measured_over = _chosen_tiles(state).get((kernel, kind), ({}, {}))
+    if all(config.get(name) == value for name, value in measured_over.items()):
+        config.update(tiles)  # a tuned choice holds while the table's entry is the one it was measured against
     _configs_given.add((kernel, kind))
-    interpreter_sized = KERNELS_INTERPRETED and not state[2]
+    _, _, gpu_tiles, _ = state
+    interpreter_sized = KERNELS_INTERPRETED and not gpu_tiles
     if interpreter_sized and kernel in _INTERPRETER_ROWS:
         rows, size = _INTERPRETER_ROWS[kernel]
         config[rows] = size
@@ -286,21 +289,27 @@ def _tuned() -> dict:
             dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in _tuned_table().get("entries", [])}
 
 
+def tiles_measured(table: dict, device_name: str, triton_version: str) -> dict:
+    """A tuned table's tile winners for one GPU and triton version: {(kernel, dot kind): (tiles, the table's
+    entry they were measured against)}."""
+    return {(e["kernel"], e["kind"]): (e["tiles"], e["table_tiles"]) for e in table.get("tiles", [])
+            if e["device"] == device_name and e["triton"] == triton_version}
+
+
 @functools.cache
 def _tuned_tiles(device_name: str) -> dict:
-    """bench.tune's tile winners on this GPU with this triton: {(kernel, dot kind): tiles and options}."""
     import triton
 
-    return {(e["kernel"], e["kind"]): e["tiles"] for e in _tuned_table().get("tiles", [])
-            if e["device"] == device_name and e["triton"] == triton.__version__}
+    return tiles_measured(_tuned_table(), device_name, triton.__version__)
 
 
 def _chosen_tiles(state: tuple) -> dict:
-    """{(kernel, dot kind): tiles} over the table's entries: tile_choices' while active, else bench.tune's
-    winners for the GPU (none on other devices)."""
+    """{(kernel, dot kind): (tiles, the table's entry they replace)} over the table: tile_choices' while
+    active (over any entry), else bench.tune's winners for the GPU (none on other devices), each only while
+    the table still has the entry it was measured against (an edited table entry drops its tuned tiles)."""
     device, _, _, choices = state
     if choices is not None:
-        return {(kernel, kind): dict(tiles) for kernel, kind, tiles in choices}
+        return {(kernel, kind): (dict(tiles), {}) for kernel, kind, tiles in choices}
     return _tuned_tiles(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
 
 
@@ -308,7 +317,7 @@ def tuned_options(kernel_name: str, args: tuple, meta: dict) -> dict:
     """num_warps/num_stages that bench.tune measured fastest for this launch on this GPU, else {} (at once
     when there is no table, so launches pay nothing for it)."""
     tuned = _tuned()
-    if not tuned:
+    if not tuned or _tile_choices is not None:  # bench.tune's tile sweep times the options it chose
         return {}
     first = next(a for a in args if isinstance(a, torch.Tensor))
     if first.device.type != "cuda":

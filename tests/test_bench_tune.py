@@ -1,5 +1,6 @@
 """bench.tune without a GPU: it says so and leaves the table alone; the sweep over launches recorded from
-every op, with the timing faked, keeps the fastest options once per launch and stops at its budget."""
+every op, with the timing faked, keeps the fastest options once per launch and stops at its budget; the tile
+sweep over stubbed goal workloads keeps the fastest neighbor whose outputs match, and launchers take it."""
 import json
 import os
 import subprocess
@@ -87,14 +88,25 @@ from bench.workloads import cpu_tensors_take_the_triton_path
 from lfm_kernels.configs import gpu_family, observe_launches, tile_choices
 
 table = Path(sys.argv[1])
+cpu = torch.device("cpu")
+
+
+def launched(run):
+    metas = []
+    with observe_launches(lambda launch: metas.append((launch.name, launch.meta)), run=False):
+        run()
+    return metas
 
 
 def deepest_pipeline(run):
     # Faked timing: a launch with more stages is faster; the deepest pipeline of the run decides.
-    stages = []
-    with observe_launches(lambda launch: stages.append(launch.meta["num_stages"]), run=False):
-        run()
-    return -max(stages)
+    return 10.0 - max(meta["num_stages"] for _, meta in launched(run))
+
+
+def outputs(self):
+    # Faked outputs: 256-row tiles of the block kernel compute wrongly.
+    wrong = any(name == "_snet_block_kernel" and meta["BLOCK_M"] == 256 for name, meta in launched(self.run))
+    return {"logits": torch.full((4,), 2.0 if wrong else 1.0)}
 
 
 def untimed(run):
@@ -103,20 +115,19 @@ def untimed(run):
 
 # No GPU here: launches are stubbed out and planned as on an H100/H200, on small CPU tensors.
 with observe_launches(run=False), cpu_tensors_take_the_triton_path(), gpu_family("sm90"):
-    run = tune.goal_workload(torch.bfloat16, "cpu", batch=1, train_batch=2)
-    tune.workload_ms = deepest_pipeline
-    chosen, done = tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() - 1, on=torch.device("cpu"))
+    goal = tune.GoalWorkloads(torch.bfloat16, "cpu", batch=1, train_batch=2)
+    tune.workload_ms, tune.GoalWorkloads.outputs = deepest_pipeline, outputs
+    chosen, done = tune.tune_tiles(goal, torch.bfloat16, table, "GPU", "3.x", time.time() - 1, torch_device=cpu)
     assert not done and chosen == {} and not table.exists()  # budget spent before the first entry
-    chosen, done = tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, on=torch.device("cpu"))
+    chosen, done = tune.tune_tiles(goal, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, torch_device=cpu)
     assert done
     first = table.read_text()
     tune.workload_ms = untimed
-    assert tune.tune_tiles(run, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, on=torch.device("cpu"))[1]
+    assert tune.tune_tiles(goal, torch.bfloat16, table, "GPU", "3.x", time.time() + 1e6, torch_device=cpu)[1]
     assert table.read_text() == first
-    launched = {}
-    with tile_choices(chosen), observe_launches(lambda launch: launched.setdefault(launch.name, launch.meta)):
-        run()
-print(json.dumps(launched["_snet_block_kernel"]["num_stages"]))
+    with tile_choices(chosen):
+        block = [meta for name, meta in launched(goal.run) if name == "_snet_block_kernel"]
+print(json.dumps(sorted({meta["num_stages"] for meta in block})))
 """
 
 
@@ -136,4 +147,5 @@ def test_tile_sweep_keeps_the_fastest_neighbor_and_launchers_take_it(tmp_path):
         assert (entry["device"], entry["triton"]) == ("GPU", "3.x")
     block = tiles["snet_block", "16-bit"]
     assert block["table_tiles"]["num_stages"] == 3 and block["tiles"]["num_stages"] == 4
-    assert json.loads(out.stdout.splitlines()[-1]) == 4  # the launcher plans with the chosen tiles
+    assert block["tiles"]["BLOCK_M"] != 256 and "refused, logits differs" in out.stdout  # the wrong tiles
+    assert json.loads(out.stdout.splitlines()[-1]) == [4]  # the launchers plan with the chosen tiles

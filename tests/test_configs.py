@@ -63,6 +63,24 @@ def test_tile_choices_replace_table_entries_and_launch_plans_follow():
     assert ("snet_block", "tf32") in configs.configs_given()
 
 
+def test_tuned_tiles_hold_only_over_the_table_entry_they_were_measured_against(monkeypatch):
+    table = dict(configs._CONFIGS["snet_block"][("tf32", "*")])
+    measured_over = {k: v for k, v in table.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+    tuned = {("snet_block", "tf32"): ({"BLOCK_M": 64, "num_stages": 4}, measured_over)}
+    monkeypatch.setattr(configs, "_chosen_tiles", lambda state: tuned)  # as bench.tune's table gives them on a GPU
+    configs._launch_config.cache_clear()
+    with configs.gpu_family("sm90"), configs.gpu_tile_sizes():
+        entry = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32")
+        assert (entry["BLOCK_M"], entry["num_stages"]) == (64, 4)
+        edited = {**table, "BLOCK_CI": 2 * table["BLOCK_CI"]}  # the table's entry changed since the measurement
+        monkeypatch.setitem(configs._CONFIGS["snet_block"], ("tf32", "*"), edited)
+        configs._launch_config.cache_clear()
+        entry = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32")
+        assert (entry["BLOCK_M"], entry["num_stages"], entry["BLOCK_CI"]) == (table["BLOCK_M"], table["num_stages"],
+                                                                             edited["BLOCK_CI"])
+    configs._launch_config.cache_clear()
+
+
 def test_stubbed_launches_run_nothing_and_observers_nest():
     op = importlib.import_module("lfm_kernels.npr_residual")  # the module: the package exports the function
 
