@@ -1,4 +1,4 @@
-"""Launch-option sweep of every Triton kernel of lfm_kernels at LFM's shapes, on a GPU, separate from the GPU run.
+"""Tile and launch-option sweep of the Triton kernels of lfm_kernels at LFM's shapes, on a GPU, apart from the GPU run.
 
     python -m bench.tune [--budget-s 300] [--table lfm_kernels/tuned_configs.json] [--force]
 
@@ -6,7 +6,9 @@ First the tiles: for each launch-config entry (kernel, dot kind) of TILED_KERNEL
 its tiles, warps and stages and each neighbor (a BLOCK_* doubled or halved, one stage more or fewer, twice or
 half the warps) are timed end to end on the goal workloads (inference at batch 256 and 256x256, a training step
 at batch 32 and 224x224, bench.workloads), with CUDA events, the launchers planning their grids for each
-(lfm_kernels.configs.tile_choices); the fastest is kept for the next entry and written to the table. Then the
+(lfm_kernels.configs.tile_choices). A variant counts only when the outputs of a seeded inference and training
+step (logits, every gradient, the running statistics) match the table tiles' within VARIANT_TOLERANCE, and wins
+only when it beats them by MIN_GAIN; the winner is kept for the next entry and written to the table. Then the
 launches: LFM's workloads (bench.workloads: inference at batch 1 and 256, both kinds of training step, the
 standalone ops) run once per dtype with the chosen tiles while every kernel launch is recorded through
 lfm_kernels.configs.observe_launches; each recorded launch is replayed with each of a few launch options
@@ -20,8 +22,8 @@ sweep would pass the budget. Needs a CUDA GPU.
 Table (JSON): {"format": 1, "tiles": [{"device", "triton", "kernel", "kind", "tiles", "median_ms", "table_ms",
 "table_tiles"}, ...], "entries": [{"device", "triton", "kernel", "dtype", "constexprs", "num_warps",
 "num_stages", "median_ms", "launcher_ms", "launcher_options"}, ...]}; launch_config applies the tiles of
-(kernel, dot kind) for the GPU over its table, and a launcher finds its entry by (device name, kernel name,
-dtype of the kernel's first tensor argument, constexprs).
+(kernel, dot kind) for the GPU over its table while the table's entry is still `table_tiles`, and a launcher
+finds its entry by (device name, kernel name, dtype of the kernel's first tensor argument, constexprs).
 """
 import argparse
 import contextlib
