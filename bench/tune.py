@@ -5,22 +5,24 @@
 First the tiles: for each launch-config entry (kernel, dot kind) of TILED_KERNELS that LFM's workloads use,
 its tiles, warps and stages and each neighbor (a BLOCK_* doubled or halved, one stage more or fewer, twice or
 half the warps) are timed end to end on the goal workloads (inference at batch 256 and 256x256, a training step
-at batch 32 and 224x224, bench.workloads), with CUDA events, the launchers planning their grids for each
+at batch 32 and 224x224), with CUDA events, the launchers planning their grids for each
 (lfm_kernels.configs.tile_choices). A variant counts only when the outputs of a seeded inference and training
-step (logits, every gradient, the running statistics) match the table tiles' within VARIANT_TOLERANCE, and wins
-only when it beats them by MIN_GAIN; the winner is kept for the next entry and written to the table. Then the
-launches: LFM's workloads (bench.workloads: inference at batch 1 and 256, both kinds of training step, the
-standalone ops) run once per dtype with the chosen tiles while every kernel launch is recorded through
+step (logits, every gradient, the running statistics) match the current tiles' within VARIANT_TOLERANCE, and
+wins only when it beats them by MIN_GAIN. The winner becomes the current tiles and the climb goes on from it
+until the current tiles win (the entry is settled); each step is written to the table, and an entry a run left
+unsettled goes on from its last winner at the next run. Then the launches: LFM's workloads (bench.workloads:
+inference at batch 1 and 256, both kinds of training step, the standalone ops) run once per dtype with the
+chosen tiles while every kernel launch is recorded through
 lfm_kernels.configs.observe_launches; each recorded launch is replayed with each of a few launch options
 (num_warps x num_stages, SWEPT_OPTIONS), which change neither the grid nor the results, and the fastest is
 written to the table next to the launcher's own time.
 
-Budgeted and incremental like the GPU run: entries and launches already in the table for this device and triton
-version are skipped (unless --force), the table is rewritten after each, and none starts when its estimated
-sweep would pass the budget. Needs a CUDA GPU.
+Budgeted and incremental like the GPU run: settled entries and launches already in the table for this device and
+triton version are skipped (unless --force: then every entry climbs again from its launch config), the table is
+rewritten after each step, and none starts when its estimated sweep would pass the budget. Needs a CUDA GPU.
 
-Table (JSON): {"format": 1, "tiles": [{"device", "triton", "kernel", "kind", "tiles", "median_ms", "table_ms",
-"table_tiles"}, ...], "entries": [{"device", "triton", "kernel", "dtype", "constexprs", "num_warps",
+Table (JSON): {"format": 1, "tiles": [{"device", "triton", "kernel", "kind", "tiles", "median_ms", "start_tiles",
+"start_ms", "table_tiles"}, ...], "entries": [{"device", "triton", "kernel", "dtype", "constexprs", "num_warps",
 "num_stages", "median_ms", "launcher_ms", "launcher_options"}, ...]}; launch_config applies the tiles of
 (kernel, dot kind) for the GPU over its table while the table's entry is still `table_tiles`, and a launcher
 finds its entry by (device name, kernel name, dtype of the kernel's first tensor argument, constexprs).
@@ -53,12 +55,12 @@ SWEPT_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((
 TIMED_ROUNDS, CALLS_PER_ROUND = 7, 10
 SECONDS_PER_OPTION = 2.0  # compiling one variant (about 1 s) and timing it: the budget's estimate
 # The entries whose tiles are swept, in this order: the GEMM kernels, which took most of the GPU time in the first
-# H200 profile (inference, then training); the memory-bound passes keep the table's tiles.
+# H200 profile (inference, then training); the memory-bound passes keep their launch config's tiles.
 TILED_KERNELS = ("snet_block", "snet_head", "snet_block_stats", "snet_block_bwd", "conv2x2_dw", "conv2x2_dx")
 DTYPES = (torch.float32, torch.bfloat16)
 TILE_ROUNDS = 3  # timed runs of the goal workloads per variant, after one that compiles it
 SECONDS_PER_TILES = 5.0  # compiling a variant's kernels, checking its outputs and timing it: the estimate
-MIN_GAIN = 0.02  # a variant replaces the table's tiles only when it is this much faster (less is noise)
+MIN_GAIN = 0.02  # a variant replaces the current tiles only when it is this much faster (less is noise)
 VARIANT_TOLERANCE = 0.1  # norm-relative: far above rounding (TF32, bfloat16, near-tie flips), far below a wrong tile
 STAGES, WARPS = (2, 5), (4, 8)  # the ranges of the swept num_stages and num_warps
 
@@ -186,7 +188,7 @@ def differs(outputs: dict, reference: dict) -> str:
             return f"{name} is not finite"
         error = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if error > VARIANT_TOLERANCE:
-            return f"{name} differs from the table's tiles by {error:.2g} (norm-relative)"
+            return f"{name} differs from the current tiles' by {error:.2g} (norm-relative)"
     return ""
 
 
@@ -246,58 +248,80 @@ def gpu_intact(torch_device: torch.device) -> bool:
 
 def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str, triton_version: str,
                deadline: float, force: bool = False, torch_device: torch.device = torch.device("cuda")) -> tuple:
-    """Sweep the tiles of each TILED_KERNELS entry that the goal workloads use in dtype on `torch_device` (all
-    with force, else those the table lacks for GPU `gpu_name`), each from the table's tiles (tile_neighbors),
-    rewriting the table after each; returns the choices {(kernel, kind): tiles} in force and False when the
-    budget stopped it first. A variant counts only when its outputs match the table tiles' (tiles change
-    code paths, not the math) and beats them by MIN_GAIN (less is noise)."""
+    """Hill-climb the tiles of each TILED_KERNELS entry that the goal workloads use in dtype on `torch_device`,
+    one entry at a time: time the current tiles and their neighbors (tile_neighbors), move to the winner, and
+    again until the current tiles win (the entry is settled), rewriting the table after each step. An entry
+    starts from the table's launch config, or goes on from its last winner on this GPU (`gpu_name`) unless it
+    is settled there or its launch config has changed since (with force: from the launch config, every entry).
+    A variant counts only when its outputs match the current tiles' (tiles change code paths, not the math)
+    and wins only when it beats them by MIN_GAIN (less is noise). Returns the choices {(kernel, kind): tiles}
+    in force and False when the budget stopped it first."""
     table = load_table(table_path)
-    mine = tiles_measured(table, gpu_name, triton_version)
-    chosen = {} if force else {pair: tiles for pair, (tiles, _) in mine.items()}
+    measured = tiles_measured(table, gpu_name, triton_version)
+    chosen = {} if force else {pair: tiles for pair, (tiles, _) in measured.items()}
     with tile_choices(chosen):
         workloads.run()  # so that every entry the workloads use has been given out in this process
     used = [pair for pair in configs_given() if pair[0] in TILED_KERNELS and pair[1] in dot_kinds(dtype)]
-    for kernel, kind in sorted(used, key=lambda pair: (TILED_KERNELS.index(pair[0]), pair)):
-        if not force and (kernel, kind) in mine:
-            continue
-        with tile_choices(chosen):
-            base = table_tiles(kernel, kind, dtype, torch_device)
-        variants = tile_neighbors(base)
-        if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
-            return chosen, False
-        timed, reference = [], None
-        for tiles in variants:
-            with tile_choices({**chosen, (kernel, kind): tiles}):
-                try:
-                    outputs = workloads.outputs()
-                    wrong = differs(outputs, reference) if reference is not None else ""
-                    if wrong:
-                        print(f"  {kernel} {kind} {tiles}: refused, {wrong}")
-                        continue
-                    reference = reference or outputs
-                    timed.append((workload_ms(workloads.run), tiles))
-                except Exception as error:  # noqa: BLE001 (tiles can exceed shared memory or registers: skip them)
-                    print(f"  {kernel} {kind} {tiles}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
-                    if not gpu_intact(torch_device):
-                        raise RuntimeError(f"{kernel} {kind} {tiles} left the GPU unusable; {table_path} holds "
-                                           "what was done before it") from error
-        if not timed or timed[0][1] != base:
-            print(f"{kernel} {kind}: the table's tiles {base} did not run; left as they are")
-            continue
-        base_ms = timed[0][0]
-        best_ms, best = min(timed, key=lambda t: t[0])
-        if best_ms > base_ms * (1 - MIN_GAIN):
-            best_ms, best = base_ms, base
-        chosen[(kernel, kind)] = best
-        entry = dict(device=gpu_name, triton=triton_version, kernel=kernel, kind=kind, tiles=best,
-                     median_ms=round(best_ms, 4), table_ms=round(base_ms, 4), table_tiles=base)
-        key = (gpu_name, triton_version, kernel, kind)
-        kept = [e for e in table.get("tiles", []) if (e["device"], e["triton"], e["kernel"], e["kind"]) != key]
-        table["tiles"] = [*kept, entry]
-        write_table(table_path, table)
-        print(f"{kernel} {kind}: goal workloads {base_ms:.3f} ms with the table's tiles {base}, "
-              f"{best_ms:.3f} ms with {best}")
+    for pair in sorted(used, key=lambda pair: (TILED_KERNELS.index(pair[0]), pair)):
+        with tile_choices({p: tiles for p, tiles in chosen.items() if p != pair}):
+            config = table_tiles(*pair, dtype, torch_device)
+        last = next((e for e in table.get("tiles", []) if tile_entry_key(e) == (gpu_name, triton_version, *pair)
+                     and e["table_tiles"] == config and not force), None)
+        if last is not None and last["tiles"] == last["start_tiles"]:
+            continue  # settled
+        start = last["tiles"] if last is not None else config
+        chosen.pop(pair, None)
+        while True:
+            variants = tile_neighbors(start)
+            if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
+                return chosen, False
+            timed = time_tiles(workloads, pair, variants, chosen, torch_device, table_path)
+            if not timed or timed[0][1] != start:
+                print(f"{pair[0]} {pair[1]}: the tiles {start} did not run; left as they are")
+                break
+            start_ms = timed[0][0]
+            best_ms, best = min(timed, key=lambda t: t[0])
+            if best_ms > start_ms * (1 - MIN_GAIN):
+                best_ms, best = start_ms, start
+            chosen[pair] = best
+            entry = dict(device=gpu_name, triton=triton_version, kernel=pair[0], kind=pair[1], tiles=best,
+                         median_ms=round(best_ms, 4), start_tiles=start, start_ms=round(start_ms, 4),
+                         table_tiles=config)
+            table["tiles"] = [e for e in table.get("tiles", []) if tile_entry_key(e) != tile_entry_key(entry)]
+            table["tiles"].append(entry)
+            write_table(table_path, table)
+            print(f"{pair[0]} {pair[1]}: goal workloads {start_ms:.3f} ms with {start}, {best_ms:.3f} ms with {best}")
+            if best == start:
+                break
+            start = best
     return chosen, True
+
+
+def tile_entry_key(entry: dict) -> tuple:
+    return entry["device"], entry["triton"], entry["kernel"], entry["kind"]
+
+
+def time_tiles(workloads: GoalWorkloads, pair: tuple, variants: list, chosen: dict, torch_device: torch.device,
+               table_path: Path) -> list:
+    """[(ms, tiles)] of the variants of entry `pair` (the others as chosen) whose outputs match the first's;
+    raises RuntimeError when a failing variant left the GPU unusable."""
+    timed, reference = [], None
+    for tiles in variants:
+        with tile_choices({**chosen, pair: tiles}):
+            try:
+                outputs = workloads.outputs()
+                wrong = differs(outputs, reference) if reference is not None else ""
+                if wrong:
+                    print(f"  {pair[0]} {pair[1]} {tiles}: refused, {wrong}")
+                    continue
+                reference = reference or outputs
+                timed.append((workload_ms(workloads.run), tiles))
+            except Exception as error:  # noqa: BLE001 (tiles can exceed shared memory or registers: skip them)
+                print(f"  {pair[0]} {pair[1]} {tiles}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                if not gpu_intact(torch_device):
+                    raise RuntimeError(f"{pair[0]} {pair[1]} {tiles} left the GPU unusable; {table_path} holds "
+                                       "what was done before it") from error
+    return timed
 
 
 def load_table(path: Path) -> dict:
