@@ -40,15 +40,7 @@ from pathlib import Path
 
 import torch
 
-from lfm_kernels.configs import (
-    TUNED_TABLE,
-    configs_given,
-    json_constexprs,
-    launch_config,
-    tile_choices,
-    tiles_measured,
-    tuned_key,
-)
+from lfm_kernels.configs import TUNED_TABLE, configs_given, json_constexprs, launch_config, tile_choices, tuned_key
 
 TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
 SWEPT_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
@@ -212,9 +204,15 @@ def dot_kinds(dtype) -> tuple:
     return ("tf32", "ieee") if dtype == torch.float32 else ("16-bit",)
 
 
-def table_tiles(kernel: str, kind: str, dtype, device) -> dict:
-    """The tiles, warps and stages that launch_config gives (kernel, kind) now (under tile_choices)."""
-    config = launch_config(kernel, device, dtype, "tf32" if kind == "16-bit" else kind)
+def config_tiles(kernel: str, kind: str, device) -> dict:
+    """The tiles, warps and stages of (kernel, kind)'s entry in the launch-config table, no tuned tiles applied
+    (None for an entry the table no longer has)."""
+    dtype = torch.bfloat16 if kind == "16-bit" else torch.float32
+    try:
+        with tile_choices({}):
+            config = launch_config(kernel, device, dtype, "tf32" if kind == "16-bit" else kind)
+    except KeyError:
+        return None
     return {k: v for k, v in config.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
 
 
@@ -257,16 +255,19 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
     and wins only when it beats them by MIN_GAIN (less is noise). Returns the choices {(kernel, kind): tiles}
     in force and False when the budget stopped it first."""
     table = load_table(table_path)
-    measured = tiles_measured(table, gpu_name, triton_version)
-    chosen = {} if force else {pair: tiles for pair, (tiles, _) in measured.items()}
+    current = {}  # this GPU's entries, where the launch config is still the one they climbed from
+    if not force:
+        for e in table.get("tiles", []):
+            pair = (e["kernel"], e["kind"])
+            fresh = e["table_tiles"] == config_tiles(*pair, torch_device)
+            if (e["device"], e["triton"]) == (gpu_name, triton_version) and fresh:
+                current[pair] = e
+    chosen = {pair: e["tiles"] for pair, e in current.items()}
     with tile_choices(chosen):
         workloads.run()  # so that every entry the workloads use has been given out in this process
     used = [pair for pair in configs_given() if pair[0] in TILED_KERNELS and pair[1] in dot_kinds(dtype)]
     for pair in sorted(used, key=lambda pair: (TILED_KERNELS.index(pair[0]), pair)):
-        with tile_choices({p: tiles for p, tiles in chosen.items() if p != pair}):
-            config = table_tiles(*pair, dtype, torch_device)
-        last = next((e for e in table.get("tiles", []) if tile_entry_key(e) == (gpu_name, triton_version, *pair)
-                     and e["table_tiles"] == config and not force), None)
+        last, config = current.get(pair), config_tiles(*pair, torch_device)
         if last is not None and last["tiles"] == last["start_tiles"]:
             continue  # settled
         start = last["tiles"] if last is not None else config

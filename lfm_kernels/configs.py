@@ -289,18 +289,14 @@ def _tuned() -> dict:
             dict(num_warps=e["num_warps"], num_stages=e["num_stages"]) for e in _tuned_table().get("entries", [])}
 
 
-def tiles_measured(table: dict, device_name: str, triton_version: str) -> dict:
-    """A tuned table's tile winners for one GPU and triton version: {(kernel, dot kind): (tiles, the table's
-    entry they were measured against)}."""
-    return {(e["kernel"], e["kind"]): (e["tiles"], e["table_tiles"]) for e in table.get("tiles", [])
-            if e["device"] == device_name and e["triton"] == triton_version}
-
-
 @functools.cache
 def _tuned_tiles(device_name: str) -> dict:
+    """bench.tune's tile winners for this GPU and triton: {(kernel, dot kind): (tiles, the launch config's
+    entry they were measured against)}."""
     import triton
 
-    return tiles_measured(_tuned_table(), device_name, triton.__version__)
+    return {(e["kernel"], e["kind"]): (e["tiles"], e["table_tiles"]) for e in _tuned_table().get("tiles", [])
+            if e["device"] == device_name and e["triton"] == triton.__version__}
 
 
 def _chosen_tiles(state: tuple) -> dict:

@@ -141,6 +141,15 @@ with observe_launches(run=False), cpu_tensors_take_the_triton_path(), gpu_family
     tune.workload_ms = deepest_pipeline
     chosen, done = sweep()
     assert done and by_entry(table.read_text()) == by_entry(climbed)
+    # An entry whose launch config changed since its climb climbs again from the new config.
+    entries = json.loads(climbed)
+    head = next(e for e in entries["tiles"] if e["kernel"] == "snet_head")
+    head["table_tiles"] = {**head["table_tiles"], "BLOCK_P": 2 * head["table_tiles"]["BLOCK_P"]}
+    table.write_text(json.dumps(entries))
+    timed = []
+    tune.workload_ms = lambda run: timed.append(1) or deepest_pipeline(run)
+    chosen, done = sweep()
+    assert done and timed and by_entry(table.read_text()) == by_entry(climbed)
     with tile_choices(chosen):
         block = [meta for name, meta in launched(goal.run) if name == "_snet_block_kernel"]
 print(json.dumps(sorted({meta["num_stages"] for meta in block})))
