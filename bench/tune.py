@@ -40,7 +40,16 @@ from pathlib import Path
 
 import torch
 
-from lfm_kernels.configs import TUNED_TABLE, configs_given, json_constexprs, launch_config, tile_choices, tuned_key
+from lfm_kernels.configs import (
+    TUNED_TABLE,
+    configs_given,
+    family,
+    json_constexprs,
+    table_entry,
+    tile_choices,
+    tunable,
+    tuned_key,
+)
 
 TABLE = TUNED_TABLE  # lfm_kernels.configs applies its entries over the launch-config table
 SWEPT_OPTIONS = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((2, 4, 8), (2, 3, 4))]
@@ -155,19 +164,24 @@ class GoalWorkloads:
 
     def outputs(self) -> dict:
         """From the saved state, with seeded randomness: the inference's logits, then the gradient of every
-        parameter and the running statistics after one training step, as float32 tensors by name."""
+        parameter and the running statistics after one training step, as float32 copies by name. Leaves the
+        model in the saved state without gradients, also when a variant fails midway."""
         from bench.workloads import training_step
 
-        self.model.load_state_dict(self.state)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            result = {"logits": self.model.eval()(self.images).float()}
-        training_step(self.model, images=self.train_images, keep_grads=True)
-        result |= {f"gradient of {name}": p.grad.float() for name, p in self.model.named_parameters()
-                   if p.grad is not None}
-        result |= {name: t.float() for name, t in self.model.named_buffers() if t.is_floating_point()}
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(self.state)
+        torch.manual_seed(0)
+        try:
+            with torch.no_grad():
+                result = {"logits": self.model.eval()(self.images).float()}
+            training_step(self.model, images=self.train_images, keep_grads=True)
+            result |= {f"gradient of {name}": p.grad.detach().float().clone()
+                       for name, p in self.model.named_parameters() if p.grad is not None}
+            result |= {name: t.detach().float().clone() for name, t in self.model.named_buffers()
+                       if t.is_floating_point()}
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.load_state_dict(self.state)
         return result
 
 
@@ -180,8 +194,12 @@ def differs(outputs: dict, reference: dict) -> str:
             return f"{name} is not finite"
         error = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if error > VARIANT_TOLERANCE:
-            return f"{name} differs from the current tiles' by {error:.2g} (norm-relative)"
+            return f"{name} differs from the launch config's by {error:.2g} (norm-relative)"
     return ""
+
+
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
 
 
 def workload_ms(run) -> float:
@@ -205,15 +223,12 @@ def dot_kinds(dtype) -> tuple:
 
 
 def config_tiles(kernel: str, kind: str, device) -> dict:
-    """The tiles, warps and stages of (kernel, kind)'s entry in the launch-config table, no tuned tiles applied
-    (None for an entry the table no longer has)."""
-    dtype = torch.bfloat16 if kind == "16-bit" else torch.float32
+    """The tiles, warps and stages of (kernel, kind)'s entry in the launch-config table for device's family, no
+    tuned tiles applied (None for an entry the table no longer has)."""
     try:
-        with tile_choices({}):
-            config = launch_config(kernel, device, dtype, "tf32" if kind == "16-bit" else kind)
+        return tunable(table_entry(kernel, kind, family(device)))
     except KeyError:
         return None
-    return {k: v for k, v in config.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
 
 
 def tile_neighbors(tiles: dict) -> list:
@@ -248,19 +263,20 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
                deadline: float, force: bool = False, torch_device: torch.device = torch.device("cuda")) -> tuple:
     """Hill-climb the tiles of each TILED_KERNELS entry that the goal workloads use in dtype on `torch_device`,
     one entry at a time: time the current tiles and their neighbors (tile_neighbors), move to the winner, and
-    again until the current tiles win (the entry is settled), rewriting the table after each step. An entry
-    starts from the table's launch config, or goes on from its last winner on this GPU (`gpu_name`) unless it
-    is settled there or its launch config has changed since (with force: from the launch config, every entry).
-    A variant counts only when its outputs match the current tiles' (tiles change code paths, not the math)
-    and wins only when it beats them by MIN_GAIN (less is noise). Returns the choices {(kernel, kind): tiles}
-    in force and False when the budget stopped it first."""
+    again until the current tiles win or the winner was visited before (the entry is settled), rewriting the
+    table after each step. An entry starts from the table's launch config, or goes on from its last winner on
+    this GPU (`gpu_name`) unless it is settled there or its launch config has changed since (with force: from
+    the launch config, every entry). A variant counts only when its outputs match the launch config's (tiles
+    change code paths, not the math) and wins only when it beats the current tiles by MIN_GAIN (less is
+    noise). Returns the choices {(kernel, kind): tiles} this run found or kept, and False when the budget
+    stopped it first."""
     table = load_table(table_path)
+    mine = (gpu_name, triton_version)
     current = {}  # this GPU's entries, where the launch config is still the one they climbed from
     if not force:
         for e in table.get("tiles", []):
             pair = (e["kernel"], e["kind"])
-            fresh = e["table_tiles"] == config_tiles(*pair, torch_device)
-            if (e["device"], e["triton"]) == (gpu_name, triton_version) and fresh:
+            if tile_entry_key(e)[:2] == mine and e["table_tiles"] == config_tiles(*pair, torch_device):
                 current[pair] = e
     chosen = {pair: e["tiles"] for pair, e in current.items()}
     with tile_choices(chosen):
@@ -268,22 +284,31 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
     used = [pair for pair in configs_given() if pair[0] in TILED_KERNELS and pair[1] in dot_kinds(dtype)]
     for pair in sorted(used, key=lambda pair: (TILED_KERNELS.index(pair[0]), pair)):
         last, config = current.get(pair), config_tiles(*pair, torch_device)
-        if last is not None and last["tiles"] == last["start_tiles"]:
+        if last is not None and last["tiles"] == last.get("start_tiles"):
             continue  # settled
-        start = last["tiles"] if last is not None else config
+        start, visited = (last["tiles"] if last is not None else config), []
         chosen.pop(pair, None)
+        with tile_choices({**chosen, pair: config}):
+            reference = workloads.outputs()
+        broken = [name for name, t in reference.items() if not torch.isfinite(t).all()]
+        if broken:
+            print(f"{pair[0]} {pair[1]}: left as it is, its launch config gives a {broken[0]} that is not finite")
+            continue
         while True:
             variants = tile_neighbors(start)
             if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
                 return chosen, False
-            timed = time_tiles(workloads, pair, variants, chosen, torch_device, table_path)
+            visited.append(start)
+            timed = time_tiles(workloads, pair, variants, chosen, reference, torch_device, table_path)
             if not timed or timed[0][1] != start:
-                print(f"{pair[0]} {pair[1]}: the tiles {start} did not run; left as they are")
+                print(f"{pair[0]} {pair[1]}: the tiles {start} did not run; the launch config's stand")
+                table["tiles"] = [e for e in table.get("tiles", []) if tile_entry_key(e) != (*mine, *pair)]
+                write_table(table_path, table)
                 break
             start_ms = timed[0][0]
             best_ms, best = min(timed, key=lambda t: t[0])
-            if best_ms > start_ms * (1 - MIN_GAIN):
-                best_ms, best = start_ms, start
+            if best_ms > start_ms * (1 - MIN_GAIN) or best in visited:
+                best_ms, best = start_ms, start  # settled (a winner visited before: noise between two tiles)
             chosen[pair] = best
             entry = dict(device=gpu_name, triton=triton_version, kernel=pair[0], kind=pair[1], tiles=best,
                          median_ms=round(best_ms, 4), start_tiles=start, start_ms=round(start_ms, 4),
@@ -302,23 +327,21 @@ def tile_entry_key(entry: dict) -> tuple:
     return entry["device"], entry["triton"], entry["kernel"], entry["kind"]
 
 
-def time_tiles(workloads: GoalWorkloads, pair: tuple, variants: list, chosen: dict, torch_device: torch.device,
-               table_path: Path) -> list:
-    """[(ms, tiles)] of the variants of entry `pair` (the others as chosen) whose outputs match the first's;
+def time_tiles(workloads: GoalWorkloads, pair: tuple, variants: list, chosen: dict, reference: dict,
+               torch_device: torch.device, table_path: Path) -> list:
+    """[(ms, tiles)] of the variants of entry `pair` (the others as chosen) whose outputs match the reference;
     raises RuntimeError when a failing variant left the GPU unusable."""
-    timed, reference = [], None
+    timed = []
     for tiles in variants:
         with tile_choices({**chosen, pair: tiles}):
             try:
-                outputs = workloads.outputs()
-                wrong = differs(outputs, reference) if reference is not None else ""
+                wrong = differs(workloads.outputs(), reference)
                 if wrong:
                     print(f"  {pair[0]} {pair[1]} {tiles}: refused, {wrong}")
                     continue
-                reference = reference or outputs
                 timed.append((workload_ms(workloads.run), tiles))
             except Exception as error:  # noqa: BLE001 (tiles can exceed shared memory or registers: skip them)
-                print(f"  {pair[0]} {pair[1]} {tiles}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                print(f"  {pair[0]} {pair[1]} {tiles}: {first_line(error)}")
                 if not gpu_intact(torch_device):
                     raise RuntimeError(f"{pair[0]} {pair[1]} {tiles} left the GPU unusable; {table_path} holds "
                                        "what was done before it") from error
@@ -345,7 +368,7 @@ def sweep(launch: Launch, device: str, triton_version: str) -> dict:
         try:
             timed.append((median_launch_ms(launch, options), options))
         except Exception as error:  # noqa: BLE001 (an option can exceed shared memory or registers: skip it)
-            print(f"  {options}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            print(f"  {options}: {first_line(error)}")
     best_ms, best = min(timed, key=lambda t: t[0])
     return dict(device=device, triton=triton_version, kernel=launch.kernel.fn.__name__, dtype=launch.dtype,
                 constexprs=launch.constexprs, **best, median_ms=round(best_ms, 5), launcher_ms=round(launcher_ms, 5),
@@ -389,10 +412,12 @@ def main(argv=None) -> int:
         print(f"bench.tune: no budget left; run again to go on ({args.table} holds what is done)")
         return 0
     name, version = torch.cuda.get_device_name(), triton.__version__
+    chosen = {}  # both dtypes' tiles: the launches of each are recorded with all of them
     for dtype in DTYPES:  # tiles first: they set the grids and the constexprs that launch entries are keyed on
         goal = GoalWorkloads(dtype)
         try:
-            chosen, done = tune_tiles(goal, dtype, args.table, name, version, deadline, args.force)
+            found, done = tune_tiles(goal, dtype, args.table, name, version, deadline, args.force)
+            chosen |= found
         except RuntimeError as error:
             sys.stderr.write(f"bench.tune: {error}\n")
             return 1

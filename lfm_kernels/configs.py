@@ -240,16 +240,27 @@ def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype 
     return dict(_launch_config(kernel, state, dot_kind(compute_dtype, precision), tuple(sorted(extents.items()))))
 
 
+def table_entry(kernel: str, kind: str, family_name: str) -> dict:
+    """The launch-config table's entry for a kernel, dot kind and GPU family ("*" entries match any)."""
+    entries = _CONFIGS[kernel]
+    key = next((key for key in ((kind, family_name), (kind, "*"), ("*", family_name), ("*", "*")) if key in entries),
+               None)
+    if key is None:
+        raise KeyError(f"no launch configuration for {kernel} ({kind}, {family_name})")
+    return entries[key]
+
+
+def tunable(config: dict) -> dict:
+    """What bench.tune climbs of a launch config: its tiles (BLOCK_*), warps and stages."""
+    return {k: v for k, v in config.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict:
-    entries = _CONFIGS[kernel]
-    fam = _family(state)
-    key = next((key for key in ((kind, fam), (kind, "*"), ("*", fam), ("*", "*")) if key in entries), None)
-    if key is None:
-        raise KeyError(f"no launch configuration for {kernel} ({kind}, {fam})")
-    config = dict(entries[key], enable_fp_fusion=FP_FUSION)
-    tiles, measured_over = _chosen_tiles(state).get((kernel, kind), ({}, {}))
-    if all(config.get(name) == value for name, value in measured_over.items()):
+    entry = table_entry(kernel, kind, _family(state))
+    config = dict(entry, enable_fp_fusion=FP_FUSION)
+    tiles, measured_over = _chosen_tiles(state).get((kernel, kind), ({}, None))
+    if measured_over is None or measured_over == tunable(entry):
         config.update(tiles)  # a tuned choice holds while the table's entry is the one it was measured against
     _configs_given.add((kernel, kind))
     _, _, gpu_tiles, _ = state
@@ -295,17 +306,19 @@ def _tuned_tiles(device_name: str) -> dict:
     entry they were measured against)}."""
     import triton
 
-    return {(e["kernel"], e["kind"]): (e["tiles"], e["table_tiles"]) for e in _tuned_table().get("tiles", [])
-            if e["device"] == device_name and e["triton"] == triton.__version__}
+    mine = (device_name, triton.__version__)
+    return {(e["kernel"], e["kind"]): (e["tiles"], e.get("table_tiles", {}))
+            for e in _tuned_table().get("tiles", []) if (e["device"], e["triton"]) == mine}
 
 
 def _chosen_tiles(state: tuple) -> dict:
-    """{(kernel, dot kind): (tiles, the table's entry they replace)} over the table: tile_choices' while
-    active (over any entry), else bench.tune's winners for the GPU (none on other devices), each only while
-    the table still has the entry it was measured against (an edited table entry drops its tuned tiles)."""
+    """{(kernel, dot kind): (tiles, the table's entry they replace, None for any)} over the table:
+    tile_choices' while active (over any entry), else bench.tune's winners for the GPU (none on other
+    devices), each only while the table still has the entry it was measured against (an edited table entry
+    drops its tuned tiles)."""
     device, _, _, choices = state
     if choices is not None:
-        return {(kernel, kind): (dict(tiles), {}) for kernel, kind, tiles in choices}
+        return {(kernel, kind): (dict(tiles), None) for kernel, kind, tiles in choices}
     return _tuned_tiles(torch.cuda.get_device_name(device)) if device.type == "cuda" else {}
 
 

@@ -173,3 +173,20 @@ def test_tile_sweep_climbs_to_the_fastest_tiles_whose_outputs_match_and_launcher
     assert block["table_tiles"]["num_stages"] == 3 and block["tiles"]["num_stages"] == 5
     assert block["tiles"]["BLOCK_M"] != 256 and out.stdout.count("refused, logits differs") >= 2
     assert json.loads(out.stdout.splitlines()[-1]) == [5]  # the launchers plan with the chosen tiles
+
+
+def test_goal_outputs_are_copies_from_the_saved_state_and_leave_it_there(monkeypatch):
+    import torch
+
+    from bench import tune, workloads
+    from lfm import LFM
+
+    monkeypatch.setattr(workloads, "lfm_model",
+                        lambda dtype, device: LFM(backend="torch", random_k_weight=0.02).to(device, dtype))
+    goal = tune.GoalWorkloads(torch.float32, "cpu", batch=1, train_batch=2)
+    first, second = goal.outputs(), goal.outputs()
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    mean = "cnn.layer2.1.running_mean"
+    assert not torch.equal(first[mean], goal.state[mean])  # after the training step, not the saved statistics
+    assert torch.equal(goal.model.state_dict()[mean], goal.state[mean])  # the model is back in the saved state
+    assert "gradient of cnn.layer2.0.weight" in first and all(p.grad is None for p in goal.model.parameters())

@@ -65,7 +65,7 @@ def test_tile_choices_replace_table_entries_and_launch_plans_follow():
 
 def test_tuned_tiles_hold_only_over_the_table_entry_they_were_measured_against(monkeypatch):
     table = dict(configs._CONFIGS["snet_block"][("tf32", "*")])
-    measured_over = {k: v for k, v in table.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+    measured_over = configs.tunable(table)
     tuned = {("snet_block", "tf32"): ({"BLOCK_M": 64, "num_stages": 4}, measured_over)}
     monkeypatch.setattr(configs, "_chosen_tiles", lambda state: tuned)  # as bench.tune's table gives them on a GPU
     configs._launch_config.cache_clear()
