@@ -9,10 +9,10 @@ at batch 32 and 224x224), with CUDA events, the launchers planning their grids f
 (lfm_kernels.configs.tile_choices). A variant counts only when the outputs of a seeded inference and training
 step (logits, every gradient, the running statistics) match the launch config's within VARIANT_TOLERANCE, and
 wins only when it beats the current tiles by MIN_GAIN. The winner becomes the current tiles and the climb goes
-on from it until the current tiles win or a winner was visited before (the entry is settled); each step is written to the table, and an entry a run left
-unsettled goes on from its last winner at the next run. Then the launches: LFM's workloads (bench.workloads:
-inference at batch 1 and 256, both kinds of training step, the standalone ops) run once per dtype with the
-chosen tiles while every kernel launch is recorded through
+on from it until the current tiles win or a winner was visited before (the entry is settled); each step is
+written to the table, and an entry a run left unsettled goes on from its last winner at the next run. Then the
+launches: LFM's workloads (bench.workloads: inference at batch 1 and 256, both kinds of training step, the
+standalone ops) run once per dtype with the chosen tiles while every kernel launch is recorded through
 lfm_kernels.configs.observe_launches; each recorded launch is replayed with each of a few launch options
 (num_warps x num_stages, SWEPT_OPTIONS), which change neither the grid nor the results, and the fastest is
 written to the table next to the launcher's own time.
