@@ -185,14 +185,18 @@ class GoalWorkloads:
         return result
 
 
+def not_finite(outputs: dict) -> str:
+    """The name of the first output with a NaN or an infinity, else ""."""
+    return next((name for name, t in outputs.items() if not torch.isfinite(t).all()), "")
+
+
 def differs(outputs: dict, reference: dict) -> str:
     """The first output that is not finite or differs from the reference by more than VARIANT_TOLERANCE
     (norm-relative), as a message; "" when none does."""
+    if not_finite(outputs):
+        return f"{not_finite(outputs)} is not finite"
     for name, ref in reference.items():
-        out = outputs[name]
-        if not torch.isfinite(out).all():
-            return f"{name} is not finite"
-        error = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        error = ((outputs[name] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if error > VARIANT_TOLERANCE:
             return f"{name} differs from the launch config's by {error:.2g} (norm-relative)"
     return ""
@@ -290,10 +294,11 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
         chosen.pop(pair, None)
         with tile_choices({**chosen, pair: config}):
             reference = workloads.outputs()
-        broken = [name for name, t in reference.items() if not torch.isfinite(t).all()]
-        if broken:
-            print(f"{pair[0]} {pair[1]}: left as it is, its launch config gives a {broken[0]} that is not finite")
+        if not_finite(reference):
+            print(f"{pair[0]} {pair[1]}: left as it is, its launch config gives a {not_finite(reference)} that is "
+                  "not finite")
             continue
+        others = [e for e in table.get("tiles", []) if tile_entry_key(e) != (*mine, *pair)]
         while True:
             variants = tile_neighbors(start)
             if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
@@ -302,7 +307,7 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
             timed = time_tiles(workloads, pair, variants, chosen, reference, torch_device, table_path)
             if not timed or timed[0][1] != start:
                 print(f"{pair[0]} {pair[1]}: the tiles {start} did not run; the launch config's stand")
-                table["tiles"] = [e for e in table.get("tiles", []) if tile_entry_key(e) != (*mine, *pair)]
+                table["tiles"] = others
                 write_table(table_path, table)
                 break
             start_ms = timed[0][0]
@@ -313,8 +318,7 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
             entry = dict(device=gpu_name, triton=triton_version, kernel=pair[0], kind=pair[1], tiles=best,
                          median_ms=round(best_ms, 4), start_tiles=start, start_ms=round(start_ms, 4),
                          table_tiles=config)
-            table["tiles"] = [e for e in table.get("tiles", []) if tile_entry_key(e) != tile_entry_key(entry)]
-            table["tiles"].append(entry)
+            table["tiles"] = [*others, entry]
             write_table(table_path, table)
             print(f"{pair[0]} {pair[1]}: goal workloads {start_ms:.3f} ms with {start}, {best_ms:.3f} ms with {best}")
             if best == start:
