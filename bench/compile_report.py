@@ -10,17 +10,20 @@ bfloat16. Each distinct launch (kernel, argument types, constexprs, compile opti
 enable_fp_fusion) is compiled with triton.compile for each target. One row per launch and target, read from
 the cubin (cuobjdump): registers, stack and local memory per thread, local-memory instructions in the SASS
 (STL/LDL: spills), shared memory, the tensor-core instruction kind (HGMMA, HMMA or none), the widest wgmma
-shape (HGMMA.MxNxK), the loads that feed the pipeline (TMA: UTMALDG, cp.async: LDGSTS, else sync), the
-pipeline stages, and the CTAs and warps that fit on one SM (H100/H200 for sm_90, A100 for sm_80). Then every
-launch of LFM's float32 inference at 256x256 at each batch: its programs, the SMs they fill and its waves.
+shape (HGMMA.MxNxK), the wgmma groups kept in flight (the most a WARPGROUP.DEPBAR wait lets pend), the
+loads that feed the pipeline (TMA: UTMALDG, cp.async: LDGSTS, else sync), the pipeline stages, and the CTAs
+and warps that fit on one SM (H100/H200 for sm_90, A100 for sm_80). Then every launch of LFM's float32
+inference at 256x256 at each batch: its programs, the SMs they fill and its waves.
 
-Structure that a fast sm_90 GEMM needs is reported in the notes column, not failed: wgmma N < 64, fewer
-than 3 stages, loads not in flight (sync), spills (a few spills in a pipelined 128x128 kernel cost less than
-idle tensor cores: choose by measured speed). Exits 1 on a compile error, a kernel of lfm_kernels that no
-workload launched, an sm_90 launch with TF32 or 16-bit dots and no HGMMA, or an inference launch at batch 1
-or 8 with fewer programs than SMs; exits 2 on bad arguments. Cubins and OUT_DIR/report.json go
-to OUT_DIR (absent, empty, or holding an earlier report). Needs TRITON_INTERPRET unset (the kernels must
-be real JIT functions).
+Structure that a fast sm_90 GEMM needs is reported in the notes column, not failed: wgmma N < 64, no wgmma
+group in flight ("wgmma sync": each waited for before the next is issued, so the tensor cores idle between
+them; Triton does this to a dot whose result another dot of the same loop step reads, and ptxas to a
+pipeline it cannot keep, its C7515 advisory), fewer than 3 stages, loads not in flight (sync), spills (a few
+spills in a pipelined 128x128 kernel cost less than idle tensor cores: choose by measured speed). Exits 1 on
+a compile error, a kernel of lfm_kernels that no workload launched, an sm_90 launch with TF32 or 16-bit dots
+and no HGMMA, or an inference launch at batch 1 or 8 with fewer programs than SMs; exits 2 on bad
+arguments. Cubins and OUT_DIR/report.json go to OUT_DIR (absent, empty, or holding an earlier report). Needs
+TRITON_INTERPRET unset (the kernels must be real JIT functions).
 """
 import argparse
 import contextlib
@@ -47,6 +50,7 @@ _PTR_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*
               torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 _WGMMA_SHAPE = re.compile(r"\bHGMMA\.(\d+)x(\d+)x(\d+)")
+_WGMMA_WAIT = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
 _LOCAL_MEMORY = re.compile(r"\b(STL|LDL)\b")
 _TMA_LOAD = re.compile(r"\bUTMALDG\b")
 _ASYNC_COPY = re.compile(r"\bLDGSTS\b")
@@ -209,14 +213,19 @@ def cubin_resources(usage: str) -> dict:
 
 def sass_facts(sass: str) -> dict:
     """From the SASS: local-memory instructions (STL/LDL: spills or stack traffic), the tensor-core
-    instruction kind, the widest wgmma shape (MxNxK, "-" without HGMMA) and how loads are issued: "TMA"
-    (UTMALDG), "cp.async" (LDGSTS: asynchronous copies that a pipeline keeps in flight) or "sync"."""
+    instruction kind, the widest wgmma shape (MxNxK, "-" without HGMMA), how many wgmma groups stay in
+    flight (the most any WARPGROUP.DEPBAR wait lets pend: 0 when every group is waited for before the next is
+    issued, whether Triton made the dot synchronous or ptxas serialized it; "-" without HGMMA) and how loads
+    are issued: "TMA" (UTMALDG), "cp.async" (LDGSTS: asynchronous copies that a pipeline keeps in flight) or
+    "sync"."""
     kinds = set(_MMA.findall(sass))
     shapes = {tuple(map(int, m)) for m in _WGMMA_SHAPE.findall(sass)}
     widest = max(shapes, key=lambda s: (s[1], s[0], s[2])) if shapes else None
+    waits = [int(n, 0) for n in _WGMMA_WAIT.findall(sass)]
     return {"local_ops": len(_LOCAL_MEMORY.findall(sass)),
             "mma": "HGMMA" if "HGMMA" in kinds else "HMMA" if kinds else "none",
             "wgmma": "x".join(map(str, widest)) if widest else "-",
+            "in_flight": max(waits, default=0) if widest else "-",
             "loads": "TMA" if _TMA_LOAD.search(sass) else "cp.async" if _ASYNC_COPY.search(sass) else "sync"}
 
 
@@ -249,8 +258,11 @@ def structure_notes(row: dict) -> list:
     if row["target"] == "sm_90" and on_tensor_cores(row):
         if row["mma"] != "HGMMA":
             notes.append("no HGMMA")
-        elif int(row["wgmma"].split("x")[1]) < MIN_WGMMA_N:
-            notes.append(f"N<{MIN_WGMMA_N}")
+        else:
+            if int(row["wgmma"].split("x")[1]) < MIN_WGMMA_N:
+                notes.append(f"N<{MIN_WGMMA_N}")
+            if row["in_flight"] == 0:
+                notes.append("wgmma sync")
         if row["stages"] < MIN_STAGES:
             notes.append(f"stages<{MIN_STAGES}")
         if row["loads"] == "sync":
@@ -329,7 +341,8 @@ def eval_waves(rows: list, keys: dict, targets: list) -> list:
 
 
 COLUMNS = (("kernel", 28), ("variant", 13), ("target", 6), ("dot", 6), ("regs", 4), ("stack", 5), ("local", 5),
-           ("local_ops", 9), ("shared", 6), ("mma", 5), ("wgmma", 9), ("loads", 8), ("stages", 6), ("warps", 5),
+           ("local_ops", 9), ("shared", 6), ("mma", 5), ("wgmma", 9), ("in_flight", 9),
+           ("loads", 8), ("stages", 6), ("warps", 5),
            ("ctas_per_sm", 11), ("notes", 0))
 _LEFT = {"kernel", "variant", "target", "dot", "mma", "wgmma", "loads", "notes"}
 

@@ -38,13 +38,14 @@ AUTO_TABLE = Path(__file__).with_name("auto_backend.json")
 
 _CONFIGS = {
     # The SNet blocks' implicit GEMM (conv2x2.conv_tile): [BLOCK_M pixels (BLOCK_M // 4 whole pool windows),
-    # BLOCK_CO channels] accumulator, K in steps of BLOCK_CI channels x 4 taps, num_stages steps in flight
-    # (each step's 4 A and 4 B tiles take shared memory: BLOCK_CI is what keeps 3 stages within sm_90's
-    # 228 KB). 128-row tiles with N = 128 give wide wgmma; full-float32 ("ieee") dots run on FMA units.
+    # BLOCK_CO channels] accumulator, K in steps of 4 taps x BLOCK_CI channels (one dot each), num_stages steps
+    # in flight (each step's A and B tiles take shared memory: BLOCK_CI is what keeps 3 stages within sm_90's
+    # 228 KB). 128-row tiles with N = 128 give wide wgmma; full-float32 ("ieee") dots run on FMA units, which
+    # hold a dot's operands in registers: K = 16 a step (BLOCK_CI = 4) keeps them there on sm_80.
     "snet_block": {
         ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=128, num_warps=8, num_stages=3),
         ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=128, num_warps=8, num_stages=3),
-        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=64, num_warps=4, num_stages=2),
+        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=4, BLOCK_CO=64, num_warps=4, num_stages=2),
     },
     # The stem: float32 FMAs over K = 12 (no dot), bound by its output bytes; 32 windows x 64 channels.
     "snet_stem": {("*", "*"): dict(BLOCK_M=128, BLOCK_CO=64, num_warps=4, num_stages=1)},
@@ -52,7 +53,7 @@ _CONFIGS = {
     "snet_block_bwd": {
         ("16-bit", "*"): dict(BLOCK_M=128, BLOCK_CI=32, BLOCK_CO=64, num_warps=8, num_stages=3),
         ("tf32", "*"): dict(BLOCK_M=128, BLOCK_CI=16, BLOCK_CO=64, num_warps=8, num_stages=3),
-        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=16, BLOCK_CO=32, num_warps=4, num_stages=2),
+        ("ieee", "*"): dict(BLOCK_M=64, BLOCK_CI=4, BLOCK_CO=32, num_warps=4, num_stages=2),
     },
     # Memory-bound passes over a stored conv map (training): BatchNorm + ReLU + pool of the forward, and the
     # backward's pass from the output gradient to d(conv out). Rows are contiguous runs of channels.
@@ -64,16 +65,17 @@ _CONFIGS = {
     "snet_stem_wgrad": {("*", "*"): dict(BLOCK_M=256, BLOCK_CO=64, num_warps=8, num_stages=1)},
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
     # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
-    # BLOCK_C4 = 64 keeps them in registers.
+    # BLOCK_C4 = 64 keeps them in registers. TF32: K steps of 32 (4 stages) leave the load addresses room
+    # there too (64-wide steps spilled 112-120 bytes under triton 3.9).
     "snet_head": {
         ("16-bit", "*"): dict(BLOCK_P=128, BLOCK_CI=32, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
-        ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=16, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
-        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
+        ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=8, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=4),
+        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=4, BLOCK_C4=32, BLOCK_CS=64, num_warps=4, num_stages=2),
     },
-    # d(conv input): the implicit GEMM [BLOCK_P pixels, BLOCK_CI] over K = BLOCK_CO x 4 taps; K steps of 16
-    # keep 3 stages of 4 float32 A and B tiles within sm_90's 228 KB.
+    # d(conv input): the implicit GEMM [BLOCK_P pixels, BLOCK_CI] over K = 4 taps x BLOCK_CO a step; K steps of
+    # 64 keep 3 stages of float32 A and B tiles within sm_90's 228 KB (full float32: 16, as the blocks).
     "conv2x2_dx": {
-        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_CO=16, num_warps=4, num_stages=2),
+        ("ieee", "*"): dict(BLOCK_P=64, BLOCK_CI=64, BLOCK_CO=4, num_warps=4, num_stages=2),
         ("*", "*"): dict(BLOCK_P=128, BLOCK_CI=128, BLOCK_CO=16, num_warps=8, num_stages=3),
     },
     # d(conv weight): [BLOCK_CO, BLOCK_CI] per tap, K = positions in steps of BLOCK_P, split-K over positions
@@ -234,7 +236,8 @@ def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype 
                   precision: str = "tf32", **extents) -> dict:
     """The launch of `kernel` on `device` with operands computed in `compute_dtype`: a copy of the table's
     entry, each BLOCK_<NAME> given an extent fitted to it (a power of 2 covering it, at least 16 for tl.dot,
-    at most the table's cap, 4x that under the interpreter's tiles), the interpreter's row tile under the
+    at most the table's cap, 4x that under the interpreter's tiles: a cap under 16 is a block that a dot's K
+    holds 4 of, the conv taps), the interpreter's row tile under the
     interpreter, and the fp-fusion choice. Memoized: launchers call it on every launch."""
     state = policy_state(device)
     return dict(_launch_config(kernel, state, dot_kind(compute_dtype, precision), tuple(sorted(extents.items()))))

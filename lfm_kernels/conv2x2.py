@@ -69,30 +69,37 @@ def conv_rows(n_rows, OH, OW, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
 def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of images b: an implicit
-    GEMM with K = Cin blocks x 4 taps. x is NHWC (B, H, W, Cin) contiguous, so each tap's A tile is
-    BLOCK_M rows of BLOCK_CI contiguous channels at a constant shift of the row's pixel (vector loads the
-    pipeliner can put in flight); w is the packed (4, Cin, Cout) B operand (packed_weight), whose dtype
-    operands are rounded to. With NPR, the A tile is |x - x[2*(i//2), 2*(j//2)]| taken in x's dtype."""
+    GEMM with K = Cin blocks x 4 taps. Each step is one dot over K = 4 taps x BLOCK_CI channels: x is NHWC
+    (B, H, W, Cin) contiguous, so the A tile's columns are 4 runs of BLOCK_CI contiguous channels, each at
+    its tap's constant shift of the row's pixel (vector loads the pipeliner puts in flight); w is the
+    packed (4, Cin, Cout) B operand (packed_weight), whose dtype operands are rounded to. One dot per step,
+    its accumulator carried by the loop alone, is what lets sm_90's wgmma run asynchronously (a dot whose
+    result feeds another dot of the same step waits for it). With NPR, the A tile is
+    |x - x[2*(i//2), 2*(j//2)]| taken in x's dtype."""
     image = b.to(tl.int64) * H * W * Cin
     pixel = image + (r * W + c).to(tl.int64) * Cin
+    k = tl.arange(0, 4 * BLOCK_CI)
+    ky = k // BLOCK_CI // 2
+    kx = k // BLOCK_CI % 2
+    channel = k % BLOCK_CI
+    shift = (ky * W + kx) * Cin
     operand = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
     for ci0 in range(0, Cin, BLOCK_CI):
-        ci = ci0 + tl.arange(0, BLOCK_CI)
+        ci = ci0 + channel
         ci_live = ci < Cin
         ok = live[:, None] & ci_live[None, :]
-        for tap in tl.static_range(4):
-            ky = tap // 2
-            kx = tap % 2
-            a = tl.load(x_ptr + (pixel + (ky * W + kx) * Cin)[:, None] + ci[None, :], mask=ok, other=0.0)
-            if NPR:
-                anchor = image + (((r + ky) // 2 * 2) * W + (c + kx) // 2 * 2).to(tl.int64) * Cin
-                a0 = tl.load(x_ptr + anchor[:, None] + ci[None, :], mask=ok, other=0.0)
-                a = tl.abs(a.to(tl.float32) - a0.to(tl.float32))
-            w = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
-                        mask=ci_live[:, None] & co_live[None, :], other=0.0)
-            acc = tl.dot(dot_operand(a, operand, DOT_DTYPE), dot_operand(w, operand, DOT_DTYPE), acc,
-                         input_precision=PRECISION)
+        a = tl.load(x_ptr + pixel[:, None] + (shift + ci)[None, :], mask=ok, other=0.0)
+        if NPR:
+            anchor_row = (r[:, None] + ky[None, :]) // 2 * 2
+            anchor_col = (c[:, None] + kx[None, :]) // 2 * 2
+            anchor = image[:, None] + (anchor_row * W + anchor_col).to(tl.int64) * Cin + ci[None, :]
+            a0 = tl.load(x_ptr + anchor, mask=ok, other=0.0)
+            a = tl.abs(a.to(tl.float32) - a0.to(tl.float32))
+        w = tl.load(w_ptr + ((k // BLOCK_CI) * Cin + ci)[:, None] * Cout + co[None, :],
+                    mask=ci_live[:, None] & co_live[None, :], other=0.0)
+        acc = tl.dot(dot_operand(a, operand, DOT_DTYPE), dot_operand(w, operand, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
     return acc
 
 
@@ -123,21 +130,27 @@ def _conv2x2_dx_kernel(
     ci_live = ci < Cin
     Hc = H - 1
     Wc = W - 1
+    # One dot per step over K = 4 taps x BLOCK_CO channels (async wgmma on sm_90, see conv_tile): column k
+    # reads tap k // BLOCK_CO, whose dz row is the pixel's own conv-map row shifted back by the tap.
+    k = tl.arange(0, 4 * BLOCK_CO)
+    ky = k // BLOCK_CO // 2
+    kx = k // BLOCK_CO % 2
+    channel = k % BLOCK_CO
+    r = i[:, None] - ky[None, :]
+    c = j[:, None] - kx[None, :]
+    inside = live[:, None] & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
+    row = ((b.to(tl.int64) * Hc + i) * Wc + j) * Cout
+    shift = (ky * Wc + kx) * Cout
     operand = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
     for co0 in range(0, Cout, BLOCK_CO):
-        co = co0 + tl.arange(0, BLOCK_CO)
+        co = co0 + channel
         co_live = co < Cout
-        for tap in tl.static_range(4):
-            r = i - tap // 2
-            c = j - tap % 2
-            ok = live & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
-            at = ((b.to(tl.int64) * Hc + r) * Wc + c) * Cout
-            d = tl.load(dz_ptr + at[:, None] + co[None, :], mask=ok[:, None] & co_live[None, :], other=0.0)
-            wt = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + ci[None, :],
-                         mask=co_live[:, None] & ci_live[None, :], other=0.0)
-            acc = tl.dot(dot_operand(d, operand, DOT_DTYPE), dot_operand(wt, operand, DOT_DTYPE), acc,
-                         input_precision=PRECISION)
+        d = tl.load(dz_ptr + row[:, None] + (co - shift)[None, :], mask=inside & co_live[None, :], other=0.0)
+        wt = tl.load(w_ptr + ((k // BLOCK_CO) * Cout + co)[:, None] * Cin + ci[None, :],
+                     mask=co_live[:, None] & ci_live[None, :], other=0.0)
+        acc = tl.dot(dot_operand(d, operand, DOT_DTYPE), dot_operand(wt, operand, DOT_DTYPE), acc,
+                     input_precision=PRECISION)
     at = (b.to(tl.int64) * sdb + i * sdh + j * sdw)[:, None] + ci[None, :] * sdc
     tl.store(dx_ptr + at, acc.to(dx_ptr.dtype.element_ty), mask=live[:, None] & ci_live[None, :])
 

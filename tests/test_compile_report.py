@@ -18,6 +18,7 @@ SASS = """
         /*0100*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR6][R2.64] ;
         /*0110*/                   HGMMA.64x32x8.F32.TF32 R24, gdesc[UR4], RZ, !UPT ;
         /*0120*/                   HGMMA.64x128x8.F32.TF32 R24, gdesc[UR8], R24 ;
+        /*0128*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0130*/                   STL.64 [R1+0x8], R24 ;
         /*0140*/                   LDL.64 R24, [R1+0x8] ;
         /*0150*/                   LDL R26, [R1+0x10] ;
@@ -27,9 +28,14 @@ SASS = """
 def test_sass_facts_read_the_widest_wgmma_the_loads_and_the_spills():
     from bench.compile_report import sass_facts
 
-    assert sass_facts(SASS) == {"local_ops": 3, "mma": "HGMMA", "wgmma": "64x128x8", "loads": "cp.async"}
+    assert sass_facts(SASS) == {"local_ops": 3, "mma": "HGMMA", "wgmma": "64x128x8", "in_flight": 1,
+                                "loads": "cp.async"}
     tma = "UTMALDG.2D [UR8], [UR4] ;\nLDGSTS.E [R5], [R2.64] ;\nHMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
-    assert sass_facts(tma) == {"local_ops": 0, "mma": "HMMA", "wgmma": "-", "loads": "TMA"}
+    assert sass_facts(tma) == {"local_ops": 0, "mma": "HMMA", "wgmma": "-", "in_flight": "-", "loads": "TMA"}
+    # Every wgmma group waited for before the next is issued (a dot Triton made synchronous, or one ptxas
+    # serialized): nothing in flight.
+    serialized = SASS.replace("0x1 ;", "0x0 ;") + "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+    assert sass_facts(serialized)["in_flight"] == 0
     assert sass_facts("LDG.E R2, [R4.64] ;\nFFMA R3, R2, R2, R3 ;")["loads"] == "sync"
 
 
@@ -46,7 +52,7 @@ def test_resources_and_occupancy():
 
 def _row(**fields):
     row = {"kernel": "_k", "variant": "fp32-tf32.1", "target": "sm_90", "dot": "tf32", "stages": 3, "stack": 0,
-           "local": 0, "local_ops": 0, "mma": "HGMMA", "wgmma": "64x128x8", "loads": "cp.async"}
+           "local": 0, "local_ops": 0, "mma": "HGMMA", "wgmma": "64x128x8", "in_flight": 1, "loads": "cp.async"}
     return row | fields
 
 
@@ -54,14 +60,14 @@ def test_structure_is_reported_and_only_a_missing_wgmma_fails():
     from bench.compile_report import row_failure, structure_notes
 
     assert structure_notes(_row()) == [] and row_failure(_row()) is None
-    narrow = _row(wgmma="64x32x8", stages=1, loads="sync", local_ops=4)
-    assert structure_notes(narrow) == ["N<64", "stages<3", "sync loads", "spills"]
+    narrow = _row(wgmma="64x32x8", in_flight=0, stages=1, loads="sync", local_ops=4)
+    assert structure_notes(narrow) == ["N<64", "wgmma sync", "stages<3", "sync loads", "spills"]
     assert row_failure(narrow) is None  # spills and a narrow, unpipelined GEMM are reported, not failed
     assert row_failure(_row(mma="HMMA", wgmma="-")) == "tf32 dots without HGMMA on sm_90"
     assert row_failure(_row(dot="16-bit", mma="none", wgmma="-")) is not None
     # Full-float32 dots run on FMA units, and sm_80 has no wgmma: neither needs HGMMA nor gets GEMM notes.
     assert row_failure(_row(dot="ieee", mma="none", wgmma="-")) is None
-    assert structure_notes(_row(target="sm_80", mma="HMMA", wgmma="-", stages=1, loads="sync")) == []
+    assert structure_notes(_row(target="sm_80", mma="HMMA", wgmma="-", in_flight="-", stages=1, loads="sync")) == []
     assert row_failure({"error": "boom"}) == "compile error: boom"
     # The scoring's GEMMs are held to it as the convs are.
     scoring = _row(kernel="_score_topk_dfeat_kernel", mma="HMMA", wgmma="-")
@@ -123,6 +129,7 @@ def test_one_gemm_launch_of_a_real_forward_compiles_for_sm_90(tmp_path):
     assert (row["dot"], row["mma"], row["target"]) == ("16-bit", "HGMMA", "sm_90")
     m, n, k = map(int, row["wgmma"].split("x"))
     assert m == 64 and k == 16 and n % 8 == 0 and 8 <= n <= 256
+    assert row["in_flight"] >= 1  # the block-4 conv's K loop keeps a wgmma group in flight (one dot per step)
     assert row["warps"] == int(meta["num_warps"]) and row["stages"] == int(meta["num_stages"])
     assert 0 < row["regs"] <= 255 and row["ctas_per_sm"] >= 1
     assert (tmp_path / "_snet_head_partial_kernel-bf16.1-sm_90.cubin").stat().st_size > 0
