@@ -13,10 +13,15 @@ import triton.language as tl
 from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import cdiv, launch, launch_config
+from .conv2x2 import packed_weight
 from .precision import check_conv_dtypes, check_kernel_dtype, check_precision, conv_input, dot_args, resolve_precision
 from .randomness import check_drop, draw_seed, dropout_scale
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
+
+# packed_weight's order of a (Cout, Cin, 1, 1) scoring weight: the (Cin, Cout) operand (snet_head's B operand,
+# the feature gradient's A operand).
+SCORE_OPERAND = (1, 0, 2, 3)
 
 
 def score_topk_reference(feat, weight, k, *, drop=None, training=False, return_indices=False):
@@ -68,7 +73,9 @@ def _score_topk_dfeat_kernel(
     """Backward to feat. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cin, BLOCK_CI)).
 
     dfeat[b, ci, p] = sum_co weight[co, ci] * dscore[b, co, p]: reads the sparse-in-content
-    dscore (B, Cout, H*W) that scatter_rows built and weight, writes contiguous dfeat.
+    dscore (B, Cout, H*W) that scatter_rows built and the weight (through strides swo, swi), both in the
+    operand dtype already (no tile converted in registers on its way to the dot: half the bytes of a float32
+    dscore in 16-bit); writes contiguous dfeat.
     """
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,13 +161,16 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
-    dscore = torch.ops.lfm.scatter_rows(grad.float(), idx, keep, scale, [B, Cout, H, W])
+    # Both GEMM operands in feat's dtype (the kernel would round them to it): dscore rounded once as it is
+    # scattered, the weight packed as (Cin, Cout).
+    dscore = torch.ops.lfm.scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, H, W])
+    operand = packed_weight(weight, feat.dtype, SCORE_OPERAND)
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
     tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
                           BLOCK_CO=Cout)
     if B:
         launch(_score_topk_dfeat_kernel, (B, cdiv(N, tiles["BLOCK_N"]), cdiv(Cin, tiles["BLOCK_CI"])),
-               dscore, weight, dfeat, Cout, Cin, N, weight.stride(0), weight.stride(1), **tiles,
+               dscore, operand, dfeat, Cout, Cin, N, operand.stride(0), operand.stride(1), **tiles,
                **dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)

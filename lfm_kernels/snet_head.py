@@ -23,7 +23,7 @@ from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, po
 from .conv2x2 import conv_tile, dot_operand, packed_weight
 from .precision import check_conv_dtypes, conv_input, gemm_dot_args, resolve_precision
 from .randomness import check_drop
-from .score_topk import score_topk
+from .score_topk import SCORE_OPERAND, score_topk
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, select_chunks, sortable_key, write_candidates
 from .snet_block import (
     _check_block,
@@ -134,9 +134,6 @@ def _snet_head_partial_kernel(
 # ---------------------------------------------------------------------------------------------
 # Op
 # ---------------------------------------------------------------------------------------------
-SCORE_OPERAND = (1, 0, 2, 3)  # packed_weight's order of the (CS, C4, 1, 1) scoring weight: the (C4, CS) B operand
-
-
 def _head_splits(tiles, programs, C4, target):
     """(n_splits, c4_per_split): how the head splits C4 so that every SM has a program at small batch (at
     most one split per channel block; BLOCK_C4 halves, down to 16, where that is not enough). One split,
