@@ -79,11 +79,12 @@ _CONFIGS = {
         ("*", "*"): dict(BLOCK_P=128, BLOCK_CI=128, BLOCK_CO=16, num_warps=8, num_stages=3),
     },
     # d(conv weight): [BLOCK_CO, BLOCK_CI] per tap, K = positions in steps of BLOCK_P, split-K over positions
-    # (at most MAX_SPLITS partials, summed in a fixed order).
+    # (at most MAX_SPLITS partials, summed in a fixed order). 16-bit: one warpgroup a program, as triton 3.6's
+    # ptxas serializes the 128x128 tile's wgmma at 8 warps (its C7515 advisory) and keeps it in flight at 4.
     "conv2x2_dw": {
         ("ieee", "*"): dict(BLOCK_P=32, BLOCK_CI=64, BLOCK_CO=64, MAX_SPLITS=64, num_warps=4, num_stages=2),
         ("tf32", "*"): dict(BLOCK_P=32, BLOCK_CI=128, BLOCK_CO=128, MAX_SPLITS=64, num_warps=8, num_stages=4),
-        ("16-bit", "*"): dict(BLOCK_P=64, BLOCK_CI=128, BLOCK_CO=128, MAX_SPLITS=64, num_warps=8, num_stages=3),
+        ("16-bit", "*"): dict(BLOCK_P=64, BLOCK_CI=128, BLOCK_CO=128, MAX_SPLITS=64, num_warps=4, num_stages=3),
     },
     # Scoring + Top-K candidates: [BLOCK_CO, BLOCK_N positions] score tile; full-float32 dots: narrower K.
     "score_topk_chunk": {

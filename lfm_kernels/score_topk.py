@@ -66,28 +66,31 @@ def _score_topk_chunk_kernel(
 
 @triton.jit
 def _score_topk_dfeat_kernel(
-    ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, swo, swi,
+    ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, sdn, swo, swi,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Backward to feat. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cin, BLOCK_CI)).
 
     dfeat[b, ci, p] = sum_co weight[co, ci] * dscore[b, co, p]: reads the sparse-in-content
-    dscore (B, Cout, H*W) that scatter_rows built and the weight (through strides swo, swi), both in the
-    operand dtype already (no tile converted in registers on its way to the dot: half the bytes of a float32
-    dscore in 16-bit); writes contiguous dfeat.
+    dscore (B, Cout, rows of sdn >= H*W) that scatter_rows built and the weight (through strides swo, swi),
+    both in the operand dtype already (no tile converted in registers on its way to the dot: half the bytes
+    of a float32 dscore in 16-bit); writes contiguous dfeat. Rows of a multiple of 16 positions start
+    16-byte aligned, so that 16-bit dscore tiles load as asynchronous copies and sm_90's wgmma stays in
+    flight (with rows of H*W, unaligned in general, Triton copies them through registers and waits on each).
     """
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     col_live = cols < N
+    row_live = cols < sdn  # a row's padding holds zeros: masked by the row, its loads stay whole vectors
     ci_live = ci < Cin
     acc = tl.zeros([BLOCK_CI, BLOCK_N], dtype=tl.float32)
     for co0 in range(0, Cout, BLOCK_CO):
         co = co0 + tl.arange(0, BLOCK_CO)
         co_live = co < Cout
-        ds = tl.load(ds_ptr + (b.to(tl.int64) * Cout + co[:, None]) * N + cols[None, :],
-                     mask=co_live[:, None] & col_live[None, :], other=0.0)
+        ds = tl.load(ds_ptr + (b.to(tl.int64) * Cout + co[:, None]) * sdn + cols[None, :],
+                     mask=co_live[:, None] & row_live[None, :], other=0.0)
         wt = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi,
                      mask=ci_live[:, None] & co_live[None, :], other=0.0)
         acc = tl.dot(wt.to(OPERAND_DTYPE).to(DOT_DTYPE), ds.to(OPERAND_DTYPE).to(DOT_DTYPE), acc,
@@ -163,14 +166,14 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
     # Both GEMM operands in feat's dtype (the kernel would round them to it): dscore rounded once as it is
     # scattered, the weight packed as (Cin, Cout).
-    dscore = torch.ops.lfm.scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, H, W])
+    dscore = torch.ops.lfm.scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, cdiv(N, 16) * 16])
     operand = packed_weight(weight, feat.dtype, SCORE_OPERAND)
     dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
     tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
                           BLOCK_CO=Cout)
     if B:
         launch(_score_topk_dfeat_kernel, (B, cdiv(N, tiles["BLOCK_N"]), cdiv(Cin, tiles["BLOCK_CI"])),
-               dscore, operand, dfeat, Cout, Cin, N, operand.stride(0), operand.stride(1), **tiles,
+               dscore, operand, dfeat, Cout, Cin, N, dscore.shape[-1], operand.stride(0), operand.stride(1), **tiles,
                **dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)
