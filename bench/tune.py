@@ -45,6 +45,7 @@ from lfm_kernels.configs import (
     configs_given,
     family,
     json_constexprs,
+    smallest_block,
     table_entry,
     tile_choices,
     tunable,
@@ -235,13 +236,13 @@ def config_tiles(kernel: str, kind: str, device) -> dict:
         return None
 
 
-def tile_neighbors(tiles: dict) -> list:
-    """tiles, then each variant one step away: a BLOCK_* doubled or halved (not under 16, tl.dot's least), one
-    pipeline stage more or fewer (STAGES), twice or half the warps (WARPS)."""
+def tile_neighbors(kernel: str, tiles: dict) -> list:
+    """tiles, then each variant one step away: a BLOCK_* doubled or halved (not under configs.smallest_block),
+    one pipeline stage more or fewer (STAGES), twice or half the warps (WARPS)."""
     variants = [dict(tiles)]
     for name, value in tiles.items():
         if name.startswith("BLOCK_"):
-            steps, bounds = (value * 2, value // 2), (16, 1 << 30)
+            steps, bounds = (value * 2, value // 2), (smallest_block(kernel, name), 1 << 30)
         elif name == "num_stages":
             steps, bounds = (value + 1, value - 1), STAGES
         elif name == "num_warps":
@@ -300,7 +301,7 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
             continue
         others = [e for e in table.get("tiles", []) if tile_entry_key(e) != (*mine, *pair)]
         while True:
-            variants = tile_neighbors(start)
+            variants = tile_neighbors(pair[0], start)
             if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
                 return chosen, False
             visited.append(start)

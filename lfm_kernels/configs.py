@@ -65,8 +65,8 @@ _CONFIGS = {
     "snet_stem_wgrad": {("*", "*"): dict(BLOCK_M=256, BLOCK_CO=64, num_warps=8, num_stages=1)},
     # Block 4 + scoring: the block-4 GEMM tile [BLOCK_P positions, BLOCK_C4] (conv2x2.conv_tile) feeds the
     # scoring GEMM [BLOCK_P, BLOCK_CS] on chip; C4 blocks one after another. Two accumulators live at once:
-    # BLOCK_C4 = 64 keeps them in registers. TF32: K steps of 32 (4 stages) leave the load addresses room
-    # there too (64-wide steps spilled 112-120 bytes under triton 3.9).
+    # BLOCK_C4 = 64 keeps them in registers. TF32: K steps of 32 (4 stages) leave the load addresses more room
+    # (steps of 64 spilled 112-120 bytes under triton 3.9, 32-56 at 32; 0-8 under triton 3.6).
     "snet_head": {
         ("16-bit", "*"): dict(BLOCK_P=128, BLOCK_CI=32, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=3),
         ("tf32", "*"): dict(BLOCK_P=128, BLOCK_CI=8, BLOCK_C4=64, BLOCK_CS=64, num_warps=8, num_stages=4),
@@ -104,6 +104,11 @@ _CONFIGS = {
     "npr_residual": {("*", "*"): dict(BLOCK=512, num_warps=4, num_stages=3)},
 }
 _CONFIGS["snet_block_stats"] = _CONFIGS["snet_block"]  # training statistics: the same GEMM, a reduction epilogue
+
+# Channel blocks of the 2x2 convs' K steps (conv2x2.conv_tile, the input gradient): one dot takes the 4 taps of
+# the block, so a block of 4 already gives tl.dot its least K of 16. Every other BLOCK_* is a dot's extent.
+_TAP_BLOCKS = {("snet_block", "BLOCK_CI"), ("snet_block_stats", "BLOCK_CI"), ("snet_block_bwd", "BLOCK_CI"),
+               ("snet_head", "BLOCK_CI"), ("conv2x2_dx", "BLOCK_CO")}
 
 # Floating-point fusion (a*b+c as one FMA, rounded once) for every launch, passed explicitly so that a new
 # Triton default cannot change our numerics silently.
@@ -236,9 +241,8 @@ def dot_kind(compute_dtype: torch.dtype, precision: str = "tf32") -> str:
 def launch_config(kernel: str, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                   precision: str = "tf32", **extents) -> dict:
     """The launch of `kernel` on `device` with operands computed in `compute_dtype`: a copy of the table's
-    entry, each BLOCK_<NAME> given an extent fitted to it (a power of 2 covering it, at least 16 for tl.dot,
-    at most the table's cap, 4x that under the interpreter's tiles: a cap under 16 is a block that a dot's K
-    holds 4 of, the conv taps), the interpreter's row tile under the
+    entry, each BLOCK_<NAME> given an extent fitted to it (a power of 2 covering it, at least smallest_block,
+    at most the table's cap, 4x that under the interpreter's tiles), the interpreter's row tile under the
     interpreter, and the fp-fusion choice. Memoized: launchers call it on every launch."""
     state = policy_state(device)
     return dict(_launch_config(kernel, state, dot_kind(compute_dtype, precision), tuple(sorted(extents.items()))))
@@ -252,6 +256,12 @@ def table_entry(kernel: str, kind: str, family_name: str) -> dict:
     if key is None:
         raise KeyError(f"no launch configuration for {kernel} ({kind}, {family_name})")
     return entries[key]
+
+
+def smallest_block(kernel: str, name: str) -> int:
+    """The least a BLOCK_* of `kernel` may be: 16, tl.dot's least K (and M, N), or 4 for a conv's channel block,
+    whose 4 taps make one dot's K."""
+    return 4 if (kernel, name) in _TAP_BLOCKS else 16
 
 
 def tunable(config: dict) -> dict:
@@ -274,7 +284,7 @@ def _launch_config(kernel: str, state: tuple, kind: str, extents: tuple) -> dict
         config[rows] = size
     for name, extent in extents:
         cap = config[name] * 4 if interpreter_sized else config[name]
-        config[name] = min(cap, max(16, 1 << (extent - 1).bit_length()))
+        config[name] = min(cap, max(smallest_block(kernel, name), 1 << (extent - 1).bit_length()))
     return config
 
 

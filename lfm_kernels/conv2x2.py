@@ -75,7 +75,7 @@ def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl
     packed (4, Cin, Cout) B operand (packed_weight), whose dtype operands are rounded to. One dot per step,
     its accumulator carried by the loop alone, is what lets sm_90's wgmma run asynchronously (a dot whose
     result feeds another dot of the same step waits for it). With NPR, the A tile is
-    |x - x[2*(i//2), 2*(j//2)]| taken in x's dtype."""
+    |x - x[2*(i//2), 2*(j//2)]|, taken in float32 from x's values and rounded to the operand dtype."""
     image = b.to(tl.int64) * H * W * Cin
     pixel = image + (r * W + c).to(tl.int64) * Cin
     k = tl.arange(0, 4 * BLOCK_CI)

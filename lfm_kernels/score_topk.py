@@ -14,7 +14,15 @@ from .backend import batch_folding_vmap, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import cdiv, launch, launch_config
 from .conv2x2 import packed_weight
-from .precision import check_conv_dtypes, check_kernel_dtype, check_precision, conv_input, dot_args, resolve_precision
+from .precision import (
+    check_conv_dtypes,
+    check_kernel_dtype,
+    check_precision,
+    conv_input,
+    dot_args,
+    gemm_dot_args,
+    resolve_precision,
+)
 from .randomness import check_drop, draw_seed, dropout_scale
 from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
@@ -67,8 +75,8 @@ def _score_topk_chunk_kernel(
 @triton.jit
 def _score_topk_dfeat_kernel(
     ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, sdn, swo, swi,
-    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Backward to feat. Grid: (B, cdiv(H*W, BLOCK_N), cdiv(Cin, BLOCK_CI)).
 
@@ -93,8 +101,7 @@ def _score_topk_dfeat_kernel(
                      mask=co_live[:, None] & row_live[None, :], other=0.0)
         wt = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi,
                      mask=ci_live[:, None] & co_live[None, :], other=0.0)
-        acc = tl.dot(wt.to(OPERAND_DTYPE).to(DOT_DTYPE), ds.to(OPERAND_DTYPE).to(DOT_DTYPE), acc,
-                     input_precision=PRECISION)
+        acc = tl.dot(wt.to(DOT_DTYPE), ds.to(DOT_DTYPE), acc, input_precision=PRECISION)
     tl.store(dfeat_ptr + (b.to(tl.int64) * Cin + ci[:, None]) * N + cols[None, :],
              acc.to(dfeat_ptr.dtype.element_ty), mask=ci_live[:, None] & col_live[None, :])
 
@@ -174,7 +181,7 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     if B:
         launch(_score_topk_dfeat_kernel, (B, cdiv(N, tiles["BLOCK_N"]), cdiv(Cin, tiles["BLOCK_CI"])),
                dscore, operand, dfeat, Cout, Cin, N, dscore.shape[-1], operand.stride(0), operand.stride(1), **tiles,
-               **dot_args(feat.dtype, precision))
+               **gemm_dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)
     launch(_score_topk_dweight_kernel, (Cout, cdiv(Cin, tiles["BLOCK_CI"])),

@@ -73,8 +73,13 @@ def test_tile_neighbors_step_each_choice_once_within_bounds():
     from bench.tune import tile_neighbors
 
     base = dict(BLOCK_M=128, BLOCK_CI=16, num_warps=8, num_stages=2)
-    assert tile_neighbors(base) == [base, {**base, "BLOCK_M": 256}, {**base, "BLOCK_M": 64}, {**base, "BLOCK_CI": 32},
-                                    {**base, "num_warps": 4}, {**base, "num_stages": 3}]
+    assert tile_neighbors("score_topk_dfeat", base) == [
+        base, {**base, "BLOCK_M": 256}, {**base, "BLOCK_M": 64}, {**base, "BLOCK_CI": 32}, {**base, "num_warps": 4},
+        {**base, "num_stages": 3}]
+    # A conv's channel block is a quarter of its dot's K: it may step down to 4, not under.
+    conv = tile_neighbors("snet_block", dict(BLOCK_CI=8, num_warps=4, num_stages=2))
+    assert [v["BLOCK_CI"] for v in conv] == [8, 16, 4, 8, 8]
+    assert [v["BLOCK_CI"] for v in tile_neighbors("snet_block", dict(BLOCK_CI=4))] == [4, 8]
 
 
 TILE_SWEEP_ON_STUBBED_WORKLOADS = """

@@ -29,7 +29,8 @@ def test_launch_config_fits_tiles_to_extents_within_the_table_cap():
                                       BLOCK_CO=40)
         large = configs.launch_config("snet_block", torch.device("cpu"), torch.float32, "tf32", BLOCK_CI=512,
                                       BLOCK_CO=512)
-    assert (small["BLOCK_CI"], small["BLOCK_CO"]) == (16, 64)  # tl.dot's minimum K; a power of 2 covering 40
+    # A conv's channel block: 4 (its 4 taps make tl.dot's least K of 16); a power of 2 covering 40.
+    assert (small["BLOCK_CI"], small["BLOCK_CO"]) == (4, 64)
     assert (large["BLOCK_CI"], large["BLOCK_CO"]) == (table["BLOCK_CI"], table["BLOCK_CO"])
     assert large["BLOCK_M"] == table["BLOCK_M"] and large["num_stages"] == table["num_stages"]
     small["BLOCK_CO"] = 1  # a copy: the memoized entry stays as it was
