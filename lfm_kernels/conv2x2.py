@@ -66,6 +66,16 @@ def conv_rows(n_rows, OH, OW, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def tap_columns(BLOCK: tl.constexpr):
+    """The 4 * BLOCK columns of one implicit-GEMM K step over the 4 taps of a channel block: each column's tap
+    (ky * 2 + kx), ky, kx and channel within the block. One dot per step, over all 4 taps, is what keeps
+    sm_90's wgmma in flight (see conv_tile)."""
+    k = tl.arange(0, 4 * BLOCK)
+    tap = k // BLOCK
+    return tap, tap // 2, tap % 2, k % BLOCK
+
+
+@triton.jit
 def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_M, BLOCK_CO] float32 conv outputs (no bias) at conv pixels (r, c) of images b: an implicit
@@ -78,10 +88,7 @@ def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl
     |x - x[2*(i//2), 2*(j//2)]|, taken in float32 from x's values and rounded to the operand dtype."""
     image = b.to(tl.int64) * H * W * Cin
     pixel = image + (r * W + c).to(tl.int64) * Cin
-    k = tl.arange(0, 4 * BLOCK_CI)
-    ky = k // BLOCK_CI // 2
-    kx = k // BLOCK_CI % 2
-    channel = k % BLOCK_CI
+    tap, ky, kx, channel = tap_columns(BLOCK_CI)
     shift = (ky * W + kx) * Cin
     operand = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
@@ -96,7 +103,7 @@ def conv_tile(x_ptr, w_ptr, b, r, c, live, co, co_live, Cin, H, W, Cout, NPR: tl
             anchor = image[:, None] + (anchor_row * W + anchor_col).to(tl.int64) * Cin + ci[None, :]
             a0 = tl.load(x_ptr + anchor, mask=ok, other=0.0)
             a = tl.abs(a.to(tl.float32) - a0.to(tl.float32))
-        w = tl.load(w_ptr + ((k // BLOCK_CI) * Cin + ci)[:, None] * Cout + co[None, :],
+        w = tl.load(w_ptr + (tap * Cin + ci)[:, None] * Cout + co[None, :],
                     mask=ci_live[:, None] & co_live[None, :], other=0.0)
         acc = tl.dot(dot_operand(a, operand, DOT_DTYPE), dot_operand(w, operand, DOT_DTYPE), acc,
                      input_precision=PRECISION)
@@ -130,12 +137,9 @@ def _conv2x2_dx_kernel(
     ci_live = ci < Cin
     Hc = H - 1
     Wc = W - 1
-    # One dot per step over K = 4 taps x BLOCK_CO channels (async wgmma on sm_90, see conv_tile): column k
-    # reads tap k // BLOCK_CO, whose dz row is the pixel's own conv-map row shifted back by the tap.
-    k = tl.arange(0, 4 * BLOCK_CO)
-    ky = k // BLOCK_CO // 2
-    kx = k // BLOCK_CO % 2
-    channel = k % BLOCK_CO
+    # One dot per step over K = 4 taps x BLOCK_CO channels (tap_columns): a column's dz row is the pixel's own
+    # conv-map row shifted back by its tap.
+    tap, ky, kx, channel = tap_columns(BLOCK_CO)
     r = i[:, None] - ky[None, :]
     c = j[:, None] - kx[None, :]
     inside = live[:, None] & (r >= 0) & (r < Hc) & (c >= 0) & (c < Wc)
@@ -147,7 +151,7 @@ def _conv2x2_dx_kernel(
         co = co0 + channel
         co_live = co < Cout
         d = tl.load(dz_ptr + row[:, None] + (co - shift)[None, :], mask=inside & co_live[None, :], other=0.0)
-        wt = tl.load(w_ptr + ((k // BLOCK_CO) * Cout + co)[:, None] * Cin + ci[None, :],
+        wt = tl.load(w_ptr + (tap * Cout + co)[:, None] * Cin + ci[None, :],
                      mask=co_live[:, None] & ci_live[None, :], other=0.0)
         acc = tl.dot(dot_operand(d, operand, DOT_DTYPE), dot_operand(wt, operand, DOT_DTYPE), acc,
                      input_precision=PRECISION)
