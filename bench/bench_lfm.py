@@ -76,7 +76,9 @@ def test_inference_cuda_graph(benchmark, provider, dtype):
 test_inference_cuda_graph.providers = [p for p in GPU_PROVIDERS if p in CUDA_GRAPH_PROVIDERS]
 
 
-def test_training_step(benchmark, provider, dtype):
+def training_case(provider, dtype):
+    """(step, rotating input sets, minimal work) of one training step: zero_grad, forward, BCE-with-logits,
+    backward, fused Adam."""
     model = build_model(provider, dtype, DEVICE, training=True)
     forward = timed_fn(provider, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), fused=True)
@@ -94,5 +96,10 @@ def test_training_step(benchmark, provider, dtype):
     state = 3 * total_bytes(model.parameters()) + total_bytes(model.buffers())
     work = Work(total_bytes(input_sets[0]) + 2 * state, TRAIN_BATCH * flops_per_image(TRAIN_SIZE, training=True),
                 TRAIN_BATCH)
+    return step, input_sets, work
+
+
+def test_training_step(benchmark, provider, dtype):
+    step, input_sets, work = training_case(provider, dtype)
     measure(benchmark, step, input_sets, work, group=TRAINING_GROUP, op="lfm", provider=provider, dtype=dtype,
             batch=TRAIN_BATCH, size=TRAIN_SIZE, mode="training step")

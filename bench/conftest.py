@@ -13,7 +13,7 @@ import torch
 from bench import harness, results
 from bench.gpu_suite import BENCH_TIERS
 from bench.providers import INFERENCE_ONLY_PROVIDERS, PROVIDERS, dtype_name
-from bench.report import GOAL_SIZE, format_goals, format_tables
+from bench.report import GOAL_SIZE, format_goals, format_profiles, format_tables
 from bench.shapes import LARGE_BATCH
 from bench.suite_plugin import time_left
 
@@ -69,8 +69,9 @@ def _params(item) -> dict:
 
 def suite_tier(item):
     """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out: the peaks,
-    the host time and inference at 256x256 (the goals) for our backend and the eager anchors, then the
-    torch.compile anchors per mode, then the training step and the per-op rows. Compilation takes minutes per
+    the host time and inference at 256x256 (the goals) for our backend and the eager anchors, with the kernel
+    profile of ours, then the torch.compile anchors per mode, then the training step (and its profile) and the
+    per-op rows. Compilation takes minutes per
     case, so the compile tiers take only what the goals compare: inference at batch LARGE_BATCH and the
     CUDA-graph batch 1 (fewer cases, each with the budget to finish). End to end at 224x224 is left out."""
     params = _params(item)
@@ -81,19 +82,21 @@ def suite_tier(item):
         anchor = item.originalname == "test_inference_cuda_graph" or (
             item.originalname == "test_inference" and params["batch"] == LARGE_BATCH)
         return provider if anchor else None
-    if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference"):
+    if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference") or \
+            item.originalname == "test_kernel_profile_inference":
         return "inference"
-    return "training" if item.originalname == "test_training_step" else "ops"
+    return "training" if item.originalname in ("test_training_step", "test_kernel_profile_training") else "ops"
 
 
 def run_priority(item):
-    """Sort key: by tier, then the peaks, the host time, end to end, the training step and the per-op rows within one;
-    tests collected from outside bench/ go first."""
+    """Sort key: by tier, then the peaks, the host time, end to end, the training step, the kernel profiles and
+    the per-op rows within one; tests collected from outside bench/ go first."""
     if not item.path.stem.startswith("bench_"):
         return (-1, 0)
     tier = suite_tier(item)
     within = {"bench_peaks": 0, "bench_host_time": 1,
-              "bench_lfm": 2 if item.originalname.startswith("test_inference") else 3}.get(item.path.stem, 4)
+              "bench_lfm": 2 if item.originalname.startswith("test_inference") else 3,
+              "bench_kernel_profile": 4}.get(item.path.stem, 5)
     return (BENCH_TIERS.index(tier) if tier else len(BENCH_TIERS), within)
 
 
@@ -134,10 +137,12 @@ def _release_device_memory():
 
 def pytest_terminal_summary(terminalreporter, config):
     rows = harness.RESULTS
-    if not rows:
+    if not rows and not harness.PROFILES:
         return
     terminalreporter.section("lfm benchmarks")
     terminalreporter.write_line(format_tables(rows))
     terminalreporter.write_line("")
     terminalreporter.write_line(format_goals(rows))
+    if harness.PROFILES:
+        terminalreporter.write_line("\n" + format_profiles(harness.PROFILES, rows))
     terminalreporter.write_line(f"\n{len(rows)} rows in {time.time() - STARTED:.0f} s")

@@ -48,6 +48,7 @@ MIN_ROUNDS, MAX_ROUNDS = (5, 100) if ON_GPU else (3, 10)
 WARMUP_CALLS = 3 if ON_GPU else 1
 
 RESULTS = []  # every row measured in this process, in order (also appended to the run's results file)
+PROFILES = []  # every kernel profile made in this process (bench_kernel_profile), in order, also appended there
 
 
 # ---------------------------------------------------------------------------------------------

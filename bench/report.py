@@ -30,6 +30,8 @@ CUDA_GRAPH_GOAL_S = 0.1e-3  # triton at batch 1 in a CUDA graph, per image
 GOAL_SIZE = IMAGE_SIZE
 # An op whose minimal work takes less than this at the peaks is bound by launch latency, not by a roofline.
 LATENCY_S = 5e-6
+PROFILE_KERNELS = 12  # kernels listed per profiled case, longest first (the rest in one line)
+KERNEL_NAME_CHARS = 90  # cuDNN's and ATen's kernel names run to hundreds of characters
 
 
 def measured_peaks(rows):
@@ -154,6 +156,38 @@ def format_goals(rows) -> str:
     return "\n".join(lines + [f"| {goal} | {verdict} | {detail} |" for goal, verdict, detail in checks])
 
 
+def format_profiles(profiles, rows) -> str:
+    """Per profiled case (bench_kernel_profile): the device's busy time per call against the case's timed
+    median (less than the median: the host or gaps between launches bound the call), then its longest
+    PROFILE_KERNELS kernels with their launches, time and share per call, the rest summed in one line."""
+    timed = {(r["provider"], r["dtype"], r["batch"], r["size"], r["mode"]): r["median_s"] for r in rows
+             if r["group"] in (INFERENCE_GROUP, TRAINING_GROUP)}
+    out = []
+    for p in profiles:
+        on_gpu = p["device"] == "cuda"
+        busy = "device" if on_gpu else "CPU ops"
+        median = timed.get((p["provider"], p["dtype"], p["batch"], p["size"], p["mode"]))
+        line = f"{busy} busy {p['total_s'] * 1e3:.3f} ms per call"
+        if median:
+            line += f", {p['total_s'] / median:.0%} of the timed median {median * 1e3:.3f} ms"
+        out += ["" if out else None, f"#### {p['op']} {p['mode']}, {p['provider']} {p['dtype']}, batch {p['batch']}, "
+                f"{p['size']}x{p['size']} ({p['calls']} calls profiled)", "", line, "",
+                "| kernel | launches per call | ms per call | % of busy |" if on_gpu else
+                "| op | calls per call | ms per call | % of busy |", "|---|---:|---:|---:|"]
+        kernels = p["kernels"]
+        for k in kernels[:PROFILE_KERNELS]:
+            name = k["name"].replace("|", "/")
+            name = name if len(name) <= KERNEL_NAME_CHARS else name[:KERNEL_NAME_CHARS - 3] + "..."
+            out.append(f"| `{name}` | {k['launches']:g} | {k['seconds'] * 1e3:.3f} | "
+                       f"{k['seconds'] / p['total_s']:.1%} |")
+        rest = kernels[PROFILE_KERNELS:]
+        if rest:
+            seconds = sum(k["seconds"] for k in rest)
+            out.append(f"| {len(rest)} more | {sum(k['launches'] for k in rest):g} | {seconds * 1e3:.3f} | "
+                       f"{seconds / p['total_s']:.1%} |")
+    return "\n".join(line for line in out if line is not None)
+
+
 def plot_throughput(rows, path, title):
     """images/s per provider against batch size, one panel per (size, dtype) of the inference rows."""
     import matplotlib
@@ -204,7 +238,7 @@ def format_tiers(tiers) -> str:
 
 def render(loaded: dict) -> str:
     """The Markdown report of a loaded results file (bench.results.load): environment, weights, the smoke
-    tier, goals, tables, tiers and what was not measured."""
+    tier, goals, tables, the kernel profiles, tiers and what was not measured."""
     header, rows = loaded["header"], loaded["rows"]
     env = header["environment"]
     tests = list(loaded["tests"].values())
@@ -219,6 +253,8 @@ def render(loaded: dict) -> str:
     if smoke:
         lines += ["", "### Correctness smoke (real kernels against the PyTorch reference)", "", format_tests(smoke)]
     lines += ["", "### Goals", "", format_goals(rows), "", format_tables(rows)]
+    if loaded["profiles"]:
+        lines += ["", "### Where the device time goes", "", format_profiles(loaded["profiles"], rows)]
     missing = [t for t in tests if t.get("tier") != "smoke" and t["outcome"] != "passed"]
     if missing:
         lines += ["", "### Not measured", ""] + [f"- `{t['test']}`: {t['outcome']}: {t.get('reason', '')}"

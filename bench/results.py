@@ -4,6 +4,7 @@ everything measured before it.
 The first line is the header, then records in the order things happen:
   {"kind": "header", "environment": {...}, "weights": "...", "random_weights": bool, "budget_s": ..., ...}
   {"kind": "row", "test": nodeid, ...}   a benchmark row (bench.harness.measure)
+  {"kind": "profile", "test": nodeid, ...}   a case's kernels and their device time (bench_kernel_profile)
   {"kind": "test", "test": nodeid, "tier": ..., "outcome": ..., "reason": ..., "duration_s": ...}
         outcome "started" before a test runs, then passed, failed, skipped, timeout or crashed
   {"kind": "tier", "tier": ..., "status": "done" | "skipped", "reason": ..., "duration_s": ...}
@@ -49,10 +50,11 @@ def record(kind: str, **fields):
 
 
 def load(path) -> dict:
-    """{"header", "rows", "tests" (nodeid -> its last record, in first-seen order), "tiers"} of a results file."""
+    """{"header", "rows", "profiles", "tests" (nodeid -> its last record, in first-seen order), "tiers"} of a
+    results file."""
     text = Path(path).read_text()
     lines = text.split("\n")[:-1]  # drops "" after the last newline, or a cut last line
-    loaded = {"header": {}, "rows": [], "tests": {}, "tiers": []}
+    loaded = {"header": {}, "rows": [], "profiles": [], "tests": {}, "tiers": []}
     for line in lines:
         entry = json.loads(line)
         kind = entry.pop("kind")
@@ -60,6 +62,8 @@ def load(path) -> dict:
             loaded["header"] = entry
         elif kind == "row":
             loaded["rows"].append(entry)
+        elif kind == "profile":
+            loaded["profiles"].append(entry)
         elif kind == "test":
             loaded["tests"][entry["test"]] = entry
         elif kind == "tier":

@@ -1,8 +1,20 @@
-"""The benchmark report (bench/report.py): derived figures, goal verdicts, tables, rendering a results file."""
+"""The benchmark report (bench/report.py): derived figures, goal verdicts, tables, kernel profiles, rendering a
+results file; bench_kernel_profile's kernel times on CPU."""
 import pytest
+import torch
 
 from bench import results
-from bench.report import INFERENCE_GROUP, PEAK_GROUP, derived, format_tables, goal_checks, measured_peaks, write_report
+from bench.bench_kernel_profile import kernel_times
+from bench.report import (
+    INFERENCE_GROUP,
+    PEAK_GROUP,
+    derived,
+    format_profiles,
+    format_tables,
+    goal_checks,
+    measured_peaks,
+    write_report,
+)
 
 
 def row(group, op, provider, dtype, median_s, bytes=0, flops=0, batch=32, size=256, mode="inference"):
@@ -74,6 +86,7 @@ def test_report_of_a_results_file(tmp_path):
     results.append(path, dict(kind="tier", tier="smoke", status="done", duration_s=80.2))
     for r in ROWS:
         results.append(path, dict(kind="row", **r))
+    results.append(path, dict(kind="profile", **profile()))
     results.append(path, dict(kind="test", test="bench/bench_x.py::test[compile-max-autotune]",
                               tier="compile-max-autotune", outcome="skipped",
                               reason="its compilation takes about 150 s (estimated)"))
@@ -81,11 +94,48 @@ def test_report_of_a_results_file(tmp_path):
     with open(path, "a") as f:
         f.write('{"kind": "row", "op": "cut by a ki')  # a kill in the middle of a write
     loaded = results.load(path)
-    assert loaded["rows"] == ROWS and loaded["header"]["budget_s"] == 450
+    assert loaded["rows"] == ROWS and loaded["profiles"] == [profile()] and loaded["header"]["budget_s"] == 450
     write_report(path)
     markdown = path.with_suffix(".md").read_text()
     assert markdown.index("**WARNING: RANDOM WEIGHTS: not found**") < markdown.index("### Goals")
     assert "commit abc1234" in markdown and "smoke 80 s, compile-max-autotune skipped (the budget is spent)" in markdown
     assert "| `tests/test_gpu.py::test_a` | failed | 1.5 | AssertionError: norm-relative error |" in markdown
     assert "- `bench/bench_x.py::test[compile-max-autotune]`: skipped: its compilation takes about 150 s" in markdown
+    assert markdown.index("### Where the device time goes") > markdown.index("### lfm inference")
+    assert "| `_kernel_13` | 2 | 14.000 | 13.3% |" in markdown
     assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def profile(provider="triton", dtype="float32", batch=32, kernels=14):
+    """A profile record as bench_kernel_profile makes it: kernel i takes (i + 1) ms per call, twice."""
+    listed = [dict(name=f"_kernel_{i}" if i else "sm90_xmma_fprop_" + "x" * 200, launches=2, seconds=(i + 1) * 1e-3)
+              for i in reversed(range(kernels))]
+    return dict(op="lfm", provider=provider, dtype=dtype, batch=batch, size=256, mode="inference", device="cuda",
+                calls=5, total_s=sum(k["seconds"] for k in listed), kernels=listed, test="bench/x.py::test")
+
+
+def test_profiles_show_the_longest_kernels_and_the_busy_share_of_the_timed_call():
+    text = format_profiles([profile()], ROWS)
+    lines = text.splitlines()
+    assert lines[0] == "#### lfm inference, triton float32, batch 32, 256x256 (5 calls profiled)"
+    # 105 ms of kernels against the row's 1.5 ms median: the rows are made up; the share is what it is.
+    assert "device busy 105.000 ms per call, 7000% of the timed median 1.500 ms" in lines
+    table = [line for line in lines if line.startswith("| ")][1:]
+    assert table[0] == "| `_kernel_13` | 2 | 14.000 | 13.3% |"
+    assert len(table) == 13 and table[-1] == "| 2 more | 4 | 3.000 | 2.9% |"  # 2 ms + 1 ms
+    assert all(len(line) < 140 for line in lines)  # cuDNN's long names cut
+    untimed = format_profiles([profile(dtype="bfloat16")], ROWS)
+    assert "device busy 105.000 ms per call\n" in untimed  # no timed row of that case
+
+
+def test_kernel_times_count_launches_per_call_longest_first():
+    a = torch.randn(256, 256)
+
+    def step(x):
+        torch.mm(torch.mm(x, x), x).add_(1.0)
+
+    kernels = kernel_times(step, [(a,), (a.clone(),)], calls=3)
+    by_name = {name: (launches, seconds) for name, launches, seconds in kernels}
+    assert by_name["aten::mm"][0] == 2 and by_name["aten::add_"][0] == 1
+    assert all(seconds > 0 for _, _, seconds in kernels)
+    assert [seconds for _, _, seconds in kernels] == sorted((seconds for _, _, seconds in kernels), reverse=True)
