@@ -69,9 +69,9 @@ def _params(item) -> dict:
 
 def suite_tier(item):
     """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out: the peaks,
-    the host time and inference at 256x256 (the goals) for our backend and the eager anchors, with the kernel
-    profile of ours, then the torch.compile anchors per mode, then the training step (and its profile) and the
-    per-op rows. Compilation takes minutes per
+    the host time and inference at 256x256 (the goals) for our backend and the eager anchors, then the
+    torch.compile anchors per mode, then the training step and the kernel profiles of ours (diagnostics: after
+    the anchors' compilations) and the per-op rows. Compilation takes minutes per
     case, so the compile tiers take only what the goals compare: inference at batch LARGE_BATCH and the
     CUDA-graph batch 1 (fewer cases, each with the budget to finish). End to end at 224x224 is left out."""
     params = _params(item)
@@ -82,10 +82,10 @@ def suite_tier(item):
         anchor = item.originalname == "test_inference_cuda_graph" or (
             item.originalname == "test_inference" and params["batch"] == LARGE_BATCH)
         return provider if anchor else None
-    if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference") or \
-            item.originalname == "test_kernel_profile_inference":
+    if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference"):
         return "inference"
-    return "training" if item.originalname in ("test_training_step", "test_kernel_profile_training") else "ops"
+    return "training" if item.originalname == "test_training_step" or item.path.stem == "bench_kernel_profile" else \
+        "ops"
 
 
 def run_priority(item):

@@ -10,13 +10,13 @@ Tiers, in order; each is one pytest process, and what the budget cannot reach is
                         SMOKE_S
   inference             the measured peaks, the host time of one batch-1 forward with launches stubbed out,
                         then end to end at 256x256, triton, eager and eager channels_last, float32 and
-                        bfloat16, batch 1, 32 and 256, batch 1 in a CUDA graph (triton, eager), then where
-                        the device time of ours goes, kernel by kernel (bench_kernel_profile)
+                        bfloat16, batch 1, 32 and 256, and batch 1 in a CUDA graph (triton, eager)
   compile-default       the torch.compile anchors (default mode): end to end at batch 256 and batch 1 in a
                         CUDA graph
   compile-max-autotune  end to end at batch 256 in max-autotune mode, each case only when its estimated
                         compilation fits the budget left (bench/conftest.py)
-  training              the training step, triton and eager, then the kernel profile of ours
+  training              the training step, triton and eager, then where the device time of our inference
+                        and training step goes, kernel by kernel (bench_kernel_profile)
   ops                   per-op rows, triton and eager
 The budget counts from $GPU_SUITE_START (gpu_suite.sh sets it when the command starts), else from now.
 A test may run TEST_TIMEOUT_S (a compile-* case COMPILE_TEST_TIMEOUT_S) before its process is ended.
