@@ -67,17 +67,26 @@ def _params(item) -> dict:
     return item.callspec.params if hasattr(item, "callspec") else {}
 
 
+def _provider(item) -> str:
+    """The item's provider, "" for none (no parameter, or none of the chosen providers: pytest's empty set)."""
+    provider = _params(item).get("provider")
+    return provider if isinstance(provider, str) else ""
+
+
 def suite_tier(item):
     """The GPU run's tier of a benchmark (bench.gpu_suite.TIERS), or None for those it leaves out: the peaks,
     the host time and inference at 256x256 (the goals) for our backend and the eager anchors, then the
     torch.compile anchors per mode, then the training step and the kernel profiles of ours (diagnostics: after
     the anchors' compilations) and the per-op rows. Compilation takes minutes per
     case, so the compile tiers take only what the goals compare: inference at batch LARGE_BATCH and the
-    CUDA-graph batch 1 (fewer cases, each with the budget to finish). End to end at 224x224 is left out."""
+    CUDA-graph batch 1 (fewer cases, each with the budget to finish). The training step's compile-default
+    anchor runs in the training tier, after ours. End to end inference at 224x224 is left out."""
     params = _params(item)
-    provider = params.get("provider", "")
+    provider = _provider(item)
     if item.originalname == "test_inference" and params["size"] != GOAL_SIZE:
         return None
+    if item.originalname == "test_training_step" and provider == "compile-default":
+        return "training"  # the training goal's anchor, after our row (run_priority)
     if provider.startswith("compile-"):
         anchor = item.originalname == "test_inference_cuda_graph" or (
             item.originalname == "test_inference" and params["batch"] == LARGE_BATCH)
@@ -89,13 +98,15 @@ def suite_tier(item):
 
 
 def run_priority(item):
-    """Sort key: by tier, then the peaks, the host time, end to end, the training step, the kernel profiles and
-    the per-op rows within one; tests collected from outside bench/ go first."""
+    """Sort key: by tier, then the peaks, the host time, end to end, the training step (its compiled anchor
+    after the others, as its compilation may not fit the budget), the kernel profiles and the per-op rows
+    within one; tests collected from outside bench/ go first."""
     if not item.path.stem.startswith("bench_"):
         return (-1, 0)
     tier = suite_tier(item)
+    training = 3.5 if _provider(item).startswith("compile-") else 3
     within = {"bench_peaks": 0, "bench_host_time": 1,
-              "bench_lfm": 2 if item.originalname.startswith("test_inference") else 3,
+              "bench_lfm": 2 if item.originalname.startswith("test_inference") else training,
               "bench_kernel_profile": 4}.get(item.path.stem, 5)
     return (BENCH_TIERS.index(tier) if tier else len(BENCH_TIERS), within)
 
@@ -110,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def estimated_compile_s(item) -> float:
-    provider = _params(item)["provider"]
+    provider = _provider(item)
     if provider == "compile-max-autotune":
         rows = results.load(results.ACTIVE_FILE)["rows"] if results.ACTIVE_FILE else harness.RESULTS
         default_case = item.nodeid.replace("compile-max-autotune", "compile-default")
@@ -121,7 +132,7 @@ def estimated_compile_s(item) -> float:
 
 
 def pytest_runtest_setup(item):
-    if not _params(item).get("provider", "").startswith("compile-"):
+    if not _provider(item).startswith("compile-"):
         return
     needed, left = estimated_compile_s(item), time_left(item.config)
     if needed > left:

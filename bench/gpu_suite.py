@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import results
+from bench.suite_plugin import compiles
 
 SMOKE_S = 120
 TEST_TIMEOUT_S = 60
@@ -61,8 +62,8 @@ TIERS = (
     Tier("smoke", ("tests/test_gpu.py", "-m", "gpu"), cap_s=SMOKE_S),
     Tier("inference", BENCH_ARGS),
     # The anchors of the goals before training and per-op rows, so that their compilations get the budget.
-    Tier("compile-default", BENCH_ARGS, test_timeout_s=COMPILE_TEST_TIMEOUT_S),
-    Tier("compile-max-autotune", BENCH_ARGS, test_timeout_s=COMPILE_TEST_TIMEOUT_S),
+    Tier("compile-default", BENCH_ARGS),
+    Tier("compile-max-autotune", BENCH_ARGS),
     Tier("training", BENCH_ARGS),
     Tier("ops", BENCH_ARGS),
 )
@@ -91,7 +92,8 @@ def pytest_command(tier: Tier, results_file, deadline: float, extra=()) -> list:
     saving = ["--suite-results", str(results_file)] if results_file else []
     return [sys.executable, "-m", "pytest", *tier.pytest_args, "-p", "bench.suite_plugin", "-p", "no:cacheprovider",
             "--suite-tier", tier.name, "--suite-deadline", f"{deadline:.3f}",
-            "--suite-test-timeout", str(tier.test_timeout_s), *saving, *extra]
+            "--suite-test-timeout", str(tier.test_timeout_s), "--suite-compile-timeout", str(COMPILE_TEST_TIMEOUT_S),
+            *saving, *extra]
 
 
 def child_env(on_gpu: bool) -> dict:
@@ -131,8 +133,8 @@ def run_tier(tier: Tier, results_file, env, log: Log, deadline: float, kill_at: 
             ran_s = time.time() - tests[test]["at"]
             if killed:
                 outcome, reason = "timeout", f"the run's budget ran out after {ran_s:.0f} s of it"
-            elif ran_s >= tier.test_timeout_s:
-                outcome, reason = "timeout", f"ran longer than {tier.test_timeout_s:.0f} s (where it hung: in the log)"
+            elif ran_s >= (limit := COMPILE_TEST_TIMEOUT_S if compiles(test) else tier.test_timeout_s):
+                outcome, reason = "timeout", f"ran longer than {limit:.0f} s (where it hung: in the log)"
             else:
                 outcome, reason = "crashed", f"its process ended with exit code {code} (see the log)"
             results.append(results_file, dict(kind="test", test=test, tier=tier.name, outcome=outcome, reason=reason,

@@ -9,6 +9,9 @@ one left there. Warm-up calls (torch.compile, autotuning, cuDNN's algorithm sear
 timed rounds, and their wall time is in the row (warmup_s: about the compile time of a compile-*
 provider). Rows report the median over rounds and its interquartile range (q1_s, q3_s).
 
+Memory. On a GPU each row also carries peak_bytes (call_peak_bytes): what one more call allocates at its
+peak beyond the memory already held.
+
 Work. Each row carries the minimal work of what it computes, so that the report can turn a time
 into GB/s and TFLOP/s and compare them with the GPU's measured peaks:
   bytes  every input and parameter read once and every output written once; with a backward, also
@@ -139,12 +142,24 @@ def measure(benchmark, step, input_sets, work: Work, **labels) -> dict:
     stats = benchmark.stats.stats
     labels = {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in labels.items()}
     row = dict(labels, **asdict(work), median_s=stats.median, q1_s=stats.q1, q3_s=stats.q3, rounds=rounds,
-               iterations=iterations, warmup_s=round(warmup_s, 3))
+               iterations=iterations, warmup_s=round(warmup_s, 3),
+               peak_bytes=call_peak_bytes(call) if ON_GPU else None)
     benchmark.extra_info.update(row)
     row["test"] = benchmark.fullname
     RESULTS.append(row)
     results.record("row", **row)
     return row
+
+
+def call_peak_bytes(call) -> int:
+    """Device memory one call allocates at its peak beyond what was allocated before it: activations,
+    gradients, workspaces and outputs, not the resident weights, optimizer state and input sets."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def count_flops(fn, *args) -> int:

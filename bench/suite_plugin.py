@@ -4,9 +4,10 @@
   moment it is known (bench.results); a "started" record first, so that bench.gpu_suite can tell which
   test a killed process was running.
 - Skips every test that would start after the budget's deadline.
-- Per-test timeout: a test running longer ends the process (faulthandler prints where it hung into the
-  log); bench.gpu_suite records it as timed out and runs the rest of the tier in a new process. A hung
-  kernel cannot be interrupted from Python, so only ending the process is sure to work.
+- Per-test timeout (a torch.compile case has its own, longer one): a test running longer ends the process
+  (faulthandler prints where it hung into the log); bench.gpu_suite records it as timed out and runs the
+  rest of the tier in a new process. A hung kernel cannot be interrupted from Python, so only ending the
+  process is sure to work.
 """
 import faulthandler
 import time
@@ -24,6 +25,13 @@ def pytest_addoption(parser):
                     help="skip the tests that would start after this time.time()")
     group.addoption("--suite-test-timeout", type=float, default=None, metavar="S",
                     help="end the process when one test runs longer")
+    group.addoption("--suite-compile-timeout", type=float, default=None, metavar="S",
+                    help="the same for a torch.compile case (compiles)")
+
+
+def compiles(nodeid: str) -> bool:
+    """Whether a test is a torch.compile provider's case (bench/conftest.py parametrizes the provider first)."""
+    return "[compile-" in nodeid
 
 
 _tier = None  # this process's --suite-tier, for the records
@@ -45,7 +53,7 @@ def time_left(config) -> float:
 def pytest_runtest_protocol(item):
     results.record("test", test=item.nodeid, tier=_tier, outcome="started",
                    at=time.time())
-    timeout = item.config.getoption("suite_test_timeout")
+    timeout = item.config.getoption("suite_compile_timeout" if compiles(item.nodeid) else "suite_test_timeout")
     if timeout:
         faulthandler.dump_traceback_later(timeout, exit=True)
     yield
