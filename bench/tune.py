@@ -17,6 +17,9 @@ lfm_kernels.configs.observe_launches; each recorded launch is replayed with each
 (num_warps x num_stages, SWEPT_OPTIONS), which change neither the grid nor the results, and the fastest is
 written to the table next to the launcher's own time.
 
+Before a climb step times its variants, and before a launch's options are timed, their kernels are compiled
+at once on every core (compile_in_parallel), which would otherwise compile one by one as each first runs.
+
 Budgeted and incremental like the GPU run: settled entries and launches already in the table for this device and
 triton version are skipped (unless --force: then every entry climbs again from its launch config), the table is
 rewritten after each step, and none starts when its estimated sweep would pass the budget. Needs a CUDA GPU.
@@ -35,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,7 @@ from lfm_kernels.configs import (
     configs_given,
     family,
     json_constexprs,
+    observe_launches,
     smallest_block,
     table_entry,
     tile_choices,
@@ -65,6 +70,7 @@ SECONDS_PER_TILES = 5.0  # compiling a variant's kernels, checking its outputs a
 MIN_GAIN = 0.02  # a variant replaces the current tiles only when it is this much faster (less is noise)
 VARIANT_TOLERANCE = 0.1  # norm-relative: far above rounding (TF32, bfloat16, near-tie flips), far below a wrong tile
 STAGES, WARPS = (2, 5), (4, 8)  # the ranges of the swept num_stages and num_warps
+COMPILE_THREADS = os.cpu_count() or 1  # compile_in_parallel's threads
 
 
 @dataclass
@@ -90,6 +96,11 @@ class Launch:
         return tuned_key(device, triton_version, self.kernel.fn.__name__, self.dtype, self.constexprs)
 
 
+def launch_on_gpu(launch: Launch) -> bool:
+    """Whether a recorded launch's tensors are on a GPU (elsewhere its kernel cannot be compiled by the JIT)."""
+    return next(a for a in launch.args if isinstance(a, torch.Tensor)).is_cuda
+
+
 def entry_key(entry: dict) -> tuple:
     return tuned_key(entry["device"], entry["triton"], entry["kernel"], entry["dtype"], entry["constexprs"])
 
@@ -98,8 +109,6 @@ def entry_key(entry: dict) -> tuple:
 def recording(launches: list):
     """Append each distinct launch (kernel and constexprs, per dtype) to `launches` while active (the kernels run
     as usual unless an outer configs.observe_launches stubs them out)."""
-    from lfm_kernels.configs import observe_launches
-
     seen = set()
 
     def record(observed):
@@ -110,6 +119,38 @@ def recording(launches: list):
 
     with observe_launches(record):
         yield
+
+
+def compile_in_parallel(submit_warmups):
+    """Compile at once, on every core, the kernels that submit_warmups(warm_up) hands to warm_up(launch,
+    options): each a warm-up of the launch's kernel with its arguments, grid and constexprs and `options` over
+    its num_warps/num_stages, under Triton's AsyncCompileMode (compilation releases the GIL; ptxas is a process
+    of its own), so that a climb step's variants or a launch's swept options compile together instead of one by
+    one as each first runs. Best effort: a kernel that fails to compile here fails again, with its message,
+    when it runs. Without AsyncCompileMode (triton before 3.4) each compiles when it first runs."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+
+    def warm_up(launch, options):
+        launch.kernel.warmup(*launch.args, grid=launch.grid, **{**launch.kwargs, **options})
+
+    with ThreadPoolExecutor(COMPILE_THREADS) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        submit_warmups(warm_up)
+
+
+def precompile_tiles(workloads: "GoalWorkloads", pair: tuple, variants: list, chosen: dict):
+    """Compile the kernels of every tile variant of entry `pair` (the others as chosen) in parallel: the goal
+    workloads run once per variant with their launches stubbed out, each launch handed to compile_in_parallel."""
+    def submit_warmups(warm_up):
+        for tiles in variants:
+            with tile_choices({**chosen, pair: tiles}), observe_launches(
+                    lambda observed: warm_up(Launch(observed.kernel, observed.grid, observed.args, observed.meta), {}),
+                    run=False):
+                workloads.run()
+
+    compile_in_parallel(submit_warmups)
 
 
 def workloads(dtype):
@@ -305,6 +346,8 @@ def tune_tiles(workloads: GoalWorkloads, dtype, table_path: Path, gpu_name: str,
             if time.time() + SECONDS_PER_TILES * len(variants) > deadline:
                 return chosen, False
             visited.append(start)
+            if torch_device.type == "cuda":
+                precompile_tiles(workloads, pair, variants, chosen)
             timed = time_tiles(workloads, pair, variants, chosen, reference, torch_device, table_path)
             if not timed or timed[0][1] != start:
                 print(f"{pair[0]} {pair[1]}: the tiles {start} did not run; the launch config's stand")
@@ -367,6 +410,8 @@ def write_table(path: Path, table: dict):
 def sweep(launch: Launch, device: str, triton_version: str) -> dict:
     """The launcher's time and the fastest of SWEPT_OPTIONS for one launch, as a table entry."""
     launcher_options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+    if launch_on_gpu(launch):
+        compile_in_parallel(lambda warm_up: [warm_up(launch, options) for options in SWEPT_OPTIONS])
     launcher_ms = median_launch_ms(launch, {})
     timed = []
     for options in SWEPT_OPTIONS:

@@ -1,6 +1,7 @@
 """bench.tune without a GPU: it says so and leaves the table alone; the sweep over launches recorded from
 every op, with the timing faked, keeps the fastest options once per launch and stops at its budget; the tile
-sweep over stubbed goal workloads keeps the fastest neighbor whose outputs match, and launchers take it."""
+sweep over stubbed goal workloads keeps the fastest neighbor whose outputs match, and launchers take it; the
+kernels of a climb step's variants and of a launch's options compile ahead, in parallel, for sm_90."""
 import json
 import os
 import subprocess
@@ -195,3 +196,74 @@ def test_goal_outputs_are_copies_from_the_saved_state_and_leave_it_there(monkeyp
     assert not torch.equal(first[mean], goal.state[mean])  # after the training step, not the saved statistics
     assert torch.equal(goal.model.state_dict()[mean], goal.state[mean])  # the model is back in the saved state
     assert "gradient of cnn.layer2.0.weight" in first and all(p.grad is None for p in goal.model.parameters())
+
+
+PARALLEL_COMPILE = """
+import json
+
+import torch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+from bench import tune
+from bench.workloads import cpu_tensors_take_the_triton_path
+from lfm_kernels.configs import gpu_family, observe_launches, tile_choices
+
+
+class CompileOnlyDriver:
+    # No GPU here: the JIT compiles for an H100/H200 (sm_90); nothing is launched.
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def warm_up(observed):
+    observed.kernel.warmup(*observed.args, grid=observed.grid, **observed.meta)
+
+
+driver.set_active(CompileOnlyDriver())
+compiled = []
+knobs.runtime.jit_post_compile_hook = lambda **kwargs: compiled.append(kwargs["fn"].name)
+pair = ("snet_block", "16-bit")
+with cpu_tensors_take_the_triton_path(), gpu_family("sm90"):
+    goal = tune.GoalWorkloads(torch.bfloat16, "cpu", batch=1, train_batch=2)
+    variants = tune.tile_neighbors("snet_block", tune.config_tiles(*pair, torch.device("cpu")))[:3]
+    tune.precompile_tiles(goal, pair, variants, {})
+    ahead = list(compiled)
+    for tiles in variants:  # each variant as the climb runs it: its kernels are compiled already
+        with tile_choices({pair: tiles}), observe_launches(warm_up, run=False):
+            goal.run()
+    after_tiles = len(compiled)
+    launches = []
+    with tune.recording(launches), observe_launches(run=False):
+        goal.run()
+    block = next(launch for launch in launches if launch.kernel.fn.__name__ == "_snet_block_kernel")
+    tune.compile_in_parallel(lambda warm_up: [warm_up(block, options) for options in tune.SWEPT_OPTIONS])
+    options_ahead = len(compiled) - after_tiles
+    for options in tune.SWEPT_OPTIONS:
+        block.kernel.warmup(*block.args, grid=block.grid, **{**block.kwargs, **options})
+print(json.dumps([ahead, after_tiles, options_ahead, len(compiled) - after_tiles]))
+"""
+
+
+@pytest.mark.slow  # compiles about 40 kernels for sm_90
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="triton's CUDA toolchain ships for Linux")
+def test_variants_and_options_compile_ahead_in_parallel():
+    from bench.tune import SWEPT_OPTIONS
+
+    out = subprocess.run([sys.executable, "-c", PARALLEL_COMPILE], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ahead, after_tiles, options_ahead, options_total = json.loads(out.stdout.splitlines()[-1])
+    # The block kernel once per variant (blocks 2 and 3 share their tiles' kernel), the rest of the workloads
+    # once; nothing compiled again when the variants ran.
+    assert ahead.count("_snet_block_kernel") >= 3 and "_snet_head_partial_kernel" in ahead
+    assert after_tiles == len(ahead)
+    # The options that are not the launch's own, each compiled once, ahead.
+    assert options_ahead == options_total and options_ahead >= len(SWEPT_OPTIONS) - 1
