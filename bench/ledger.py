@@ -5,13 +5,16 @@ TorchDispatchMode that sees every op reaching the dispatcher:
 - an op reads its tensor inputs and writes its fresh outputs and the inputs it mutates (in-place ops
   read and write), each counted at its size (the distinct elements it addresses);
 - each such op is one kernel launch, except an op that launches our Triton kernels (lfm_kernels.configs.
-  observe_launches sees them): it counts the kernels it launches. The triton provider runs on real CPU
-  tensors with every launch stubbed out (observe_launches with run=False), launching as an H100/H200 does
-  (configs.gpu_family("sm90")), so that our fused ops (torch.ops.lfm.*, one dispatched op each) count their
-  kernels; the other providers run on meta tensors, so that they take no CPU-only path (the torch
+  observe_launches sees them): it counts the kernels it launches, and the torch ops it issues around them
+  (merging per-program partial sums, casting, filling buffers) are counted as ops of their own, each a
+  launch on a GPU as any other (our custom ops run with the ops inside them dispatched). The triton
+  provider runs on real CPU tensors with every launch stubbed out (observe_launches with run=False),
+  launching as an H100/H200 does (configs.gpu_family("sm90")), so that our fused ops (torch.ops.lfm.*)
+  count their kernels; the other providers run on meta tensors, so that they take no CPU-only path (the torch
   backend's cache-sized chunks and CPU training path): they compose as on a GPU;
 - views and metadata ops (view, reshape, expand, permute, detach, t, ...), allocations and queries
-  (shape, device) move nothing and launch nothing.
+  (shape, device) move nothing and launch nothing; filling a fresh allocation from weights alone (packing a
+  weight for a GEMM) is weight preprocessing.
 That is the traffic of running each op as one kernel that reads its inputs once and writes its outputs
 once, which is about what eager PyTorch does on a GPU. torch.compile providers are left out: Inductor
 fuses after dispatch, so a dispatch-level count does not describe them.
@@ -32,6 +35,8 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch._library.custom_ops import _maybe_get_opdef
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -47,7 +52,8 @@ LEDGER_SIZES = SIZES
 LEDGER_BATCH = TRAIN_BATCH
 # Ops that return fresh tensors without computing anything (allocations, view-like ops whose schema
 # does not say so); ops whose results all alias an input are recognized from the schema.
-NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view"}
+NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided",
+                 "_unsafe_view"}
 # Factories that take a tensor only for its shape, dtype and device: they write but do not read it.
 LIKE_FACTORY_OPS = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "rand_like",
                     "randn_like", "randint_like"}
@@ -100,51 +106,86 @@ class Traffic:
         self.launches_by_op[name] += launches
 
 
+def custom_op_implementation(func, tensors):
+    """The Python function behind a torch.library.custom_op (ours), to run with the ops inside it dispatched;
+    None for an op of ATen or one defined otherwise, and on fake or meta tensors (the op's fake
+    implementation runs, nothing inside it)."""
+    if func.namespace in ("aten", "prims") or any(isinstance(t, FakeTensor) or t.is_meta for t in tensors):
+        return None
+    definition = _maybe_get_opdef(func)
+    return definition and definition._init_fn
+
+
 class TrafficCounter(TorchDispatchMode):
-    """Sums `op_traffic` over every op dispatched while active (see the module docstring); an op that
-    launches Triton kernels of lfm_kernels counts those launches.
+    """Sums `op_traffic` over every op dispatched while active (see the module docstring). A custom op (ours:
+    torch.ops.lfm.*) runs under a nested counter, so that the torch ops it issues around its kernels count as
+    the launches they are on a GPU; the op itself counts the Triton kernels of lfm_kernels that it launches
+    (not those of a custom op it calls), or one launch when nothing inside it was visible (fake tensors).
 
     weights: the model's parameters and buffers. An op that reads only these, or what such ops made,
     is weight preprocessing (folding BatchNorm into a conv, say), which a deployment can do once, not
     per call, so it goes to `weight_traffic`, not `traffic`.
     """
 
-    def __init__(self, weights=()):
+    def __init__(self, weights=(), outer=None):
         super().__init__()
-        self.traffic = Traffic()
-        self.weight_traffic = Traffic()
-        self.weight_made = WeakIdKeyDictionary({w: True for w in weights})
-        self.kernel_launches = 0
-        self._observing = None
+        self.outer = outer or self  # the counter that holds the totals
+        if outer is None:
+            self.traffic = Traffic()
+            self.weight_traffic = Traffic()
+            self.weight_made = WeakIdKeyDictionary({w: True for w in weights})
+            self.allocated = WeakIdKeyDictionary()  # fresh allocations (an op filling one writes, reads nothing)
+            self.kernel_launches = 0  # every Triton launch seen
+            self.kernels_counted = 0  # those counted for the op that launched them
+            self.counted_launches = 0  # launches counted so far, kernels and torch ops alike
+            self._observing = None
 
     def __enter__(self):
-        self._observing = observe_launches(self._count_launch)
-        self._observing.__enter__()
+        if self.outer is self:
+            self._observing = observe_launches(self._count_launch)
+            self._observing.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._observing.__exit__(*exc)
+            if self.outer is self:
+                self._observing.__exit__(*exc)
 
     def _count_launch(self, launch):
         self.kernel_launches += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        before = self.kernel_launches
-        out = func(*args, **kwargs)
-        kernels = self.kernel_launches - before
+        root = self.outer
+        before = (root.kernel_launches, root.kernels_counted, root.counted_launches)
         inputs = _tensors((args, kwargs))
-        weight_only = bool(inputs) and all(t in self.weight_made for t in inputs)
+        implementation = custom_op_implementation(func, inputs)
+        if implementation is None:
+            out = func(*args, **kwargs)
+        else:  # one of ours: what it runs inside counts too
+            with TrafficCounter(outer=root):
+                out = implementation(*args, **kwargs)
+        # Kernels this op launched itself: all launched meanwhile, less those counted for custom ops inside it.
+        kernels = (root.kernel_launches - before[0]) - (root.kernels_counted - before[1])
+        visible_inside = root.counted_launches > before[2]
+        # Weight preprocessing: reads weights (or what such ops made) and at most fresh allocations it fills.
+        weight_only = any(t in root.weight_made for t in inputs) and all(
+            t in root.weight_made or t in root.allocated for t in inputs)
         if weight_only:  # views of weights included
-            self.weight_made.update({t: True for t in _tensors(out)})
+            root.weight_made.update({t: True for t in _tensors(out)})
+        if func.overloadpacket.__name__ in NO_KERNEL_OPS and not inputs:
+            root.allocated.update({t: True for t in _tensors(out)})
         moved, launches = op_traffic(func, args, kwargs, out)
-        if launches and kernels:
+        if launches and (kernels or visible_inside):
             launches = kernels
         if launches:
-            (self.weight_traffic if weight_only else self.traffic).add(str(func.overloadpacket), moved, launches)
+            (root.weight_traffic if weight_only else root.traffic).add(str(func.overloadpacket), moved, launches)
+            for t in _tensors(out):  # written: no longer a fresh allocation
+                root.allocated.pop(t, None)
+            root.counted_launches += launches
+            root.kernels_counted += kernels
         return out
 
 

@@ -112,3 +112,31 @@ def test_triton_inference_moves_at_most_15_percent_of_eager_bytes(rows_256, dtyp
     # The fused SNet writes only pooled maps: about 4 M elements per image instead of 50 M.
     triton, eager = rows_256["triton", dtype], rows_256["eager", dtype]
     assert triton.bytes_per_image() <= 0.15 * eager.bytes_per_image()
+
+
+@torch.library.custom_op("ledger_test::residual_then_sum", mutates_args=())
+def residual_then_sum(x: torch.Tensor) -> torch.Tensor:
+    """A fused op as ours are built: torch ops around the kernels of another op of ours."""
+    return torch.ops.lfm.npr_residual(x.mul(2), 2, True).sum(0)
+
+
+@residual_then_sum.register_fake
+def _(x):
+    return x.new_empty(x.shape[1:])
+
+
+def test_the_torch_ops_inside_our_ops_are_launches_too():
+    # Our ops run torch ops around their kernels (statistics merges, casts, allocations that fill): on a GPU
+    # each is a launch of its own. The op itself counts the kernels it launches, not those of an op it calls.
+    x = torch.randn(2, 3, 64, 64)
+    kernels = []
+    with stubbed_launches(), observe_launches(lambda launch: kernels.append(launch.name)):
+        with TrafficCounter() as counter:
+            residual_then_sum(x)
+    assert kernels == ["_npr_residual_fwd_kernel"]
+    assert dict(counter.traffic.launches_by_op) == {"aten.mul": 1, "lfm.npr_residual": 1, "aten.sum": 1}
+    with FakeTensorMode():  # nothing inside is visible: the op is one launch
+        fake = torch.randn(2, 3, 64, 64)
+        with cpu_tensors_take_the_triton_path(), TrafficCounter() as counter:
+            residual_then_sum(fake)
+    assert dict(counter.traffic.launches_by_op) == {"ledger_test.residual_then_sum": 1}
