@@ -98,6 +98,10 @@ _CONFIGS = {
         ("*", "*"): dict(BLOCK_N=64, BLOCK_CI=64, BLOCK_CO=32, num_warps=4, num_stages=3),
     },
     "score_topk_dweight": {("*", "*"): dict(BLOCK_CI=128, num_warps=4, num_stages=3)},
+    # Partials of split reductions summed in order: [BLOCK_P partials, BLOCK_N contiguous sums] a step; the
+    # batch statistics' merge likewise over [BLOCK_P programs, BLOCK_C channels].
+    "sum_partials": {("*", "*"): dict(BLOCK_P=32, BLOCK_N=128, num_warps=4, num_stages=2)},
+    "merge_batch_stats": {("*", "*"): dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=2)},
     # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one
     # chunk, longer rows go in chunks of CHUNK (k rounds of max per chunk).
     "topk": {("*", "*"): dict(TILE_ELEMENTS=1024, CHUNK=1024, WHOLE_ROW=4096, num_warps=4, num_stages=3)},
@@ -121,7 +125,8 @@ _INTERPRETER_ROWS = {"snet_block": ("BLOCK_M", 1024), "snet_stem": ("BLOCK_M", 1
                      "snet_block_apply": ("BLOCK_M", 1024), "snet_block_dz": ("BLOCK_M", 1024),
                      "snet_stem_wgrad": ("BLOCK_M", 1024),
                      "snet_head": ("BLOCK_P", 512), "conv2x2_dx": ("BLOCK_P", 512), "conv2x2_dw": ("BLOCK_P", 512),
-                     "topk": ("TILE_ELEMENTS", 16384)}
+                     "topk": ("TILE_ELEMENTS", 16384), "sum_partials": ("BLOCK_P", 256),
+                     "merge_batch_stats": ("BLOCK_P", 256)}
 
 _forced_family = None
 _gpu_tiles_in_interpreter = False

@@ -7,8 +7,9 @@ times the tap's [Cin, Cout] weight slice. The forward kernels run it as a GEMM w
 NHWC activations and a packed (4, Cin, Cout) weight (packed_weight), so that every A and B tile is a
 set of contiguous vectors (conv_tile). Operands are rounded to the conv's dtype (dot_operand).
 Kernels:
-  _conv2x2_dx_kernel   d(conv input) from d(conv out): implicit GEMM over Cout x the 4 taps
-  _conv2x2_dw_kernel   d(conv weight): split-K GEMM over positions, partials summed in a fixed order
+  _conv2x2_dx_kernel    d(conv input) from d(conv out): implicit GEMM over Cout x the 4 taps
+  _conv2x2_dw_kernel    d(conv weight): split-K GEMM over positions, partials summed in a fixed order
+  _sum_partials_kernel  the partials of a split reduction (GEMM epilogues, split-K) summed in a fixed order
 """
 import torch
 import triton
@@ -196,9 +197,42 @@ def _conv2x2_dw_kernel(
     tl.store(part_ptr + at, acc, mask=co_live[:, None] & ci_live[None, :])
 
 
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, P, N, scale, R: tl.constexpr, BLOCK_P: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """The partials of a split reduction summed in a fixed order. Grid: (cdiv(N, BLOCK_N),).
+
+    out[n, r] = scale * sum over p of part[p, r, n], from the float32 (P, R, N) partials that the programs of a
+    GEMM epilogue or the splits of a split-K GEMM wrote: BLOCK_P partials at a time summed as a tree, the
+    blocks added in order (deterministic, no atomics); written to the contiguous (N, R) out in its dtype.
+    """
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = n < N
+    for r in tl.static_range(R):
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            tile = tl.load(part_ptr + (p.to(tl.int64)[:, None] * R + r) * N + n[None, :],
+                           mask=(p < P)[:, None] & live[None, :], other=0.0)
+            acc += tl.sum(tile, axis=0)
+        tl.store(out_ptr + n.to(tl.int64) * R + r, (acc * scale).to(out_ptr.dtype.element_ty), mask=live)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """out = scale * (the sum over p of part[p]) in a fixed order (_sum_partials_kernel), one launch for what
+    would be a sum, a scaling and a conversion: part is float32 (P, R, N), out contiguous with N * R
+    elements, element (n, r) of the sum at flat position n * R + r."""
+    P, R, N = part.shape
+    tiles = launch_config("sum_partials", part.device, BLOCK_N=N)
+    if out.numel():
+        launch(_sum_partials_kernel, (cdiv(N, tiles["BLOCK_N"]),), part, out, P, N, scale, R=R, **tiles)
+    return out
+
+
+
 # Memory orders of the GEMM kernels' B operands (packed_weight): the weight's dimensions, outermost first.
 CONV_OPERAND = (2, 3, 1, 0)  # a (Cout, Cin, 2, 2) conv weight as (4, Cin, Cout), tap ky*2+kx first
 DGRAD_OPERAND = (2, 3, 0, 1)  # as _conv2x2_dx_kernel's (4, Cout, Cin)
@@ -219,9 +253,9 @@ def _pack(weight: torch.Tensor, dtype: torch.dtype, order) -> torch.Tensor:
     return torch.empty_permuted(weight.shape, order, dtype=dtype, device=weight.device).copy_(weight)
 
 
-def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
-    """d(conv weight) (Cout, Cin, 2, 2) float32 from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
-    partial sums added in a fixed order."""
+def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision, dtype):
+    """d(conv weight) (Cout, Cin, 2, 2) in `dtype` from d(conv out) (B*Hc*Wc, Cout): split-K over positions,
+    partial sums added in a fixed order (sum_partials)."""
     B, Cin, H, W = x.shape
     Hc, Wc = H - 1, W - 1
     n_pos = B * Hc * Wc
@@ -230,11 +264,11 @@ def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision):
     splits = max(1, min(max_splits, cdiv(n_pos, 8 * block_p)))
     per_split = max(block_p, cdiv(cdiv(n_pos, splits), block_p) * block_p)
     splits = max(1, cdiv(n_pos, per_split))
-    part = torch.zeros((splits, 4, Cout, Cin), dtype=torch.float32, device=x.device)
+    part = torch.empty((splits, 4, Cout * Cin), dtype=torch.float32, device=x.device)  # every element written
     launch(_conv2x2_dw_kernel, (cdiv(Cout, tiles["BLOCK_CO"]), cdiv(Cin, tiles["BLOCK_CI"]), 4 * splits),
            dz, x, part, n_pos, per_split, Cin, Cout, H, W, Hc, Wc, *x.stride(), NPR=npr, **tiles,
            **dot_args(compute_dtype, precision))
-    return part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
+    return sum_partials(part, torch.empty((Cout, Cin, 2, 2), dtype=dtype, device=x.device))
 
 
 def launch_conv2x2_dx(dz, x, weight, compute_dtype, precision):

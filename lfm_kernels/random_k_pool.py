@@ -105,6 +105,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.shape = list(x.shape)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_idx):

@@ -202,6 +202,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
     ctx.precision = precision
     ctx.mark_non_differentiable(idx, keep)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):

@@ -13,12 +13,14 @@ deterministic, no atomics), then a memory-bound pass that normalizes, ReLUs and 
 window argmax (uint8). Only the block input, the statistics and the argmax are kept for the backward, so
 activation memory stays a third of eager's; the backward computes the conv once more (a GEMM whose
 epilogue stores it with per-program sums of dy and dy * zhat), turns it into d(conv out) in place in a
-memory-bound pass, then runs conv2x2.py's input and weight gradients. The stem keeps a statistics pass
-and the fused normalize kernel: its conv (K = 12) costs less to compute twice than its 64-channel map
-costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
+memory-bound pass, then runs conv2x2.py's input and weight gradients. Per-program partials are merged
+by kernels too (conv2x2.sum_partials), not by chains of torch reductions: on a GPU each torch op is a
+launch. The stem keeps a statistics pass and the fused normalize kernel: its conv (K = 12) costs less to
+compute twice than its 64-channel map costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
   _snet_block_kernel          conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference, fixed statistics
   _snet_stem_kernel           the same for the stem: abs-NPR + conv as float32 FMAs
   _snet_block_stats_kernel    training: the conv [stored] with per-program count, mean and M2 of conv + bias
+  _merge_batch_stats_kernel   training: those partials merged in a fixed order into the batch statistics
   _snet_block_apply_kernel    training: BatchNorm + ReLU [+ pool, argmax] of the stored conv
   _snet_block_dy_sums_kernel  backward: the conv stored, with per-program sums of dy and dy * zhat
   _snet_block_dz_kernel       backward: d(conv out) in place from the stored conv and those sums' means
@@ -35,7 +37,15 @@ import triton.language as tl
 from .backend import call_op, on_input_device, resolve_backend
 from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensors_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
-from .conv2x2 import conv_rows, conv_tile, dot_operand, launch_conv2x2_dw, launch_conv2x2_dx, packed_weight
+from .conv2x2 import (
+    conv_rows,
+    conv_tile,
+    dot_operand,
+    launch_conv2x2_dw,
+    launch_conv2x2_dx,
+    packed_weight,
+    sum_partials,
+)
 from .npr_residual import npr_residual_reference
 from .precision import (
     autocast_enabled,
@@ -226,6 +236,40 @@ def _snet_block_stats_kernel(
 
 
 @triton.jit
+def _merge_batch_stats_kernel(part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, P, Cout,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The batch statistics from _snet_block_stats_kernel's partials. Grid: (cdiv(Cout, BLOCK_C),).
+
+    Merges the P programs' (count, mean, M2) with Chan's formula, BLOCK_P partials at a time as a tree and the
+    blocks in order (deterministic): the mean, then M2 = sum of M2 + count * (mean_p - mean)^2. Writes the
+    float32 mean and biased variance (M2 / count) of each channel (zeros for an empty batch).
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = c < Cout
+    n = 0.0
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        count = tl.load(part_count_ptr + p, mask=p < P, other=0.0)
+        mean = tl.load(part_mean_ptr + p.to(tl.int64)[:, None] * Cout + c[None, :],
+                       mask=(p < P)[:, None] & live[None, :], other=0.0)
+        n += tl.sum(count, axis=0)
+        total += tl.sum(count[:, None] * mean, axis=0)
+    n = tl.maximum(n, 1.0)  # an empty batch (no programs): zeros, which nothing reads
+    mu = total / n
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < P)[:, None] & live[None, :]
+        count = tl.load(part_count_ptr + p, mask=p < P, other=0.0)
+        at = p.to(tl.int64)[:, None] * Cout + c[None, :]
+        d = tl.load(part_mean_ptr + at, mask=ok, other=0.0) - mu[None, :]
+        m2 += tl.sum(tl.load(part_m2_ptr + at, mask=ok, other=0.0) + count[:, None] * d * d, axis=0)
+    tl.store(mean_ptr + c, mu, mask=live)
+    tl.store(var_ptr + c, m2 / n, mask=live)
+
+
+@triton.jit
 def _snet_block_apply_kernel(
     z_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, out_ptr, argmax_ptr, eps, n_rows, Hc, Wc, OH, OW, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
@@ -258,16 +302,18 @@ def _backward_rows(n_rows, H, W, OH, OW, Cout, POOL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout, POOL: tl.constexpr,
-              BLOCK_M: tl.constexpr):
+def _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr,
+              argmax_ptr, H, W, Cout, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
     """From the conv output a (no bias) at _backward_rows' pixels: the normalized zhat, the gradient dy at
     the BatchNorm output (the output gradient routed through the saved argmax and the ReLU) and
-    gamma * rstd. bn is float32 (5, Cout): bias, mean, rstd, gamma, beta."""
-    bias = tl.load(bn_ptr + co, mask=co_live, other=0.0)[None, :]
-    mean = tl.load(bn_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
-    rstd = tl.load(bn_ptr + 2 * Cout + co, mask=co_live, other=0.0)[None, :]
-    gamma = tl.load(bn_ptr + 3 * Cout + co, mask=co_live, other=0.0)[None, :]
-    beta = tl.load(bn_ptr + 4 * Cout + co, mask=co_live, other=0.0)[None, :]
+    gamma * rstd, from the conv bias, gamma, beta and the statistics the forward used (float32, rstd
+    correctly rounded)."""
+    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    mean = tl.load(mean_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
+    var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)[None, :]
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     zhat = (a + bias - mean) * rstd
     if POOL:  # the window's gradient goes to its argmax position; windows past the floor of the half get none
         m = tl.arange(0, BLOCK_M)
@@ -285,16 +331,18 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_pt
 
 
 @triton.jit
-def _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr, H, W,
-                   Cout, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                   grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
     """d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) from the conv output a at
-    _backward_rows' pixels (zero off the map), the two means in means (2, Cout) (zeros when the statistics
-    were not the batch's); stores this program's float32 per-channel sum of it, the conv bias's gradient,
-    to dbias[pid, :]."""
-    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
-                            POOL, BLOCK_M)
-    c1 = tl.load(means_ptr + co, mask=co_live, other=0.0)[None, :]
-    c2 = tl.load(means_ptr + Cout + co, mask=co_live, other=0.0)[None, :]
+    _backward_rows' pixels (zero off the map); the means are the float32 (Cout,) sums of dy and dy * zhat over
+    the n_stats values of the batch statistics (zeros with n_stats = 0: statistics not the batch's). Stores
+    this program's float32 per-channel sum of it, the conv bias's gradient, to dbias[pid, :]."""
+    zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
+                            eps, grad_ptr, argmax_ptr, H, W, Cout, POOL, BLOCK_M)
+    count = tl.maximum(n_stats, 1.0)
+    c1 = tl.where(n_stats > 0, tl.load(dy_sum_ptr + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
+    c2 = tl.where(n_stats > 0, tl.load(dyz_sum_ptr + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
     dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
     tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
     return dz
@@ -302,7 +350,8 @@ def _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argm
 
 @triton.jit
 def _snet_block_dy_sums_kernel(
-    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, sums_ptr, z_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, sums_ptr, z_ptr,
+    n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, NPR: tl.constexpr, STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -312,7 +361,7 @@ def _snet_block_dy_sums_kernel(
     Reads the NHWC block input, the packed weight, the output gradient and the window argmax; with STORE_Z
     writes the conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
     (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel sums of dy and dy * zhat to
-    sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) buffer.
+    sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) float32 buffer (sum_partials adds them up).
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
@@ -321,8 +370,8 @@ def _snet_block_dy_sums_kernel(
         a = a.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + pixel[:, None] + co[None, :], a, mask=valid[:, None] & co_live[None, :])
         a = a.to(tl.float32)
-    zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, H, W, Cout,
-                            POOL, BLOCK_M)
+    zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
+                            eps, grad_ptr, argmax_ptr, H, W, Cout, POOL, BLOCK_M)
     at = tl.program_id(0) * Cout + co
     tl.store(sums_ptr + at, tl.sum(dy, axis=0), mask=co_live)
     tl.store(sums_ptr + tl.num_programs(0) * Cout + at, tl.sum(dy * zhat, axis=0), mask=co_live)
@@ -330,7 +379,8 @@ def _snet_block_dy_sums_kernel(
 
 @triton.jit
 def _snet_block_dz_kernel(
-    z_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cout,
+    z_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr,
+    n_stats, dbias_ptr, n_rows, H, W, OH, OW, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """Backward, pass 2, memory-bound. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
@@ -343,14 +393,15 @@ def _snet_block_dz_kernel(
     at = z_ptr + pixel[:, None] + co[None, :]
     ok = valid[:, None] & co_live[None, :]
     a = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr,
-                        H, W, Cout, POOL, BLOCK_M)
+    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                        grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
     tl.store(at, dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _snet_stem_wgrad_kernel(
-    x_ptr, w_ptr, bn_ptr, grad_ptr, argmax_ptr, means_ptr, part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, dy_sum_ptr,
+    dyz_sum_ptr, n_stats, part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
 ):
     """The stem's backward pass 2 without d(conv out) in memory. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else
@@ -359,13 +410,13 @@ def _snet_stem_wgrad_kernel(
     Recomputes the stem's conv (stem_conv) at its pixels from the contiguous image and weight, turns it into
     d(conv out) as _snet_block_dz_kernel does, and reduces it against each of the Cin x 4 residual taps:
     writes this program's weight-gradient partial part[pid, tap, co, ci] ((programs, 4, Cout, Cin) float32)
-    and conv-bias partial dbias[pid, co], summed by the launcher in a fixed order. The (B*(H-1)*(W-1), Cout)
+    and conv-bias partial dbias[pid, co], summed in a fixed order (sum_partials). The (B*(H-1)*(W-1), Cout)
     gradient map that the general path writes and reads back never exists.
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = stem_conv(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
-    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bn_ptr, grad_ptr, argmax_ptr, means_ptr, dbias_ptr,
-                        H, W, Cout, POOL, BLOCK_M)
+    dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+                        grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
     pid = tl.program_id(0)
     dz = dot_operand(dz, OPERAND_DTYPE, tl.float32)  # as the weight-gradient GEMM rounds its operands
     for ci in range(0, Cin):
@@ -434,24 +485,25 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
 
 def _batch_stats(x, w, bias, npr, precision, compute_dtype):
     """(mean, biased variance, z) of conv(x) + bias per channel, merged from per-program (count, mean, M2)
-    with Chan's formula in program order. z is the conv (no bias, compute_dtype, (B*(H-1)*(W-1), Cout))
-    for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute again than its
-    64-channel map costs to store and read."""
+    with Chan's formula in a fixed order (_merge_batch_stats_kernel). z is the conv (no bias, compute_dtype,
+    (B*(H-1)*(W-1), Cout)) for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute
+    again than its 64-channel map costs to store and read."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w.shape[0], H - 1, W - 1
     n_rows = B * Hc * Wc
     tiles, grid = _grid("snet_block_stats", x, w, n_rows, False, compute_dtype, precision, BLOCK_CI=Cin)
-    count = torch.zeros(grid[0], dtype=torch.float32, device=x.device)
-    mean = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
-    m2 = torch.zeros_like(mean)
+    # Every program writes its partials: no zero fill.
+    count = torch.empty(grid[0], dtype=torch.float32, device=x.device)
+    mean, m2 = torch.empty((2, grid[0], Cout), dtype=torch.float32, device=x.device)
     z = None if npr else torch.empty((n_rows, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
         launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias,
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
                STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
-    n = count.sum()
-    mu = (count[:, None] * mean).sum(0) / n
-    var = (m2.sum(0) + (count[:, None] * (mean - mu) ** 2).sum(0)) / n
+    mu, var = (torch.empty(Cout, dtype=torch.float32, device=x.device) for _ in range(2))  # outputs: no aliasing
+    merge = launch_config("merge_batch_stats", x.device, BLOCK_C=Cout)
+    launch(_merge_batch_stats_kernel, (cdiv(Cout, merge["BLOCK_C"]),), count, mean, m2, mu, var, grid[0], Cout,
+           **merge)
     return mu, var, z
 
 
@@ -536,41 +588,42 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     n_rows, n_pix = B * OH * OW, B * Hc * Wc
     fused_wgrad = npr and not need_dx  # the stem's weight gradient with d(conv out) never in memory
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
-    bn = torch.stack([bias.float(), mean.float(), torch.rsqrt(var.float() + eps), gamma.float(), beta.float()])
+    bn = (bias, gamma, beta, mean, var, eps)
     routing = (grad, argmax if pool else grad)
     x_nhwc, w_packed, dots = nhwc(x), packed_weight(weight, compute_dtype), gemm_dot_args(compute_dtype, precision)
-    sums = torch.zeros((2, grid[0], Cout), dtype=torch.float32, device=x.device)
+    part = torch.empty((2, grid[0], 1, Cout), dtype=torch.float32, device=x.device)  # every program writes its own
     # The conv output, then its gradient (in place).
-    dz = sums if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
+    dz = part if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, bn, *routing, sums, dz, n_rows, H, W, OH, OW, Cin,
+        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, *bn, *routing, part, dz, n_rows, H, W, OH, OW, Cin,
                Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
-    dbeta, dgamma = sums[0].sum(0), sums[1].sum(0)
-    means = torch.stack([dbeta, dgamma]) / max(n_pix, 1) if batch_stats else sums.new_zeros((2, Cout))
+    # The sums of dy and dy * zhat: the gradients of beta and gamma (two tensors: a custom op's outputs may not
+    # alias), and over n_stats values the means d(conv out) needs (zero when the statistics are not the batch's).
+    sums = [sum_partials(p, torch.empty(Cout, dtype=torch.float32, device=x.device)) for p in part]
+    n_stats = float(n_pix) if batch_stats else 0.0
     if fused_wgrad:
         tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision)
-        part = torch.zeros((grid[0], 4, Cout, Cin), dtype=torch.float32, device=x.device)
-        dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+        part = torch.empty((grid[0], 4, Cout * Cin), dtype=torch.float32, device=x.device)
+        dbias = torch.empty((grid[0], 1, Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), bn, *routing, means, part,
-                   dbias, n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, **tiles,
+            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), *bn, *routing, *sums, n_stats,
+                   part, dbias, n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, **tiles,
                    OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
-        dweight = part.sum(0).permute(1, 2, 0).reshape(Cout, Cin, 2, 2)
+        dweight = sum_partials(part, torch.empty(weight.shape, dtype=weight.dtype, device=x.device))
     else:
         tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
-        dbias = torch.zeros((grid[0], Cout), dtype=torch.float32, device=x.device)
+        dbias = torch.empty((grid[0], 1, Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_block_dz_kernel, grid, dz, bn, *routing, means, dbias, n_rows, H, W, OH, OW, Cout, POOL=pool,
-                   **tiles)
-        dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision)
-    dweight = dweight.to(weight.dtype).contiguous()
-    dbias = dbias.sum(0).to(bias.dtype)
+            launch(_snet_block_dz_kernel, grid, dz, *bn, *routing, *sums, n_stats, dbias, n_rows, H, W, OH, OW,
+                   Cout, POOL=pool, **tiles)
+        dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision, weight.dtype)
+    dbias = sum_partials(dbias, torch.empty(bias.shape, dtype=bias.dtype, device=x.device))
     dx = x.new_empty(0)
     if need_dx:
         dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
         if npr:  # dx so far is the gradient at the residual
             dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
-    return dx, dweight, dbias, dgamma.to(gamma.dtype), dbeta.to(beta.dtype)
+    return dx, dweight, dbias, sums[1].to(gamma.dtype), sums[0].to(beta.dtype)
 
 
 @_snet_block_backward_op.register_fake
@@ -589,6 +642,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
     ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
     ctx.mark_non_differentiable(argmax, mean_used, var_used)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):

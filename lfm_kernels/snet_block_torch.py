@@ -103,12 +103,13 @@ def max_pool_2x2(y, out=None):
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):
     """nn.BatchNorm2d's update from a batch's mean and biased variance over n values: the unbiased variance,
-    momentum; an empty batch leaves them alone."""
+    momentum (running + momentum * (batch - running), one op each: on a GPU every op is a launch); an empty
+    batch leaves them alone."""
     if running_mean is None or n == 0:
         return
     with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * n / max(n - 1, 1)).to(running_var.dtype), alpha=momentum)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
 
 
 def fast_training(x, *tensors) -> bool:
