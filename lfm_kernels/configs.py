@@ -99,9 +99,11 @@ _CONFIGS = {
     },
     "score_topk_dweight": {("*", "*"): dict(BLOCK_CI=128, num_warps=4, num_stages=3)},
     # Partials of split reductions summed in order: [BLOCK_P partials, BLOCK_N contiguous sums] a step; the
-    # batch statistics' merge likewise over [BLOCK_P programs, BLOCK_C channels].
-    "sum_partials": {("*", "*"): dict(BLOCK_P=32, BLOCK_N=128, num_warps=4, num_stages=2)},
-    "merge_batch_stats": {("*", "*"): dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=2)},
+    # batch statistics' merge likewise over [BLOCK_P programs, BLOCK_C channels]. Each program reads every
+    # partial of its outputs (thousands of programs' rows in training), so the launchers narrow BLOCK_N and
+    # BLOCK_C until every SM has a program (conv2x2.reduction_tiles).
+    "sum_partials": {("*", "*"): dict(BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2)},
+    "merge_batch_stats": {("*", "*"): dict(BLOCK_P=64, BLOCK_C=128, num_warps=4, num_stages=2)},
     # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one
     # chunk, longer rows go in chunks of CHUNK (k rounds of max per chunk).
     "topk": {("*", "*"): dict(TILE_ELEMENTS=1024, CHUNK=1024, WHOLE_ROW=4096, num_warps=4, num_stages=3)},

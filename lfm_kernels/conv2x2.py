@@ -11,11 +11,14 @@ Kernels:
   _conv2x2_dw_kernel    d(conv weight): split-K GEMM over positions, partials summed in a fixed order
   _sum_partials_kernel  the partials of a split reduction (GEMM epilogues, split-K) summed in a fixed order
 """
+import functools
+import types
+
 import torch
 import triton
 import triton.language as tl
 
-from .configs import cdiv, launch, launch_config
+from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .frozen import preprocessed
 from .precision import dot_args, gemm_dot_args
 
@@ -221,12 +224,26 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, N, scale, R: tl.constexpr, BLOCK_
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def reduction_tiles(kernel: str, block: str, extent: int, device: torch.device):
+    """The tiles of a kernel that reduces over partials with one program per `block` of `extent` outputs:
+    the block halves (down to 16) until every SM has a program, as each program reads all the partials of
+    its outputs. Memoized per signature and launch policy; shared: callers must not modify it."""
+    return _reduction_tiles(kernel, block, extent, device, policy_state(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduction_tiles(kernel, block, extent, device, state):
+    tiles = launch_config(kernel, device, **{block: extent})
+    halve_to_fill(tiles, block, lambda t: cdiv(extent, t[block]), fill_target(device))
+    return types.MappingProxyType(tiles)
+
+
 def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """out = scale * (the sum over p of part[p]) in a fixed order (_sum_partials_kernel), one launch for what
     would be a sum, a scaling and a conversion: part is float32 (P, R, N), out contiguous with N * R
     elements, element (n, r) of the sum at flat position n * R + r."""
     P, R, N = part.shape
-    tiles = launch_config("sum_partials", part.device, BLOCK_N=N)
+    tiles = reduction_tiles("sum_partials", "BLOCK_N", N, part.device)
     if out.numel():
         launch(_sum_partials_kernel, (cdiv(N, tiles["BLOCK_N"]),), part, out, P, N, scale, R=R, **tiles)
     return out

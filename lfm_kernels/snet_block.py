@@ -44,6 +44,7 @@ from .conv2x2 import (
     launch_conv2x2_dw,
     launch_conv2x2_dx,
     packed_weight,
+    reduction_tiles,
     sum_partials,
 )
 from .npr_residual import npr_residual_reference
@@ -501,7 +502,7 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
                STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
     mu, var = (torch.empty(Cout, dtype=torch.float32, device=x.device) for _ in range(2))  # outputs: no aliasing
-    merge = launch_config("merge_batch_stats", x.device, BLOCK_C=Cout)
+    merge = reduction_tiles("merge_batch_stats", "BLOCK_C", Cout, x.device)
     launch(_merge_batch_stats_kernel, (cdiv(Cout, merge["BLOCK_C"]),), count, mean, m2, mu, var, grid[0], Cout,
            **merge)
     return mu, var, z
