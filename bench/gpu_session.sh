@@ -5,7 +5,7 @@
 # OUT_DIR: the run's .jsonl, .log, .md and .png, auto_backend.json and tuned_configs.json (both going on
 # from the committed tables in lfm_kernels/); commit the run under bench/results/ and the two tables under
 # lfm_kernels/. Budget from the command's start: $GPU_SESSION_BUDGET_S (default 540 s), of which
-# the run gets $GPU_SUITE_BUDGET_S (default 360 s). Installs nothing, needs no network.
+# the run gets $GPU_SUITE_BUDGET_S (default 420 s). Installs nothing, needs no network.
 export GPU_SUITE_START="${GPU_SUITE_START:-$(date +%s.%N)}"
 out="${1:?usage: bash bench/gpu_session.sh OUT_DIR}"
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac  # relative to where the command was given
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.." || exit 1
 python="$(bash bench/gpu_python.sh gpu-session)" || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out" || exit 1
-bash bench/gpu_suite.sh --out "$out" --budget-s "${GPU_SUITE_BUDGET_S:-360}"
+bash bench/gpu_suite.sh --out "$out" --budget-s "${GPU_SUITE_BUDGET_S:-420}"
 suite_rc=$?
 status=0
 for table in auto_backend.json tuned_configs.json; do  # both go on from the committed tables

@@ -120,7 +120,8 @@ class TrafficCounter(TorchDispatchMode):
     """Sums `op_traffic` over every op dispatched while active (see the module docstring). A custom op (ours:
     torch.ops.lfm.*) runs under a nested counter, so that the torch ops it issues around its kernels count as
     the launches they are on a GPU; the op itself counts the Triton kernels of lfm_kernels that it launches
-    (not those of a custom op it calls), or one launch when nothing inside it was visible (fake tensors).
+    (not those of a custom op it calls), or one launch when nothing inside it was visible (fake tensors, or
+    an op that launched nothing, such as on an empty batch).
 
     weights: the model's parameters and buffers. An op that reads only these, or what such ops made,
     is weight preprocessing (folding BatchNorm into a conv, say), which a deployment can do once, not
@@ -155,6 +156,8 @@ class TrafficCounter(TorchDispatchMode):
 
     def _count_launch(self, launch):
         self.kernel_launches += 1
+        for t in _tensors(launch.args):  # a kernel may write any tensor it takes: no longer a fresh allocation
+            self.allocated.pop(t, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

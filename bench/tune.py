@@ -148,7 +148,10 @@ def precompile_tiles(workloads: "GoalWorkloads", pair: tuple, variants: list, ch
             with tile_choices({**chosen, pair: tiles}), observe_launches(
                     lambda observed: warm_up(Launch(observed.kernel, observed.grid, observed.args, observed.meta), {}),
                     run=False):
-                workloads.run()
+                try:
+                    workloads.run()
+                except Exception:  # noqa: BLE001 (time_tiles runs the variant again and reports what fails)
+                    continue
 
     compile_in_parallel(submit_warmups)
 

@@ -73,6 +73,24 @@ def on_input_device(op):
     return launch
 
 
+def register_autograd(op, backward, setup_context):
+    """op.register_autograd for a custom op whose first output is its only differentiable one. Autograd leaves
+    the gradients of the other outputs (indices, statistics) undefined instead of filling them with zeros
+    (ctx.set_materialize_grads(False): on a GPU each fill is a launch), and when the first output gets no
+    gradient from downstream, neither do the inputs."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
+
+    def differentiate(ctx, grad, *others):
+        if grad is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return backward(ctx, grad, *others)
+
+    op.register_autograd(differentiate, setup_context=setup)
+
+
 def batch_folding_vmap(op):
     """A torch.func.vmap rule for a custom op whose first argument and every output lead with the batch
     dimension and whose other tensor arguments are per call (weights, seeds): the vmapped dimension joins

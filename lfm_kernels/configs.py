@@ -101,7 +101,8 @@ _CONFIGS = {
     # Partials of split reductions summed in order: [BLOCK_P partials, BLOCK_N contiguous sums] a step; the
     # batch statistics' merge likewise over [BLOCK_P programs, BLOCK_C channels]. Each program reads every
     # partial of its outputs (thousands of programs' rows in training), so the launchers narrow BLOCK_N and
-    # BLOCK_C until every SM has a program (conv2x2.reduction_tiles).
+    # BLOCK_C (down to 4) until every SM has a program, BLOCK_P growing as they narrow
+    # (conv2x2.reduction_tiles).
     "sum_partials": {("*", "*"): dict(BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2)},
     "merge_batch_stats": {("*", "*"): dict(BLOCK_P=64, BLOCK_C=128, num_warps=4, num_stages=2)},
     # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one

@@ -225,23 +225,26 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, N, scale, R: tl.constexpr, BLOCK_
 # Launchers
 # ---------------------------------------------------------------------------------------------
 def reduction_tiles(kernel: str, block: str, extent: int, device: torch.device):
-    """The tiles of a kernel that reduces over partials with one program per `block` of `extent` outputs:
-    the block halves (down to 16) until every SM has a program, as each program reads all the partials of
-    its outputs. Memoized per signature and launch policy; shared: callers must not modify it."""
+    """The tiles of a kernel that reduces over partials (BLOCK_P of them a step) with one program per `block`
+    of `extent` outputs. Each program reads every partial of its outputs (thousands of rows in training), so
+    the block halves, down to 4 outputs, until every SM has a program, and BLOCK_P grows as it narrows (the
+    same elements a step). Memoized per signature and launch policy; shared: callers must not modify it."""
     return _reduction_tiles(kernel, block, extent, device, policy_state(device))
 
 
 @functools.lru_cache(maxsize=1024)
 def _reduction_tiles(kernel, block, extent, device, state):
     tiles = launch_config(kernel, device, **{block: extent})
-    halve_to_fill(tiles, block, lambda t: cdiv(extent, t[block]), fill_target(device))
+    fitted = tiles[block]
+    halve_to_fill(tiles, block, lambda t: cdiv(extent, t[block]), fill_target(device), smallest=4)
+    tiles["BLOCK_P"] *= fitted // tiles[block]
     return types.MappingProxyType(tiles)
 
 
 def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """out = scale * (the sum over p of part[p]) in a fixed order (_sum_partials_kernel), one launch for what
-    would be a sum, a scaling and a conversion: part is float32 (P, R, N), out contiguous with N * R
-    elements, element (n, r) of the sum at flat position n * R + r."""
+    would be a sum, a scaling and a conversion: part is contiguous float32 (P, R, N), out contiguous with
+    N * R elements, element (n, r) of the sum at flat position n * R + r."""
     P, R, N = part.shape
     tiles = reduction_tiles("sum_partials", "BLOCK_N", N, part.device)
     if out.numel():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, resolve_backend
+from .backend import on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor
 from .configs import cdiv, launch, launch_config
 from .precision import check_kernel_dtype
@@ -153,7 +153,7 @@ def _backward(ctx, grad):
     return torch.ops.lfm.npr_residual_backward(grad, x, ctx.factor, ctx.absolute), None, None
 
 
-_npr_residual_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_npr_residual_op, _backward, _setup_context)
 
 
 def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, backend=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import batch_folding_vmap, on_input_device, resolve_backend
+from .backend import batch_folding_vmap, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .configs import cdiv, launch
 from .precision import check_kernel_dtype
@@ -105,7 +105,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.shape = list(x.shape)
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_idx):
@@ -113,7 +112,7 @@ def _backward(ctx, grad, _grad_idx):
     return torch.ops.lfm.scatter_rows(grad, idx, None, 1.0, ctx.shape), None, None
 
 
-_random_k_pool_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_random_k_pool_op, _backward, _setup_context)
 _random_k_pool_op.register_vmap(batch_folding_vmap(_random_k_pool_op))
 
 

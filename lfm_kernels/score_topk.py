@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import batch_folding_vmap, on_input_device, resolve_backend
+from .backend import batch_folding_vmap, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import cdiv, launch, launch_config
 from .conv2x2 import packed_weight
@@ -202,7 +202,6 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
     ctx.precision = precision
     ctx.mark_non_differentiable(idx, keep)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):
@@ -211,7 +210,7 @@ def _backward(ctx, grad, _grad_idx, _grad_keep):
     return dfeat, dweight, None, None, None, None, None, None
 
 
-_score_topk_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_score_topk_op, _backward, _setup_context)
 _score_topk_op.register_vmap(batch_folding_vmap(_score_topk_op))
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import call_op, on_input_device, resolve_backend
+from .backend import call_op, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensors_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import (
@@ -215,7 +215,7 @@ def _snet_block_stats_kernel(
     it (no bias, rounded to z's dtype, as a cuDNN conv in that dtype would) to z (B*OH*OW, Cout) for
     _snet_block_apply_kernel. Writes this program's pixel count, and per channel the mean and M2 of
     conv + bias over its pixels (of the stored values with STORE_Z), to part_count[pid], part_mean[pid, :],
-    part_m2[pid, :] (merged by the launcher in a fixed order).
+    part_m2[pid, :] (merged in a fixed order by _merge_batch_stats_kernel).
     """
     g, b, r, c, live = conv_rows(n_rows, OH, OW, False, BLOCK_M)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -307,8 +307,8 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_p
               argmax_ptr, H, W, Cout, POOL: tl.constexpr, BLOCK_M: tl.constexpr):
     """From the conv output a (no bias) at _backward_rows' pixels: the normalized zhat, the gradient dy at
     the BatchNorm output (the output gradient routed through the saved argmax and the ReLU) and
-    gamma * rstd, from the conv bias, gamma, beta and the statistics the forward used (float32, rstd
-    correctly rounded)."""
+    gamma * rstd, from the conv bias, gamma, beta and the statistics the forward used (float32; rstd as
+    1 / sqrt(var + eps), each operation correctly rounded)."""
     bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
     beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
@@ -643,7 +643,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
     ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
     ctx.mark_non_differentiable(argmax, mean_used, var_used)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
@@ -653,7 +652,7 @@ def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
     return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None, None
 
 
-_snet_block_train_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_snet_block_train_op, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ lfm::scatter_rows. The triton backend takes k <= MAX_KERNEL_K.
 """
 import torch
 
-from .backend import batch_folding_vmap, on_input_device, resolve_backend
+from .backend import batch_folding_vmap, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .precision import check_kernel_dtype
 from .randomness import check_drop, draw_seed, dropout_scale, rank_drop_probs
@@ -73,7 +73,6 @@ def _setup_context(ctx, inputs, output):
     ctx.shape = list(x.shape)
     ctx.scale = dropout_scale(pmin, pmax) if apply_drop else 1.0
     ctx.mark_non_differentiable(idx, keep)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs that have none
 
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):
@@ -81,7 +80,7 @@ def _backward(ctx, grad, _grad_idx, _grad_keep):
     return torch.ops.lfm.scatter_rows(grad, idx, keep, ctx.scale, ctx.shape), None, None, None, None, None
 
 
-_topk_pool_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_topk_pool_op, _backward, _setup_context)
 _topk_pool_op.register_vmap(batch_folding_vmap(_topk_pool_op))
 
 

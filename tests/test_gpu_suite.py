@@ -84,14 +84,14 @@ def test_gpu_run_order(gpu_plan):
         cases = {test for tier, test in gpu_plan if tier == f"compile-{mode}"}
         assert cases == {f"bench/bench_lfm.py::test_inference[compile-{mode}-{d}-256-256]" for d in dtypes} | {
             f"bench/bench_lfm.py::test_inference_cuda_graph[compile-{mode}-{d}]" for d in dtypes if graphed}
-    # The training step: ours and eager, then the compile-default anchor (its compilation may not fit).
+    # The training step: ours and eager, our kernels' profiles (after the rows they are set against), then the
+    # compile-default anchor of the training goal (last: its compilation may not fit the budget).
     training = [test for tier, test in gpu_plan if tier == "training"]
     assert {f"bench/bench_lfm.py::test_training_step[{p}-{d}]" for p in ("eager", "triton")
             for d in dtypes} == set(training[:-6])
-    assert training[-6:-4] == [f"bench/bench_lfm.py::test_training_step[compile-default-{d}]" for d in dtypes]
-    # Our kernels' profiles after the rows they are set against and the anchors' compilations (diagnostics).
-    assert training[-4:] == [f"bench/bench_kernel_profile.py::test_kernel_profile_{mode}[triton-{d}]"
-                             for mode in ("inference", "training") for d in dtypes]
+    assert training[-6:-2] == [f"bench/bench_kernel_profile.py::test_kernel_profile_{mode}[triton-{d}]"
+                               for mode in ("inference", "training") for d in dtypes]
+    assert training[-2:] == [f"bench/bench_lfm.py::test_training_step[compile-default-{d}]" for d in dtypes]
     assert not any("channels-last" in t for tier, t in gpu_plan if tier in ("training", "ops"))  # an anchor only
 
     triton_end_to_end = [i for i, t in enumerate(tests) if "test_inference[triton-" in t]

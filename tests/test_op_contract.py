@@ -9,7 +9,8 @@ gets the whole contract by adding its entries to OPS):
 - contiguous, channels_last and strided inputs give the same results;
 - a tensor of the wrong rank or an integer dtype raises ValueError (a wrong device cannot be made on CPU);
 - bfloat16 and float16 inputs agree with the float64 reference within tests/utils.py's DTYPE_TOL;
-- an empty batch gives empty outputs and zero gradients without touching any state.
+- an empty batch gives empty outputs and zero gradients without touching any state;
+- an output that gets no gradient from downstream gives none (or zeros) to the inputs.
 
 Ops that draw random numbers (`random=True`) are checked against their own Triton float32 run under the
 same seed instead of the reference. Per-op files keep what is specific to their op."""
@@ -192,6 +193,31 @@ def test_empty_batch(case, backend):
     grads = torch.autograd.grad(out.sum(), tensors, allow_unused=True)
     for t, g in zip(tensors, grads):
         assert g is None or (g.shape == t.shape and not g.any())
+
+
+class _DropsGradient(torch.autograd.Function):
+    """Identity whose backward gives no gradient: what a node downstream of an op may hand back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("case", OPS, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_output_without_gradient_gives_none_or_zero_gradients(case, backend):
+    inputs, state = case.inputs(2)
+    tensors, state = _as(torch.float32, inputs, True), _as(torch.float32, state, False)
+    out = _DropsGradient.apply(case.run(backend, tensors, state))
+    anchor = tensors[0].sum()  # something to differentiate, so that the op's backward runs with no gradient
+    grads = torch.autograd.grad(out.sum() + anchor, tensors, allow_unused=True)
+    for i, (t, g) in enumerate(zip(tensors, grads)):
+        expected = torch.ones_like(t) if i == 0 else torch.zeros_like(t)
+        assert g is None and i > 0 or torch.equal(g, expected), f"gradient {i}"
 
 
 class _RecordCustomOps(TorchDispatchMode):
