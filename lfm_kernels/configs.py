@@ -104,7 +104,7 @@ _CONFIGS = {
     # BLOCK_C (down to 4) until every SM has a program, BLOCK_P growing as they narrow
     # (conv2x2.reduction_tiles).
     "sum_partials": {("*", "*"): dict(BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=2)},
-    "merge_batch_stats": {("*", "*"): dict(BLOCK_P=64, BLOCK_C=128, num_warps=4, num_stages=2)},
+    "merge_batch_stats": {("*", "*"): dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=2)},
     # Selection: about TILE_ELEMENTS [rows, positions] per program; a row up to WHOLE_ROW positions is one
     # chunk, longer rows go in chunks of CHUNK (k rounds of max per chunk).
     "topk": {("*", "*"): dict(TILE_ELEMENTS=1024, CHUNK=1024, WHOLE_ROW=4096, num_warps=4, num_stages=3)},
