@@ -281,11 +281,12 @@ def launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision, dtype):
     n_pos = B * Hc * Wc
     tiles = launch_config("conv2x2_dw", x.device, compute_dtype, precision, BLOCK_CI=Cin, BLOCK_CO=Cout)
     block_p, max_splits = tiles["BLOCK_P"], tiles.pop("MAX_SPLITS")
-    # Splits of at least 8 K steps each, and no more than fill every SM twice: each split writes a float32
-    # partial of the whole weight gradient, which sum_partials reads back (block 4 at batch 32, 224x224 on an
-    # H100/H200: 9 splits and 19 MB of partials, where splitting by positions alone gave 43-62 and 90-130 MB).
+    # Splits of at least 8 K steps each, and at most as many programs as two per SM (whole waves at one or two
+    # CTAs an SM): each split writes a float32 partial of the whole weight gradient, which sum_partials reads
+    # back (block 4 at batch 32, 224x224 on an H100/H200: 8 splits and 17 MB of partials, where splitting by
+    # positions alone gave 43-62 splits, 90-130 MB, and 5-8 waves with a partial last one).
     output_tiles = cdiv(Cout, tiles["BLOCK_CO"]) * cdiv(Cin, tiles["BLOCK_CI"]) * 4
-    splits = max(1, min(max_splits, cdiv(n_pos, 8 * block_p), cdiv(2 * fill_target(x.device), output_tiles)))
+    splits = max(1, min(max_splits, cdiv(n_pos, 8 * block_p), 2 * fill_target(x.device) // output_tiles))
     per_split = max(block_p, cdiv(cdiv(n_pos, splits), block_p) * block_p)
     splits = max(1, cdiv(n_pos, per_split))
     part = torch.empty((splits, 4, Cout * Cin), dtype=torch.float32, device=x.device)  # every element written
