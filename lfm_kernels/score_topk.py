@@ -74,7 +74,7 @@ def _score_topk_chunk_kernel(
 
 @triton.jit
 def _score_topk_dfeat_kernel(
-    ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, sdn, swo, swi,
+    ds_ptr, w_ptr, dfeat_ptr, Cout, Cin, N, sdn, swo, swi, sfb, sfc, sfp,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -83,7 +83,9 @@ def _score_topk_dfeat_kernel(
     dfeat[b, ci, p] = sum_co weight[co, ci] * dscore[b, co, p]: reads the sparse-in-content
     dscore (B, Cout, rows of sdn >= H*W) that scatter_rows built and the weight (through strides swo, swi),
     both in the operand dtype already (no tile converted in registers on its way to the dot: half the bytes
-    of a float32 dscore in 16-bit); writes contiguous dfeat. Rows of a multiple of 16 positions start
+    of a float32 dscore in 16-bit); writes dfeat through its strides (image, channel, position: feat's memory
+    format, NCHW or NHWC, so that the block before gets its gradient as it laid out its output). Rows of a
+    multiple of 16 positions start
     16-byte aligned, so that 16-bit dscore tiles load as asynchronous copies and sm_90's wgmma stays in
     flight (with rows of H*W, unaligned in general, Triton copies them through registers and waits on each).
     """
@@ -102,7 +104,7 @@ def _score_topk_dfeat_kernel(
         wt = tl.load(w_ptr + co[None, :] * swo + ci[:, None] * swi,
                      mask=ci_live[:, None] & co_live[None, :], other=0.0)
         acc = tl.dot(wt.to(DOT_DTYPE), ds.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    tl.store(dfeat_ptr + (b.to(tl.int64) * Cin + ci[:, None]) * N + cols[None, :],
+    tl.store(dfeat_ptr + b.to(tl.int64) * sfb + ci[:, None] * sfc + cols[None, :] * sfp,
              acc.to(dfeat_ptr.dtype.element_ty), mask=ci_live[:, None] & col_live[None, :])
 
 
@@ -175,13 +177,13 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
     # scattered, the weight packed as (Cin, Cout).
     dscore = torch.ops.lfm.scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, cdiv(N, 16) * 16])
     operand = packed_weight(weight, feat.dtype, SCORE_OPERAND)
-    dfeat = torch.empty((B, Cin, H, W), dtype=feat.dtype, device=feat.device)
+    dfeat = _dfeat_like(feat)
     tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
                           BLOCK_CO=Cout)
     if B:
         launch(_score_topk_dfeat_kernel, (B, cdiv(N, tiles["BLOCK_N"]), cdiv(Cin, tiles["BLOCK_CI"])),
-               dscore, operand, dfeat, Cout, Cin, N, dscore.shape[-1], operand.stride(0), operand.stride(1), **tiles,
-               **gemm_dot_args(feat.dtype, precision))
+               dscore, operand, dfeat, Cout, Cin, N, dscore.shape[-1], operand.stride(0), operand.stride(1),
+               dfeat.stride(0), dfeat.stride(1), dfeat.stride(3), **tiles, **gemm_dot_args(feat.dtype, precision))
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     tiles = launch_config("score_topk_dweight", feat.device, BLOCK_CI=Cin)
     launch(_score_topk_dweight_kernel, (Cout, cdiv(Cin, tiles["BLOCK_CI"])),
@@ -192,7 +194,15 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
 
 @_score_topk_backward_op.register_fake
 def _(grad, feat, weight, idx, keep, scale, precision):
-    return torch.empty_like(feat, memory_format=torch.contiguous_format), torch.empty_like(weight)
+    return _dfeat_like(feat), torch.empty_like(weight)
+
+
+def _dfeat_like(feat: torch.Tensor) -> torch.Tensor:
+    """The feature gradient's buffer: channels_last where feat is (the SNet blocks' NHWC output, whose
+    backward reads its gradient so), else contiguous."""
+    channels_last = feat.is_contiguous(memory_format=torch.channels_last) and not feat.is_contiguous()
+    return torch.empty(feat.shape, dtype=feat.dtype, device=feat.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
