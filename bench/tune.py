@@ -80,6 +80,11 @@ class Launch:
     args: tuple
     kwargs: dict
 
+    @classmethod
+    def of(cls, observed) -> "Launch":
+        """A launch that configs.observe_launches saw."""
+        return cls(observed.kernel, observed.grid, observed.args, dict(observed.meta))
+
     @property
     def dtype(self) -> str:
         """The dtype of the first tensor argument: with the constexprs, what a launcher knows when it launches."""
@@ -112,7 +117,7 @@ def recording(launches: list):
     seen = set()
 
     def record(observed):
-        launch = Launch(observed.kernel, observed.grid, observed.args, dict(observed.meta))
+        launch = Launch.of(observed)
         if launch.key("", "") not in seen:
             seen.add(launch.key("", ""))
             launches.append(launch)
@@ -146,8 +151,7 @@ def precompile_tiles(workloads: "GoalWorkloads", pair: tuple, variants: list, ch
     def submit_warmups(warm_up):
         for tiles in variants:
             with tile_choices({**chosen, pair: tiles}), observe_launches(
-                    lambda observed: warm_up(Launch(observed.kernel, observed.grid, observed.args, observed.meta), {}),
-                    run=False):
+                    lambda observed: warm_up(Launch.of(observed), {}), run=False):
                 try:
                     workloads.run()
                 except Exception:  # noqa: BLE001 (time_tiles runs the variant again and reports what fails)

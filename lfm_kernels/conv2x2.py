@@ -201,11 +201,10 @@ def _conv2x2_dw_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, P, N, scale, R: tl.constexpr, BLOCK_P: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+def _sum_partials_kernel(part_ptr, out_ptr, P, N, R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """The partials of a split reduction summed in a fixed order. Grid: (cdiv(N, BLOCK_N),).
 
-    out[n, r] = scale * sum over p of part[p, r, n], from the float32 (P, R, N) partials that the programs of a
+    out[n, r] = sum over p of part[p, r, n], from the float32 (P, R, N) partials that the programs of a
     GEMM epilogue or the splits of a split-K GEMM wrote: BLOCK_P partials at a time summed as a tree, the
     blocks added in order (deterministic, no atomics); written to the contiguous (N, R) out in its dtype.
     """
@@ -218,7 +217,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, N, scale, R: tl.constexpr, BLOCK_
             tile = tl.load(part_ptr + (p.to(tl.int64)[:, None] * R + r) * N + n[None, :],
                            mask=(p < P)[:, None] & live[None, :], other=0.0)
             acc += tl.sum(tile, axis=0)
-        tl.store(out_ptr + n.to(tl.int64) * R + r, (acc * scale).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(out_ptr + n.to(tl.int64) * R + r, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,16 +240,15 @@ def _reduction_tiles(kernel, block, extent, device, state):
     return types.MappingProxyType(tiles)
 
 
-def sum_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """out = scale * (the sum over p of part[p]) in a fixed order (_sum_partials_kernel), one launch for what
-    would be a sum, a scaling and a conversion: part is contiguous float32 (P, R, N), out contiguous with
-    N * R elements, element (n, r) of the sum at flat position n * R + r."""
+def sum_partials(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = the sum over p of part[p] in a fixed order (_sum_partials_kernel), one launch for what would be a
+    sum, a permutation and a conversion: part is contiguous float32 (P, R, N), out contiguous with N * R
+    elements, element (n, r) of the sum at flat position n * R + r."""
     P, R, N = part.shape
     tiles = reduction_tiles("sum_partials", "BLOCK_N", N, part.device)
     if out.numel():
-        launch(_sum_partials_kernel, (cdiv(N, tiles["BLOCK_N"]),), part, out, P, N, scale, R=R, **tiles)
+        launch(_sum_partials_kernel, (cdiv(N, tiles["BLOCK_N"]),), part, out, P, N, R=R, **tiles)
     return out
-
 
 
 # Memory orders of the GEMM kernels' B operands (packed_weight): the weight's dimensions, outermost first.

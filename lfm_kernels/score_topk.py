@@ -85,9 +85,9 @@ def _score_topk_dfeat_kernel(
     both in the operand dtype already (no tile converted in registers on its way to the dot: half the bytes
     of a float32 dscore in 16-bit); writes dfeat through its strides (image, channel, position: feat's memory
     format, NCHW or NHWC, so that the block before gets its gradient as it laid out its output). Rows of a
-    multiple of 16 positions start
-    16-byte aligned, so that 16-bit dscore tiles load as asynchronous copies and sm_90's wgmma stays in
-    flight (with rows of H*W, unaligned in general, Triton copies them through registers and waits on each).
+    multiple of 16 positions start 16-byte aligned, so that 16-bit dscore tiles load as asynchronous copies
+    and sm_90's wgmma stays in flight (with rows of H*W, unaligned in general, Triton copies them through
+    registers and waits on each).
     """
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -16,7 +16,8 @@ epilogue stores it with per-program sums of dy and dy * zhat), turns it into d(c
 memory-bound pass, then runs conv2x2.py's input and weight gradients. Per-program partials are merged
 by kernels too (conv2x2.sum_partials), not by chains of torch reductions: on a GPU each torch op is a
 launch. The stem keeps a statistics pass and the fused normalize kernel: its conv (K = 12) costs less to
-compute twice than its 64-channel map costs to store and read. ReLU and max-pool propagate NaN as PyTorch does. Kernels:
+compute twice than its 64-channel map costs to store and read. ReLU and max-pool propagate NaN as PyTorch
+does. Kernels:
   _snet_block_kernel          conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference, fixed statistics
   _snet_stem_kernel           the same for the stem: abs-NPR + conv as float32 FMAs
   _snet_block_stats_kernel    training: the conv [stored] with per-program count, mean and M2 of conv + bias
@@ -82,14 +83,22 @@ def relu(v):
 
 
 @triton.jit
-def batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live):
-    """[1, BLOCK_CO] scale and shift with conv(x) * scale + shift == batchnorm(conv(x) + bias), from Cout
-    values of each vector (float32, correctly rounded)."""
+def batchnorm_vectors(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, co, co_live):
+    """The conv bias, gamma, beta, mean and variance at channels co as float32 [BLOCK_CO] vectors (a dead
+    channel's variance 1, so that no lane divides by zero)."""
     bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)
     gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + co, mask=co_live, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)
+    return bias, gamma, beta, mean, var
+
+
+@triton.jit
+def batchnorm_affine(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, co, co_live):
+    """[1, BLOCK_CO] scale and shift with conv(x) * scale + shift == batchnorm(conv(x) + bias), from Cout
+    values of each vector (float32, correctly rounded)."""
+    bias, gamma, beta, mean, var = batchnorm_vectors(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, co, co_live)
     scale = tl.div_rn(gamma, tl.sqrt_rn(var + eps))
     return scale[None, :], ((bias - mean) * scale + beta)[None, :]
 
@@ -309,13 +318,9 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_p
     the BatchNorm output (the output gradient routed through the saved argmax and the ReLU) and
     gamma * rstd, from the conv bias, gamma, beta and the statistics the forward used (float32; rstd as
     1 / sqrt(var + eps), each operation correctly rounded)."""
-    bias = tl.load(bias_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    gamma = tl.load(gamma_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    beta = tl.load(beta_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    mean = tl.load(mean_ptr + co, mask=co_live, other=0.0).to(tl.float32)[None, :]
-    var = tl.load(var_ptr + co, mask=co_live, other=1.0).to(tl.float32)[None, :]
+    bias, gamma, beta, mean, var = batchnorm_vectors(bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, co, co_live)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    zhat = (a + bias - mean) * rstd
+    zhat = (a + bias[None, :] - mean[None, :]) * rstd[None, :]
     if POOL:  # the window's gradient goes to its argmax position; windows past the floor of the half get none
         m = tl.arange(0, BLOCK_M)
         Hp = (H - 1) // 2
@@ -327,8 +332,8 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_p
         da = tl.load(grad_ptr + at, mask=pooled & (arg == (m // (BLOCK_M // 4))[:, None]), other=0.0)
     else:
         da = tl.load(grad_ptr + pixel[:, None] + co[None, :], mask=valid[:, None] & co_live[None, :], other=0.0)
-    dy = tl.where(valid[:, None] & (zhat * gamma + beta > 0), da.to(tl.float32), 0.0)
-    return zhat, dy, gamma * rstd
+    dy = tl.where(valid[:, None] & (zhat * gamma[None, :] + beta[None, :] > 0), da.to(tl.float32), 0.0)
+    return zhat, dy, (gamma * rstd)[None, :]
 
 
 @triton.jit
@@ -592,15 +597,15 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     bn = (bias, gamma, beta, mean, var, eps)
     routing = (grad, argmax if pool else grad)
     x_nhwc, w_packed, dots = nhwc(x), packed_weight(weight, compute_dtype), gemm_dot_args(compute_dtype, precision)
-    part = torch.empty((2, grid[0], 1, Cout), dtype=torch.float32, device=x.device)  # every program writes its own
+    dy_part = torch.empty((2, grid[0], 1, Cout), dtype=torch.float32, device=x.device)  # each program writes its own
     # The conv output, then its gradient (in place).
-    dz = part if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
+    dz = dy_part if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, *bn, *routing, part, dz, n_rows, H, W, OH, OW, Cin,
-               Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
+        launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, *bn, *routing, dy_part, dz, n_rows, H, W, OH, OW,
+               Cin, Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
     # The sums of dy and dy * zhat: the gradients of beta and gamma (two tensors: a custom op's outputs may not
     # alias), and over n_stats values the means d(conv out) needs (zero when the statistics are not the batch's).
-    sums = [sum_partials(p, torch.empty(Cout, dtype=torch.float32, device=x.device)) for p in part]
+    sums = [sum_partials(p, torch.empty(Cout, dtype=torch.float32, device=x.device)) for p in dy_part]
     n_stats = float(n_pix) if batch_stats else 0.0
     if fused_wgrad:
         tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision)
