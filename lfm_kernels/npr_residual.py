@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import on_input_device, register_autograd, resolve_backend
+from .backend import call_op, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor
 from .configs import cdiv, launch, launch_config
 from .precision import check_kernel_dtype
@@ -116,12 +116,14 @@ def _launch(kernel, x, *tensors_and_out, factor, absolute):
                ABSOLUTE=absolute, **config)
 
 
-@torch.library.custom_op("lfm::npr_residual", mutates_args=())
 @on_input_device
-def _npr_residual_op(x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
+def _npr_residual(x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(_npr_residual_fwd_kernel, x, x, out, factor=factor, absolute=absolute)
     return out
+
+
+_npr_residual_op = torch.library.custom_op("lfm::npr_residual", _npr_residual, mutates_args=())
 
 
 @_npr_residual_op.register_fake
@@ -129,17 +131,25 @@ def _(x, factor, absolute):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("lfm::npr_residual_backward", mutates_args=())
 @on_input_device
-def _npr_residual_backward_op(grad: torch.Tensor, x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
+def _npr_residual_backward(grad: torch.Tensor, x: torch.Tensor, factor: int, absolute: bool) -> torch.Tensor:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(_npr_residual_bwd_kernel, x, grad.contiguous(), x, dx, factor=factor, absolute=absolute)
     return dx
 
 
+_npr_residual_backward_op = torch.library.custom_op("lfm::npr_residual_backward", _npr_residual_backward,
+                                                    mutates_args=())
+
+
 @_npr_residual_backward_op.register_fake
 def _(grad, x, factor, absolute):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def npr_residual_backward(grad, x, factor, absolute):
+    """lfm::npr_residual_backward, called directly in plain eager code (backend.call_op)."""
+    return call_op(torch.ops.lfm.npr_residual_backward, _npr_residual_backward, grad, x, factor, absolute)
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,10 +160,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.lfm.npr_residual_backward(grad, x, ctx.factor, ctx.absolute), None, None
+    return npr_residual_backward(grad, x, ctx.factor, ctx.absolute), None, None
 
 
-register_autograd(_npr_residual_op, _backward, _setup_context)
+_npr_residual_autograd = register_autograd(_npr_residual_op, _npr_residual, _backward, _setup_context)
 
 
 def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, backend=None) -> torch.Tensor:
@@ -168,4 +178,4 @@ def npr_residual(x: torch.Tensor, factor: int = 2, absolute: bool = True, *, bac
     if B * C > _MAX_PLANES or H * W >= 2**31:
         raise ValueError(f"backend='triton' takes at most {_MAX_PLANES} (batch x channel) planes of fewer than "
                          f"2^31 pixels, got shape {tuple(x.shape)}; use backend='torch'")
-    return torch.ops.lfm.npr_residual(x, factor, bool(absolute))
+    return _npr_residual_autograd(x, factor, bool(absolute))

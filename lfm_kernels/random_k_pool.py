@@ -23,6 +23,7 @@ from .selection import (
     pop_max,
     reduce_candidates,
     rows_per_program,
+    scatter_rows,
     select_chunks,
     sortable_key,
 )
@@ -74,9 +75,8 @@ def _random_k_merge_kernel(
         tl.store(idx_ptr + at + r, where.to(tl.int64), mask=row_live)
 
 
-@torch.library.custom_op("lfm::random_k_pool", mutates_args=())
 @on_input_device
-def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_k_pool(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = x.shape
     out = torch.empty((B, C, k), dtype=x.dtype, device=x.device)
     idx = torch.empty((B, C, k), dtype=torch.int64, device=x.device)
@@ -94,6 +94,9 @@ def _random_k_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor) -> tuple[torc
     return out, idx
 
 
+_random_k_pool_op = torch.library.custom_op("lfm::random_k_pool", _random_k_pool, mutates_args=())
+
+
 @_random_k_pool_op.register_fake
 def _(x, k, seed):
     B, C = x.shape[:2]
@@ -109,10 +112,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_idx):
     (idx,) = ctx.saved_tensors
-    return torch.ops.lfm.scatter_rows(grad, idx, None, 1.0, ctx.shape), None, None
+    return scatter_rows(grad, idx, None, 1.0, ctx.shape), None, None
 
 
-register_autograd(_random_k_pool_op, _backward, _setup_context)
+_random_k_pool_autograd = register_autograd(_random_k_pool_op, _random_k_pool, _backward, _setup_context)
 _random_k_pool_op.register_vmap(batch_folding_vmap(_random_k_pool_op))
 
 
@@ -124,5 +127,5 @@ def random_k_pool(x, k, *, return_indices=False, backend=None):
         return random_k_pool_reference(x, k, return_indices=return_indices)
     check_kernel_dtype("x", x)
     check_kernel_k(k)
-    values, idx = torch.ops.lfm.random_k_pool(x, k, draw_seed(x.device))
+    values, idx = _random_k_pool_autograd(x, k, draw_seed(x.device))
     return (values, idx) if return_indices else values

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .backend import batch_folding_vmap, on_input_device, register_autograd, resolve_backend
+from .backend import batch_folding_vmap, call_op, on_input_device, register_autograd, resolve_backend
 from .checks import check_float_tensor, check_k, check_kernel_k, check_same_device
 from .configs import cdiv, launch, launch_config
 from .conv2x2 import packed_weight
@@ -24,7 +24,7 @@ from .precision import (
     resolve_precision,
 )
 from .randomness import check_drop, draw_seed, dropout_scale
-from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, sortable_key, write_candidates
+from .selection import EMPTY_KEY, NO_POSITION, merge_candidates, scatter_rows, sortable_key, write_candidates
 from .topk_pool import topk_pool, topk_pool_reference
 
 # packed_weight's order of a (Cout, Cin, 1, 1) scoring weight: the (Cin, Cout) operand (snet_head's B operand,
@@ -138,10 +138,9 @@ def _score_topk_dweight_kernel(
     tl.store(dw_ptr + co * Cin + ci, acc.to(dw_ptr.dtype.element_ty), mask=ci_live)
 
 
-@torch.library.custom_op("lfm::score_topk", mutates_args=())
 @on_input_device
-def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch.Tensor, pmin: float,
-                   pmax: float, apply_drop: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _score_topk(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch.Tensor, pmin: float,
+                pmax: float, apply_drop: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     tiles = launch_config("score_topk_chunk", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CO=Cout)
@@ -159,6 +158,9 @@ def _score_topk_op(feat: torch.Tensor, weight: torch.Tensor, k: int, seed: torch
     return out, idx.view(B, Cout, k), keep.view(B, Cout, k)
 
 
+_score_topk_op = torch.library.custom_op("lfm::score_topk", _score_topk, mutates_args=())
+
+
 @_score_topk_op.register_fake
 def _(feat, weight, k, seed, pmin, pmax, apply_drop, precision):
     B, Cout = feat.shape[0], weight.shape[0]
@@ -166,16 +168,15 @@ def _(feat, weight, k, seed, pmin, pmax, apply_drop, precision):
             feat.new_empty((B, Cout, k), dtype=torch.uint8))
 
 
-@torch.library.custom_op("lfm::score_topk_backward", mutates_args=())
 @on_input_device
-def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
-                            keep: torch.Tensor, scale: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_topk_backward(grad: torch.Tensor, feat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                         keep: torch.Tensor, scale: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, Cin, H, W = feat.shape
     Cout, N = weight.shape[0], H * W
     grad, idx, keep = grad.contiguous(), idx.contiguous(), keep.contiguous()
     # Both GEMM operands in feat's dtype (the kernel would round them to it): dscore rounded once as it is
     # scattered, the weight packed as (Cin, Cout).
-    dscore = torch.ops.lfm.scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, cdiv(N, 16) * 16])
+    dscore = scatter_rows(grad.to(feat.dtype), idx, keep, scale, [B, Cout, cdiv(N, 16) * 16])
     operand = packed_weight(weight, feat.dtype, SCORE_OPERAND)
     dfeat = _dfeat_like(feat)
     tiles = launch_config("score_topk_dfeat", feat.device, feat.dtype, precision, BLOCK_N=N, BLOCK_CI=Cin,
@@ -190,6 +191,9 @@ def _score_topk_backward_op(grad: torch.Tensor, feat: torch.Tensor, weight: torc
            grad, idx, keep, feat, dweight, B, Cout, Cin, W, *feat.stride(), idx.shape[-1], scale,
            BLOCK_K=triton.next_power_of_2(idx.shape[-1]), **tiles)
     return dfeat, dweight
+
+
+_score_topk_backward_op = torch.library.custom_op("lfm::score_topk_backward", _score_topk_backward, mutates_args=())
 
 
 @_score_topk_backward_op.register_fake
@@ -216,11 +220,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):
     feat, weight, idx, keep = ctx.saved_tensors
-    dfeat, dweight = torch.ops.lfm.score_topk_backward(grad, feat, weight, idx, keep, ctx.scale, ctx.precision)
+    dfeat, dweight = call_op(torch.ops.lfm.score_topk_backward, _score_topk_backward, grad, feat, weight, idx, keep,
+                             ctx.scale, ctx.precision)
     return dfeat, dweight, None, None, None, None, None, None
 
 
-register_autograd(_score_topk_op, _backward, _setup_context)
+_score_topk_autograd = register_autograd(_score_topk_op, _score_topk, _backward, _setup_context)
 _score_topk_op.register_vmap(batch_folding_vmap(_score_topk_op))
 
 
@@ -249,6 +254,6 @@ def score_topk(feat, weight, k, *, drop=None, training=False, return_indices=Fal
     apply_drop = drop is not None and bool(training)
     seed = draw_seed(feat.device) if apply_drop else torch.zeros(2, dtype=torch.int64, device=feat.device)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)
-    values, idx, _ = torch.ops.lfm.score_topk(feat, weight, k, seed, pmin, pmax, apply_drop,
-                                              resolve_precision(input_precision))
+    values, idx, _ = _score_topk_autograd(feat, weight, k, seed, pmin, pmax, apply_drop,
+                                          resolve_precision(input_precision))
     return (values, idx) if return_indices else values

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import on_input_device
+from .backend import call_op, on_input_device
 from .checks import MAX_KERNEL_K
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .randomness import dropout_scale, rank_drop_probs
@@ -384,10 +384,9 @@ def select_chunks(x, k, *, seed=None):
     return cand_key, cand_pos
 
 
-@torch.library.custom_op("lfm::scatter_rows", mutates_args=())
 @on_input_device
-def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, scale: float,
-                     shape: list[int]) -> torch.Tensor:
+def _scatter_rows(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor | None, scale: float,
+                  shape: list[int]) -> torch.Tensor:
     """Gradient of a per-row gather: grad (B, C, k) placed at idx in a zero (B, C, *rest) tensor."""
     dx = torch.zeros(shape, dtype=grad.dtype, device=grad.device)
     n_rows, k = shape[0] * shape[1], idx.shape[-1]
@@ -402,6 +401,14 @@ def _scatter_rows_op(grad: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor |
     return dx
 
 
+_scatter_rows_op = torch.library.custom_op("lfm::scatter_rows", _scatter_rows, mutates_args=())
+
+
 @_scatter_rows_op.register_fake
 def _(grad, idx, keep, scale, shape):
     return grad.new_empty(shape)
+
+
+def scatter_rows(grad, idx, keep, scale, shape):
+    """lfm::scatter_rows, called directly in plain eager code (backend.call_op): the row gathers' backward."""
+    return call_op(torch.ops.lfm.scatter_rows, _scatter_rows, grad, idx, keep, scale, shape)

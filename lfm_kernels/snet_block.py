@@ -48,7 +48,7 @@ from .conv2x2 import (
     reduction_tiles,
     sum_partials,
 )
-from .npr_residual import npr_residual_reference
+from .npr_residual import npr_residual_backward, npr_residual_reference
 from .precision import (
     autocast_enabled,
     check_conv_dtypes,
@@ -548,12 +548,11 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, pool, npr, precision, comput
     return _fake_out(x, weight, pool, compute_dtype)
 
 
-@torch.library.custom_op("lfm::snet_block_train", mutates_args=())
 @on_input_device
-def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
-                         beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
-                         pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _snet_block_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                      beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
+                      pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
     (out, window argmax or an empty tensor, mean used, biased variance used)."""
     precision = block_precision(npr, precision)
@@ -569,6 +568,9 @@ def _snet_block_train_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out, argmax, mean_used, var_used
 
 
+_snet_block_train_op = torch.library.custom_op("lfm::snet_block_train", _snet_block_train, mutates_args=())
+
+
 @_snet_block_train_op.register_fake
 def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision, compute_dtype):
     argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
@@ -576,13 +578,12 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, prec
     return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("lfm::snet_block_backward", mutates_args=())
 @on_input_device
-def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                            argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
-                            precision: str, compute_dtype: torch.dtype, need_dx: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
+                         precision: str, compute_dtype: torch.dtype, need_dx: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): the conv once more with the sums
     BatchNorm's backward needs, a memory-bound pass through pool, ReLU and BatchNorm to d(conv out), then
     its weight and input gradients. The stem without dx computes its conv a third time instead (K = 12)
@@ -628,8 +629,11 @@ def _snet_block_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     if need_dx:
         dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
         if npr:  # dx so far is the gradient at the residual
-            dx = torch.ops.lfm.npr_residual_backward(dx, x, 2, True)
+            dx = npr_residual_backward(dx, x, 2, True)
     return dx, dweight, dbias, sums[1].to(gamma.dtype), sums[0].to(beta.dtype)
+
+
+_snet_block_backward_op = torch.library.custom_op("lfm::snet_block_backward", _snet_block_backward, mutates_args=())
 
 
 @_snet_block_backward_op.register_fake
@@ -652,12 +656,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
     need_dx = ctx.needs_input_grad[0]
-    dx, dweight, dbias, dgamma, dbeta = torch.ops.lfm.snet_block_backward(
-        grad.contiguous(memory_format=torch.channels_last), *ctx.saved_tensors, *ctx.options, need_dx)
+    dx, dweight, dbias, dgamma, dbeta = call_op(
+        torch.ops.lfm.snet_block_backward, _snet_block_backward, grad.contiguous(memory_format=torch.channels_last),
+        *ctx.saved_tensors, *ctx.options, need_dx)
     return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None, None
 
 
-register_autograd(_snet_block_train_op, _backward, _setup_context)
+_snet_block_train_autograd = register_autograd(_snet_block_train_op, _snet_block_train, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,8 +748,8 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
         return call_op(torch.ops.lfm.snet_block_eval, _snet_block_eval, x, conv_weight, bias, bn_weight, bn_bias,
                        running_mean, running_var, eps, pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
-    out, _, mean, var = torch.ops.lfm.snet_block_train(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
-                                                       bool(training), pool, npr, precision, compute_dtype)
+    out, _, mean, var = _snet_block_train_autograd(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
+                                                   bool(training), pool, npr, precision, compute_dtype)
     if training:
         update_running_stats(running_mean, running_var, mean, var, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
                              momentum)

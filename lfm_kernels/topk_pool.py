@@ -16,7 +16,7 @@ from .backend import batch_folding_vmap, on_input_device, register_autograd, res
 from .checks import check_float_tensor, check_k, check_kernel_k
 from .precision import check_kernel_dtype
 from .randomness import check_drop, draw_seed, dropout_scale, rank_drop_probs
-from .selection import merge_candidates, select_chunks
+from .selection import merge_candidates, scatter_rows, select_chunks
 from .topk_torch import topk_pool_inference, topk_pool_train
 
 
@@ -47,16 +47,18 @@ def topk_pool_reference(x, k, *, drop=None, training=False, return_indices=False
 # ---------------------------------------------------------------------------------------------
 # Op
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("lfm::topk_pool", mutates_args=())
 @on_input_device
-def _topk_pool_op(x: torch.Tensor, k: int, seed: torch.Tensor, pmin: float, pmax: float,
-                  apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _topk_pool(x: torch.Tensor, k: int, seed: torch.Tensor, pmin: float, pmax: float,
+               apply_drop: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C = x.shape[:2]
     out = torch.empty((B, C, k), dtype=x.dtype, device=x.device)
     cand_key, cand_pos = select_chunks(x, k)
     idx, keep = merge_candidates(cand_key, cand_pos, out, k, seed=seed,
                                  drop=(pmin, pmax) if apply_drop else None)
     return out, idx.view(B, C, k), keep.view(B, C, k)
+
+
+_topk_pool_op = torch.library.custom_op("lfm::topk_pool", _topk_pool, mutates_args=())
 
 
 @_topk_pool_op.register_fake
@@ -77,10 +79,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_idx, _grad_keep):
     idx, keep = ctx.saved_tensors
-    return torch.ops.lfm.scatter_rows(grad, idx, keep, ctx.scale, ctx.shape), None, None, None, None, None
+    return scatter_rows(grad, idx, keep, ctx.scale, ctx.shape), None, None, None, None, None
 
 
-register_autograd(_topk_pool_op, _backward, _setup_context)
+_topk_pool_autograd = register_autograd(_topk_pool_op, _topk_pool, _backward, _setup_context)
 _topk_pool_op.register_vmap(batch_folding_vmap(_topk_pool_op))
 
 
@@ -101,5 +103,5 @@ def topk_pool(x, k, *, drop=None, training=False, return_indices=False, backend=
     apply_drop = drop is not None and bool(training)
     seed = draw_seed(x.device) if apply_drop else torch.zeros(2, dtype=torch.int64, device=x.device)
     pmin, pmax = drop if apply_drop else (0.0, 0.0)
-    values, idx, _ = torch.ops.lfm.topk_pool(x, k, seed, pmin, pmax, apply_drop)
+    values, idx, _ = _topk_pool_autograd(x, k, seed, pmin, pmax, apply_drop)
     return (values, idx) if return_indices else values
