@@ -246,13 +246,15 @@ def _snet_block_stats_kernel(
 
 
 @triton.jit
-def _merge_batch_stats_kernel(part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, P, Cout,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_batch_stats_kernel(part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, target_ptr, unbias, P,
+                              Cout, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The batch statistics from _snet_block_stats_kernel's partials. Grid: (cdiv(Cout, BLOCK_C),).
 
     Merges the P programs' (count, mean, M2) with Chan's formula, BLOCK_P partials at a time as a tree and the
     blocks in order (deterministic): the mean, then M2 = sum of M2 + count * (mean_p - mean)^2. Writes the
-    float32 mean and biased variance (M2 / count) of each channel (zeros for an empty batch).
+    float32 mean and biased variance (M2 / count) of each channel (zeros for an empty batch), and the targets
+    of the running statistics' update in their dtype (running_stats_targets): the mean and the variance times
+    unbias = n / (n - 1), so that the update is one launch.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live = c < Cout
@@ -275,8 +277,11 @@ def _merge_batch_stats_kernel(part_count_ptr, part_mean_ptr, part_m2_ptr, mean_p
         at = p.to(tl.int64)[:, None] * Cout + c[None, :]
         d = tl.load(part_mean_ptr + at, mask=ok, other=0.0) - mu[None, :]
         m2 += tl.sum(tl.load(part_m2_ptr + at, mask=ok, other=0.0) + count[:, None] * d * d, axis=0)
+    var = m2 / n
     tl.store(mean_ptr + c, mu, mask=live)
-    tl.store(var_ptr + c, m2 / n, mask=live)
+    tl.store(var_ptr + c, var, mask=live)
+    tl.store(target_ptr + c, mu, mask=live)
+    tl.store(target_ptr + Cout + c, var * unbias, mask=live)
 
 
 @triton.jit
@@ -489,9 +494,10 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
     return out, argmax
 
 
-def _batch_stats(x, w, bias, npr, precision, compute_dtype):
-    """(mean, biased variance, z) of conv(x) + bias per channel, merged from per-program (count, mean, M2)
-    with Chan's formula in a fixed order (_merge_batch_stats_kernel). z is the conv (no bias, compute_dtype,
+def _batch_stats(x, w, bias, npr, precision, compute_dtype, running_dtype):
+    """(mean, biased variance, running_stats_targets in running_dtype, z) of conv(x) + bias per channel, merged
+    from per-program (count, mean, M2) with Chan's formula in a fixed order (_merge_batch_stats_kernel). z is
+    the conv (no bias, compute_dtype,
     (B*(H-1)*(W-1), Cout)) for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute
     again than its 64-channel map costs to store and read."""
     B, Cin, H, W = x.shape
@@ -507,10 +513,11 @@ def _batch_stats(x, w, bias, npr, precision, compute_dtype):
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
                STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
     mu, var = (torch.empty(Cout, dtype=torch.float32, device=x.device) for _ in range(2))  # outputs: no aliasing
+    targets = torch.empty((2, Cout), dtype=running_dtype, device=x.device)
     merge = reduction_tiles("merge_batch_stats", "BLOCK_C", Cout, x.device)
-    launch(_merge_batch_stats_kernel, (cdiv(Cout, merge["BLOCK_C"]),), count, mean, m2, mu, var, grid[0], Cout,
-           **merge)
-    return mu, var, z
+    launch(_merge_batch_stats_kernel, (cdiv(Cout, merge["BLOCK_C"]),), count, mean, m2, mu, var, targets,
+           n_rows / max(n_rows - 1, 1), grid[0], Cout, **merge)
+    return mu, var, targets, z
 
 
 def block_precision(npr: bool, precision: str) -> str:
@@ -552,20 +559,21 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, pool, npr, precision, comput
 def _snet_block_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                       beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
                       pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
-    (out, window argmax or an empty tensor, mean used, biased variance used)."""
+    (out, window argmax or an empty tensor, mean used, biased variance used, and with batch_stats the running
+    statistics' targets (running_stats_targets, in mean's dtype), else an empty tensor)."""
     precision = block_precision(npr, precision)
     z = None
     if batch_stats:
-        mean_used, var_used, z = _batch_stats(x, weight, bias, npr, precision, compute_dtype)
+        mean_used, var_used, targets, z = _batch_stats(x, weight, bias, npr, precision, compute_dtype, mean.dtype)
     else:
-        mean_used, var_used = mean.float().clone(), var.float().clone()
+        mean_used, var_used, targets = mean.float().clone(), var.float().clone(), mean.new_empty(0)
     out, argmax = _launch_normalize(x, weight, bias, gamma, beta, mean_used, var_used, eps, pool=pool, npr=npr,
                                     precision=precision, compute_dtype=compute_dtype, save_argmax=True, z=z)
     if argmax is None:
         argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
-    return out, argmax, mean_used, var_used
+    return out, argmax, mean_used, var_used, targets
 
 
 _snet_block_train_op = torch.library.custom_op("lfm::snet_block_train", _snet_block_train, mutates_args=())
@@ -575,7 +583,8 @@ _snet_block_train_op = torch.library.custom_op("lfm::snet_block_train", _snet_bl
 def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, precision, compute_dtype):
     argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
     stats = x.new_empty(weight.shape[0], dtype=torch.float32)
-    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats)
+    targets = mean.new_empty((2, weight.shape[0]) if batch_stats else (0,))
+    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats), targets
 
 
 @on_input_device
@@ -648,13 +657,13 @@ def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, p
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision, compute_dtype = inputs
-    _, argmax, mean_used, var_used = output
+    _, argmax, mean_used, var_used, targets = output
     ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
     ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
-    ctx.mark_non_differentiable(argmax, mean_used, var_used)
+    ctx.mark_non_differentiable(argmax, mean_used, var_used, targets)
 
 
-def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var):
+def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var, _grad_targets):
     need_dx = ctx.needs_input_grad[0]
     dx, dweight, dbias, dgamma, dbeta = call_op(
         torch.ops.lfm.snet_block_backward, _snet_block_backward, grad.contiguous(memory_format=torch.channels_last),
@@ -748,9 +757,9 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
         return call_op(torch.ops.lfm.snet_block_eval, _snet_block_eval, x, conv_weight, bias, bn_weight, bn_bias,
                        running_mean, running_var, eps, pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
-    out, _, mean, var = _snet_block_train_autograd(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
-                                                   bool(training), pool, npr, precision, compute_dtype)
+    out, _, _, _, targets = _snet_block_train_autograd(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
+                                                       bool(training), pool, npr, precision, compute_dtype)
     if training:
-        update_running_stats(running_mean, running_var, mean, var, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
+        update_running_stats(running_mean, running_var, targets, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
                              momentum)
     return out

@@ -101,15 +101,19 @@ def max_pool_2x2(y, out=None):
     return torch.maximum(top, bottom) if out is None else torch.maximum(top, bottom, out=out)
 
 
-def update_running_stats(running_mean, running_var, mean, var, n, momentum):
-    """nn.BatchNorm2d's update from a batch's mean and biased variance over n values: the unbiased variance,
-    momentum (running + momentum * (batch - running), one op each: on a GPU every op is a launch); an empty
-    batch leaves them alone."""
+def running_stats_targets(mean, var, n, dtype):
+    """(2, C) in the running statistics' dtype: the batch mean and the unbiased variance over n values, which
+    nn.BatchNorm2d moves its running statistics towards."""
+    return torch.stack((mean, var * (n / max(n - 1, 1)))).to(dtype)
+
+
+def update_running_stats(running_mean, running_var, targets, n, momentum):
+    """nn.BatchNorm2d's update: running + momentum * (target - running) for both statistics in one op (on a
+    GPU every op is a launch), towards running_stats_targets; an empty batch leaves them alone."""
     if running_mean is None or n == 0:
         return
     with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+        torch._foreach_lerp_((running_mean, running_var), targets.unbind(), momentum)
 
 
 def fast_training(x, *tensors) -> bool:
@@ -204,6 +208,8 @@ def snet_block_train(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean
         y = F.conv2d(x.contiguous(memory_format=torch.channels_last), conv_weight, conv_bias)
         return F.relu(F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps))
     out, mean, var = _PoolBlock.apply(x, conv_weight, conv_bias, bn_weight, bn_bias, eps)
-    update_running_stats(running_mean, running_var, mean, var, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
-                         momentum)
+    if running_mean is not None:
+        n = x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1)
+        update_running_stats(running_mean, running_var, running_stats_targets(mean, var, n, running_mean.dtype), n,
+                             momentum)
     return out
