@@ -1,23 +1,22 @@
 """SNet block fused: [abs-NPR residual ->] 2x2 conv -> BatchNorm -> ReLU [-> 2x2 max-pool].
 
-snet_block(x, ...) == maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))) with
-nn.BatchNorm2d semantics. Activations between blocks are NHWC (channels_last); the conv is
-conv2x2.py's implicit GEMM with M = output pixels laid out as whole pool windows, so BatchNorm (a
-per-channel scale and shift computed in the kernel from the conv bias, gamma, beta, mean and
-variance: no folded weight copy that an update could leave stale), ReLU and the pool happen in the
-epilogue and only the pooled map is written. The stem (npr: the image's residual, 3 channels, K = 12)
-is memory-bound: it runs as plain float32 FMAs, as cuDNN does, in every precision mode.
-Training computes each conv once in the forward: a GEMM whose epilogue stores the conv (in the compute
-dtype, as cuDNN would) and per-program partial count, mean and M2 (merged in a fixed order:
-deterministic, no atomics), then a memory-bound pass that normalizes, ReLUs and pools it and saves the
-window argmax (uint8). Only the block input, the statistics and the argmax are kept for the backward, so
-activation memory stays a third of eager's; the backward computes the conv once more (a GEMM whose
-epilogue stores it with per-program sums of dy and dy * zhat), turns it into d(conv out) in place in a
-memory-bound pass, then runs conv2x2.py's input and weight gradients. Per-program partials are merged
-by kernels too (conv2x2.sum_partials), not by chains of torch reductions: on a GPU each torch op is a
-launch. The stem keeps a statistics pass and the fused normalize kernel: its conv (K = 12) costs less to
-compute twice than its 64-channel map costs to store and read. ReLU and max-pool propagate NaN as PyTorch
-does. Kernels:
+snet_block(x, ...) == maxpool2x2(relu(batchnorm(conv2d_2x2(abs_npr(x) if npr else x)))) with nn.BatchNorm2d
+semantics. Activations between blocks are NHWC (channels_last); the conv is conv2x2.py's implicit GEMM with M
+= output pixels laid out as whole pool windows, so BatchNorm (a per-channel scale and shift computed in the
+kernel from the conv bias, gamma, beta, mean and variance: no folded weight copy that an update could leave
+stale), ReLU and the pool happen in the epilogue and only the pooled map is written. The stem (npr: the
+image's residual, 3 channels, K = 12) is memory-bound: it runs as plain float32 FMAs, as cuDNN does, in every
+precision mode. Training computes each conv once in the forward: a GEMM whose epilogue stores the conv (in the
+compute dtype, as cuDNN would) and per-program partial count, mean and M2 (merged in a fixed order:
+deterministic, no atomics), then a memory-bound pass that normalizes, ReLUs and pools it and saves the window
+argmax (uint8). Only the block input, the statistics, the argmax and the packed weight are kept for the
+backward, so activation memory stays a third of eager's; the backward computes the conv once more (a GEMM
+whose epilogue stores it with per-program sums of dy and dy * zhat), turns it into d(conv out) in place in a
+memory-bound pass, then runs conv2x2.py's input and weight gradients. Per-program partials are merged by
+kernels too (conv2x2.sum_partials), not by chains of torch reductions: on a GPU each torch op is a launch. The
+stem keeps a statistics pass and the fused normalize kernel: its conv (K = 12) costs less to compute twice
+than its 64-channel map costs to store and read. ReLU and max-pool propagate NaN as PyTorch does.
+Kernels:
   _snet_block_kernel          conv (GEMM) + BatchNorm + ReLU [+ pool, argmax]: inference, fixed statistics
   _snet_stem_kernel           the same for the stem: abs-NPR + conv as float32 FMAs
   _snet_block_stats_kernel    training: the conv [stored] with per-program count, mean and M2 of conv + bias
@@ -39,6 +38,7 @@ from .backend import call_op, on_input_device, register_autograd, resolve_backen
 from .checks import check_float_tensor, check_same_device, flag_signature, once_per_signature, tensors_signature
 from .configs import cdiv, fill_target, halve_to_fill, launch, launch_config, policy_state
 from .conv2x2 import (
+    CONV_OPERAND,
     conv_rows,
     conv_tile,
     dot_operand,
@@ -343,17 +343,17 @@ def _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_p
 
 @triton.jit
 def _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
-                   grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL: tl.constexpr,
+                   grad_ptr, argmax_ptr, sums_ptr, n_stats, dbias_ptr, H, W, Cout, POOL: tl.constexpr,
                    BLOCK_M: tl.constexpr):
     """d(conv out) = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) from the conv output a at
-    _backward_rows' pixels (zero off the map); the means are the float32 (Cout,) sums of dy and dy * zhat over
-    the n_stats values of the batch statistics (zeros with n_stats = 0: statistics not the batch's). Stores
+    _backward_rows' pixels (zero off the map); the means are the float32 (2 * Cout) sums of dy, then dy * zhat,
+    over the n_stats values of the batch statistics (zeros with n_stats = 0: statistics not the batch's). Stores
     this program's float32 per-channel sum of it, the conv bias's gradient, to dbias[pid, :]."""
     zhat, dy, k = _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
                             eps, grad_ptr, argmax_ptr, H, W, Cout, POOL, BLOCK_M)
     count = tl.maximum(n_stats, 1.0)
-    c1 = tl.where(n_stats > 0, tl.load(dy_sum_ptr + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
-    c2 = tl.where(n_stats > 0, tl.load(dyz_sum_ptr + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
+    c1 = tl.where(n_stats > 0, tl.load(sums_ptr + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
+    c2 = tl.where(n_stats > 0, tl.load(sums_ptr + Cout + co, mask=co_live, other=0.0) / count, 0.0)[None, :]
     dz = tl.where(valid[:, None] & co_live[None, :], k * (dy - c1 - zhat * c2), 0.0)
     tl.store(dbias_ptr + tl.program_id(0) * Cout + co, tl.sum(dz, axis=0), mask=co_live)
     return dz
@@ -372,7 +372,8 @@ def _snet_block_dy_sums_kernel(
     Reads the NHWC block input, the packed weight, the output gradient and the window argmax; with STORE_Z
     writes the conv output (no bias, rounded to z's dtype, the compute dtype, as the forward stored it) to z
     (B*(H-1)*(W-1), Cout) for pass 2, and this program's per-channel sums of dy and dy * zhat to
-    sums[0, pid, :] and sums[1, pid, :] of the (2, programs, Cout) float32 buffer (sum_partials adds them up).
+    sums[pid, 0:Cout] and sums[pid, Cout:2*Cout] of the (programs, 2 * Cout) float32 buffer (one sum_partials
+    adds up both).
     """
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = conv_tile(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, Cout, NPR, BLOCK_M, BLOCK_CI, BLOCK_CO,
@@ -383,15 +384,15 @@ def _snet_block_dy_sums_kernel(
         a = a.to(tl.float32)
     zhat, dy, _ = _block_dy(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
                             eps, grad_ptr, argmax_ptr, H, W, Cout, POOL, BLOCK_M)
-    at = tl.program_id(0) * Cout + co
+    at = tl.program_id(0) * 2 * Cout + co
     tl.store(sums_ptr + at, tl.sum(dy, axis=0), mask=co_live)
-    tl.store(sums_ptr + tl.num_programs(0) * Cout + at, tl.sum(dy * zhat, axis=0), mask=co_live)
+    tl.store(sums_ptr + Cout + at, tl.sum(dy * zhat, axis=0), mask=co_live)
 
 
 @triton.jit
 def _snet_block_dz_kernel(
-    z_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr,
-    n_stats, dbias_ptr, n_rows, H, W, OH, OW, Cout,
+    z_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, sums_ptr, n_stats,
+    dbias_ptr, n_rows, H, W, OH, OW, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """Backward, pass 2, memory-bound. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else BLOCK_M), cdiv(Cout, BLOCK_CO)).
@@ -405,14 +406,14 @@ def _snet_block_dz_kernel(
     ok = valid[:, None] & co_live[None, :]
     a = tl.load(at, mask=ok, other=0.0).to(tl.float32)
     dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
-                        grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
+                        grad_ptr, argmax_ptr, sums_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
     tl.store(at, dz.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _snet_stem_wgrad_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, dy_sum_ptr,
-    dyz_sum_ptr, n_stats, part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, grad_ptr, argmax_ptr, sums_ptr, n_stats,
+    part_ptr, dbias_ptr, n_rows, H, W, OH, OW, Cin, Cout,
     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
 ):
     """The stem's backward pass 2 without d(conv out) in memory. Grid: (cdiv(n_rows, BLOCK_M // 4 if POOL else
@@ -427,7 +428,7 @@ def _snet_stem_wgrad_kernel(
     b, r, c, valid, pixel, co, co_live = _backward_rows(n_rows, H, W, OH, OW, Cout, POOL, BLOCK_M, BLOCK_CO)
     a = stem_conv(x_ptr, w_ptr, b, r, c, valid, co, co_live, Cin, H, W, OPERAND_DTYPE, BLOCK_M, BLOCK_CO)
     dz = _conv_out_grad(a, b, r, c, valid, pixel, co, co_live, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
-                        grad_ptr, argmax_ptr, dy_sum_ptr, dyz_sum_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
+                        grad_ptr, argmax_ptr, sums_ptr, n_stats, dbias_ptr, H, W, Cout, POOL, BLOCK_M)
     pid = tl.program_id(0)
     dz = dot_operand(dz, OPERAND_DTYPE, tl.float32)  # as the weight-gradient GEMM rounds its operands
     for ci in range(0, Cin):
@@ -464,10 +465,11 @@ def _grid_plan(kernel, n_rows, Cout, pool, compute_dtype, precision, device, sta
     return types.MappingProxyType(tiles), grid(tiles)
 
 
-def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, precision, compute_dtype,
+def _launch_normalize(x, w, w_packed, bias, gamma, beta, mean, var, eps, *, pool, npr, precision, compute_dtype,
                       save_argmax=False, z=None):
-    """relu(batchnorm(conv)) [pooled] with the given statistics: (NHWC out, window argmax or None). Given z,
-    the conv that _batch_stats stored (training), it reads that instead of computing the conv again."""
+    """relu(batchnorm(conv)) [pooled] with the given statistics: (NHWC out, window argmax or None), w_packed
+    being packed_weight(w) (None for the stem, which reads w). Given z, the conv that _batch_stats stored
+    (training), it reads that instead of computing the conv again."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w.shape[0], H - 1, W - 1
     OH, OW = (Hc // 2, Wc // 2) if pool else (Hc, Wc)
@@ -488,28 +490,28 @@ def _launch_normalize(x, w, bias, gamma, beta, mean, var, eps, *, pool, npr, pre
                OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
     else:
         tiles, grid = _grid("snet_block", x, w, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
-        launch(_snet_block_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias, gamma, beta, mean, var, out,
+        launch(_snet_block_kernel, grid, nhwc(x), w_packed, bias, gamma, beta, mean, var, out,
                argmax if argmax is not None else out, eps, n_rows, H, W, OH, OW, Cin, Cout, **flags, **tiles,
                **gemm_dot_args(compute_dtype, precision))
     return out, argmax
 
 
-def _batch_stats(x, w, bias, npr, precision, compute_dtype, running_dtype):
+def _batch_stats(x, w_packed, bias, npr, precision, compute_dtype, running_dtype):
     """(mean, biased variance, running_stats_targets in running_dtype, z) of conv(x) + bias per channel, merged
     from per-program (count, mean, M2) with Chan's formula in a fixed order (_merge_batch_stats_kernel). z is
     the conv (no bias, compute_dtype,
     (B*(H-1)*(W-1), Cout)) for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute
     again than its 64-channel map costs to store and read."""
     B, Cin, H, W = x.shape
-    Cout, Hc, Wc = w.shape[0], H - 1, W - 1
+    Cout, Hc, Wc = w_packed.shape[0], H - 1, W - 1
     n_rows = B * Hc * Wc
-    tiles, grid = _grid("snet_block_stats", x, w, n_rows, False, compute_dtype, precision, BLOCK_CI=Cin)
+    tiles, grid = _grid("snet_block_stats", x, w_packed, n_rows, False, compute_dtype, precision, BLOCK_CI=Cin)
     # Every program writes its partials: no zero fill.
     count = torch.empty(grid[0], dtype=torch.float32, device=x.device)
     mean, m2 = torch.empty((2, grid[0], Cout), dtype=torch.float32, device=x.device)
     z = None if npr else torch.empty((n_rows, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
-        launch(_snet_block_stats_kernel, grid, nhwc(x), packed_weight(w, compute_dtype), bias,
+        launch(_snet_block_stats_kernel, grid, nhwc(x), w_packed, bias,
                mean if z is None else z, count, mean, m2, n_rows, H, W, Hc, Wc, Cin, Cout, NPR=npr,
                STORE_Z=z is not None, **tiles, **gemm_dot_args(compute_dtype, precision))
     mu, var = (torch.empty(Cout, dtype=torch.float32, device=x.device) for _ in range(2))  # outputs: no aliasing
@@ -543,7 +545,8 @@ def _snet_block_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
                      beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, pool: bool, npr: bool,
                      precision: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """Inference with the running statistics: one launch, BatchNorm applied in the kernel."""
-    return _launch_normalize(x, weight, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
+    w_packed = None if npr else packed_weight(weight, compute_dtype)
+    return _launch_normalize(x, weight, w_packed, bias, gamma, beta, mean, var, eps, pool=pool, npr=npr,
                              precision=block_precision(npr, precision), compute_dtype=compute_dtype)[0]
 
 
@@ -559,21 +562,23 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, pool, npr, precision, comput
 def _snet_block_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
                       beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, batch_stats: bool,
                       pool: bool, npr: bool, precision: str, compute_dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward with BatchNorm statistics of the batch (batch_stats) or the given mean/var; returns
-    (out, window argmax or an empty tensor, mean used, biased variance used, and with batch_stats the running
-    statistics' targets (running_stats_targets, in mean's dtype), else an empty tensor)."""
+    (out, window argmax or an empty tensor, mean used, biased variance used, with batch_stats the running
+    statistics' targets (running_stats_targets, in mean's dtype) else an empty tensor, and the packed weight,
+    which the backward reuses)."""
     precision = block_precision(npr, precision)
+    w_packed = packed_weight(weight, compute_dtype)
     z = None
     if batch_stats:
-        mean_used, var_used, targets, z = _batch_stats(x, weight, bias, npr, precision, compute_dtype, mean.dtype)
+        mean_used, var_used, targets, z = _batch_stats(x, w_packed, bias, npr, precision, compute_dtype, mean.dtype)
     else:
         mean_used, var_used, targets = mean.float().clone(), var.float().clone(), mean.new_empty(0)
-    out, argmax = _launch_normalize(x, weight, bias, gamma, beta, mean_used, var_used, eps, pool=pool, npr=npr,
-                                    precision=precision, compute_dtype=compute_dtype, save_argmax=True, z=z)
+    out, argmax = _launch_normalize(x, weight, w_packed, bias, gamma, beta, mean_used, var_used, eps, pool=pool,
+                                    npr=npr, precision=precision, compute_dtype=compute_dtype, save_argmax=True, z=z)
     if argmax is None:
         argmax = torch.empty(0, dtype=torch.uint8, device=x.device)
-    return out, argmax, mean_used, var_used, targets
+    return out, argmax, mean_used, var_used, targets, w_packed
 
 
 _snet_block_train_op = torch.library.custom_op("lfm::snet_block_train", _snet_block_train, mutates_args=())
@@ -584,16 +589,18 @@ def _(x, weight, bias, gamma, beta, mean, var, eps, batch_stats, pool, npr, prec
     argmax = _fake_out(x, weight, pool, torch.uint8) if pool else x.new_empty(0, dtype=torch.uint8)
     stats = x.new_empty(weight.shape[0], dtype=torch.float32)
     targets = mean.new_empty((2, weight.shape[0]) if batch_stats else (0,))
-    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats), targets
+    w_packed = torch.empty_permuted(weight.shape, CONV_OPERAND, dtype=compute_dtype, device=weight.device)
+    return _fake_out(x, weight, pool, compute_dtype), argmax, stats, torch.empty_like(stats), targets, w_packed
 
 
 @on_input_device
-def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                         argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
+def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, w_packed: torch.Tensor,
+                         bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, argmax: torch.Tensor, eps: float, batch_stats: bool, pool: bool, npr: bool,
                          precision: str, compute_dtype: torch.dtype, need_dx: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx or an empty tensor, dweight, dbias, dgamma, dbeta): the conv once more with the sums
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx or an empty tensor, dweight, dbias, (dbeta, dgamma) as one (2, Cout) tensor in gamma's
+    dtype), w_packed being the forward's packed weight: the conv once more with the sums
     BatchNorm's backward needs, a memory-bound pass through pool, ReLU and BatchNorm to d(conv out), then
     its weight and input gradients. The stem without dx computes its conv a third time instead (K = 12)
     and makes the weight gradient in the same pass: its 64-channel d(conv out) is never stored."""
@@ -606,23 +613,23 @@ def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     tiles, grid = _grid("snet_block_bwd", x, weight, n_rows, pool, compute_dtype, precision, BLOCK_CI=Cin)
     bn = (bias, gamma, beta, mean, var, eps)
     routing = (grad, argmax if pool else grad)
-    x_nhwc, w_packed, dots = nhwc(x), packed_weight(weight, compute_dtype), gemm_dot_args(compute_dtype, precision)
-    dy_part = torch.empty((2, grid[0], 1, Cout), dtype=torch.float32, device=x.device)  # each program writes its own
+    x_nhwc, dots = nhwc(x), gemm_dot_args(compute_dtype, precision)
+    dy_part = torch.empty((grid[0], 1, 2 * Cout), dtype=torch.float32, device=x.device)  # each program its own
     # The conv output, then its gradient (in place).
     dz = dy_part if fused_wgrad else torch.empty((n_pix, Cout), dtype=compute_dtype, device=x.device)
     if n_rows:
         launch(_snet_block_dy_sums_kernel, grid, x_nhwc, w_packed, *bn, *routing, dy_part, dz, n_rows, H, W, OH, OW,
                Cin, Cout, POOL=pool, NPR=npr, STORE_Z=not fused_wgrad, **tiles, **dots)
-    # The sums of dy and dy * zhat: the gradients of beta and gamma (two tensors: a custom op's outputs may not
-    # alias), and over n_stats values the means d(conv out) needs (zero when the statistics are not the batch's).
-    sums = [sum_partials(p, torch.empty(Cout, dtype=torch.float32, device=x.device)) for p in dy_part]
+    # The sums of dy, then dy * zhat: the gradients of beta and gamma, and over n_stats values the means
+    # d(conv out) needs (zero when the statistics are not the batch's).
+    sums = sum_partials(dy_part, torch.empty((2, Cout), dtype=torch.float32, device=x.device))
     n_stats = float(n_pix) if batch_stats else 0.0
     if fused_wgrad:
         tiles, grid = _grid("snet_stem_wgrad", x, weight, n_rows, pool, compute_dtype, precision)
         part = torch.empty((grid[0], 4, Cout * Cin), dtype=torch.float32, device=x.device)
         dbias = torch.empty((grid[0], 1, Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), *bn, *routing, *sums, n_stats,
+            launch(_snet_stem_wgrad_kernel, grid, x.contiguous(), weight.contiguous(), *bn, *routing, sums, n_stats,
                    part, dbias, n_rows, H, W, OH, OW, Cin, Cout, POOL=pool, **tiles,
                    OPERAND_DTYPE=dot_args(compute_dtype, precision)["OPERAND_DTYPE"])
         dweight = sum_partials(part, torch.empty(weight.shape, dtype=weight.dtype, device=x.device))
@@ -630,7 +637,7 @@ def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         tiles, grid = _grid("snet_block_dz", x, weight, n_rows, pool, compute_dtype, precision)
         dbias = torch.empty((grid[0], 1, Cout), dtype=torch.float32, device=x.device)
         if n_rows:
-            launch(_snet_block_dz_kernel, grid, dz, *bn, *routing, *sums, n_stats, dbias, n_rows, H, W, OH, OW,
+            launch(_snet_block_dz_kernel, grid, dz, *bn, *routing, sums, n_stats, dbias, n_rows, H, W, OH, OW,
                    Cout, POOL=pool, **tiles)
         dweight = launch_conv2x2_dw(dz, x, Cout, npr, compute_dtype, precision, weight.dtype)
     dbias = sum_partials(dbias, torch.empty(bias.shape, dtype=bias.dtype, device=x.device))
@@ -639,36 +646,36 @@ def _snet_block_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         dx = launch_conv2x2_dx(dz, x, weight, compute_dtype, precision)
         if npr:  # dx so far is the gradient at the residual
             dx = npr_residual_backward(dx, x, 2, True)
-    return dx, dweight, dbias, sums[1].to(gamma.dtype), sums[0].to(beta.dtype)
+    return dx, dweight, dbias, sums.to(gamma.dtype)
 
 
 _snet_block_backward_op = torch.library.custom_op("lfm::snet_block_backward", _snet_block_backward, mutates_args=())
 
 
 @_snet_block_backward_op.register_fake
-def _(grad, x, weight, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision, compute_dtype,
-      need_dx):
+def _(grad, x, weight, w_packed, bias, gamma, beta, mean, var, argmax, eps, batch_stats, pool, npr, precision,
+      compute_dtype, need_dx):
     # dx as the kernels write it: channels_last, or contiguous from the residual's backward with npr.
     layout = torch.contiguous_format if npr else torch.channels_last
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout) if need_dx else x.new_empty(0)
     dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    return dx, dweight, torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta)
+    return dx, dweight, torch.empty_like(bias), gamma.new_empty((2, gamma.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, gamma, beta, _, _, eps, batch_stats, pool, npr, precision, compute_dtype = inputs
-    _, argmax, mean_used, var_used, targets = output
-    ctx.save_for_backward(x, weight, bias, gamma, beta, mean_used, var_used, argmax)
+    _, argmax, mean_used, var_used, targets, w_packed = output
+    ctx.save_for_backward(x, weight, w_packed, bias, gamma, beta, mean_used, var_used, argmax)
     ctx.options = (eps, batch_stats, pool, npr, precision, compute_dtype)
-    ctx.mark_non_differentiable(argmax, mean_used, var_used, targets)
+    ctx.mark_non_differentiable(argmax, mean_used, var_used, targets, w_packed)
 
 
-def _backward(ctx, grad, _grad_argmax, _grad_mean, _grad_var, _grad_targets):
+def _backward(ctx, grad, *_no_gradients):
     need_dx = ctx.needs_input_grad[0]
-    dx, dweight, dbias, dgamma, dbeta = call_op(
+    dx, dweight, dbias, dbn = call_op(
         torch.ops.lfm.snet_block_backward, _snet_block_backward, grad.contiguous(memory_format=torch.channels_last),
         *ctx.saved_tensors, *ctx.options, need_dx)
-    return (dx if need_dx else None), dweight, dbias, dgamma, dbeta, None, None, None, None, None, None, None, None
+    return (dx if need_dx else None), dweight, dbias, dbn[1], dbn[0], *(None,) * 8
 
 
 _snet_block_train_autograd = register_autograd(_snet_block_train_op, _snet_block_train, _backward, _setup_context)
@@ -757,8 +764,8 @@ def snet_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, runn
         return call_op(torch.ops.lfm.snet_block_eval, _snet_block_eval, x, conv_weight, bias, bn_weight, bn_bias,
                        running_mean, running_var, eps, pool, npr, precision, compute_dtype)
     stats = (running_mean, running_var) if running_mean is not None else (bn_weight, bn_weight)  # unused when training
-    out, _, _, _, targets = _snet_block_train_autograd(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
-                                                       bool(training), pool, npr, precision, compute_dtype)
+    out, _, _, _, targets, _ = _snet_block_train_autograd(x, conv_weight, bias, bn_weight, bn_bias, *stats, eps,
+                                                          bool(training), pool, npr, precision, compute_dtype)
     if training:
         update_running_stats(running_mean, running_var, targets, x.shape[0] * (x.shape[2] - 1) * (x.shape[3] - 1),
                              momentum)

@@ -143,13 +143,14 @@ def test_the_torch_ops_inside_our_ops_are_launches_too():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_triton_training_step_launches_at_most_30_percent_more_than_eager(rows_256, dtype):
+def test_a_triton_training_step_launches_at_most_20_percent_more_than_eager(rows_256, dtype):
     # Every op counts, those inside our ops too (on a GPU each costs a launch and host time): the per-program
     # partials of the statistics and gradient sums are merged by kernels of ours, not by chains of torch
     # reductions; no gradient is zero-filled for outputs that have none; a block's running statistics take one
-    # op, towards targets the statistics kernel writes in their dtype.
+    # op, towards targets the statistics kernel writes in their dtype; one launch sums dy and dy * zhat; the
+    # backward reuses the forward's packed weight.
     triton, eager = rows_256["triton", dtype].training, rows_256["eager", dtype].training
-    assert triton.launches <= 1.3 * eager.launches
+    assert triton.launches <= 1.2 * eager.launches
     assert not {"aten.lerp_", "aten._to_copy"} & set(triton.launches_by_op)
     assert not {"aten.zeros_like", "aten.stack", "aten.rsqrt", "aten.pow"} & set(triton.launches_by_op)
     assert triton.launches_by_op["aten.sum"] <= 1 and triton.launches_by_op["aten.zeros"] <= 1

@@ -114,9 +114,10 @@ def test_training_computes_each_conv_once_per_pass(npr, image_grad):
     expected = (["_snet_block_dy_sums_kernel", "_snet_block_dz_kernel", "_conv2x2_dw_kernel", "_conv2x2_dx_kernel"]
                 if image_grad else ["_snet_block_dy_sums_kernel", "_snet_stem_wgrad_kernel"])
     assert passes[1][:len(expected)] == expected
-    # The statistics; the sums of dy and dy * zhat, the conv bias's and the conv weight's gradients.
+    # The statistics; the sums of dy and dy * zhat (one launch for both), the conv bias's and the conv
+    # weight's gradients.
     assert [launch.name for launch in forward].count(reductions[0]) == 1
-    assert [launch.name for launch in backward].count(reductions[1]) == 4
+    assert [launch.name for launch in backward].count(reductions[1]) == 3
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -224,10 +225,12 @@ def test_activation_memory_of_the_whole_snet_is_3x_smaller_than_eager():
             x = torch.nn.functional.max_pool2d(x, 2) if i < 4 else x
         return x
 
-    x = torch.randn(2, 3, 64, 64, requires_grad=False)
-    ours_bytes = _saved_bytes(ours, x)
+    def per_two_images(model):  # the bytes that grow with the batch: not the packed weights ours save once
+        return _saved_bytes(model, torch.randn(4, 3, 64, 64)) - _saved_bytes(model, torch.randn(2, 3, 64, 64))
+
+    ours_bytes = per_two_images(ours)
     eager.forward = eager_forward
-    eager_bytes = _saved_bytes(eager, x)
+    eager_bytes = per_two_images(eager)
     assert eager_bytes >= 3 * ours_bytes, (eager_bytes, ours_bytes)
 
 
