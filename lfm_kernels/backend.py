@@ -53,8 +53,17 @@ def plain_eager(x: torch.Tensor) -> bool:
 
 def call_op(op, launcher, x, *args):
     """launcher(x, *args) in plain eager code (plain_eager), else op(x, *args): the custom op that wraps
-    the same launcher, for torch.compile, fake tensors and vmap."""
-    return launcher(x, *args) if plain_eager(x) else op(x, *args)
+    the same launcher, for torch.compile, fake tensors and vmap. Also the op where autograd would record the
+    call (grad mode on, a tensor argument requiring grad: a backward op under create_graph=True), so that
+    differentiating its outputs raises the op's "no autograd formula" error instead of silently dropping
+    a term: the launcher's outputs have no autograd history."""
+    if plain_eager(x) and not (torch.is_grad_enabled() and _any_requires_grad(x, *args)):
+        return launcher(x, *args)
+    return op(x, *args)
+
+
+def _any_requires_grad(*args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def on_input_device(op):
@@ -80,9 +89,9 @@ def register_autograd(op, launcher, backward, setup_context):
     launch), and when the first output gets no gradient from downstream, neither do the inputs.
 
     The call runs, in plain eager code (plain_eager), a torch.autograd.Function around `launcher` (the
-    op's implementation) with the same setup and backward, else the op: torch.library's autograd layer
-    re-reads the op's schema once per argument on every call (about 30 us of host time for a 13-argument
-    op), which a training step pays once per op."""
+    op's implementation) with the same setup and backward (the launcher alone when nothing needs a
+    gradient), else the op: torch.library's autograd layer re-reads the op's schema once per argument on
+    every call (about 30 us of host time for a 13-argument op), which a training step pays once per op."""
 
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
@@ -95,17 +104,21 @@ def register_autograd(op, launcher, backward, setup_context):
 
     op.register_autograd(differentiate, setup_context=setup)
 
-    class PlainEager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = launcher(*inputs)
-            setup(ctx, inputs, output)
-            return output
+    def forward(ctx, *inputs):
+        output = launcher(*inputs)
+        setup(ctx, inputs, output)
+        return output
 
-        backward = staticmethod(differentiate)
+    # Named after the op: grad_fn and profiler traces show <op>Backward.
+    function = type(launcher.__name__.strip("_"), (torch.autograd.Function,),
+                    dict(forward=staticmethod(forward), backward=staticmethod(differentiate)))
 
     def call(x, *args):
-        return PlainEager.apply(x, *args) if plain_eager(x) else op(x, *args)
+        if not plain_eager(x):
+            return op(x, *args)
+        if torch.is_grad_enabled() and _any_requires_grad(x, *args):
+            return function.apply(x, *args)
+        return launcher(x, *args)
 
     return call
 

@@ -718,6 +718,10 @@ def _check_block(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, ru
         raise ValueError("eval mode needs running_mean and running_var")
     check_same_device(x=x, conv_weight=conv_weight, **{n: t for n, t in named.items() if t is not None})
     check_conv_dtypes(x=x, conv_weight=conv_weight, conv_bias=conv_bias)
+    for pair in (("bn_weight", "bn_bias"), ("running_mean", "running_var")):  # F.batch_norm refuses a mix too
+        a, b = (named[n] for n in pair)
+        if a is not None and b is not None and a.dtype != b.dtype:
+            raise ValueError(f"{pair[0]} and {pair[1]} must have one dtype, got {a.dtype} and {b.dtype}")
     min_size = 3 if pool else 2
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f"x must be at least {min_size}x{min_size} for a 2x2 conv{' and pool' if pool else ''}, "

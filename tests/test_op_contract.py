@@ -220,6 +220,26 @@ def test_an_output_without_gradient_gives_none_or_zero_gradients(case, backend):
         assert g is None and i > 0 or torch.equal(g, expected), f"gradient {i}"
 
 
+@pytest.mark.parametrize("case", DETERMINISTIC_OPS, ids=lambda c: c.name)
+def test_a_second_derivative_raises_where_the_reference_has_one(case):
+    # Our backwards have no derivative of their own. Differentiating a gradient that depends on the inputs
+    # must raise (the backward op's missing autograd formula), never give the first-order part alone.
+    inputs, state = case.inputs(2)
+    grads = {}
+    for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+        tensors = _as(dtype, inputs, True)
+        out = case.run(backend, tensors, _as(dtype, state, False))
+        seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        grads[backend] = torch.autograd.grad(out, tensors, seed, create_graph=True, allow_unused=True)
+    second_order = [i for i, g in enumerate(grads["torch"]) if g is not None and g.requires_grad]
+    for i in second_order:
+        assert grads["triton"][i].requires_grad, f"gradient {i} lost its dependence on the inputs"
+        with pytest.raises(RuntimeError, match="autograd formula"):
+            grads["triton"][i].sum().backward()
+    if case.name.startswith("snet_block"):
+        assert second_order, "a block's weight gradient depends on its input"
+
+
 class _RecordCustomOps(TorchDispatchMode):
     """Records the first call of each lfm:: custom op with its arguments; with `detach`, tensors detached
     (backward ops have no autograd formula of their own)."""

@@ -185,6 +185,8 @@ def test_module_training_updates_buffers_like_batchnorm():
     (dict(x=torch.randn(1, 8, 2, 9)), "at least 3x3"),
     (dict(input_precision="fp8"), "input_precision"),
     (dict(running_mean=None), "running_mean"),
+    (dict(running_var=torch.ones(16, dtype=torch.float64)), "running_mean and running_var must have one dtype"),
+    (dict(bn_bias=torch.zeros(16, dtype=torch.float64)), "bn_weight and bn_bias must have one dtype"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(zip(("conv_weight", "conv_bias", "bn_weight", "bn_bias", "running_mean", "running_var"),
