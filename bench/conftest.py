@@ -91,6 +91,8 @@ def suite_tier(item):
         anchor = item.originalname == "test_inference_cuda_graph" or (
             item.originalname == "test_inference" and params["batch"] == LARGE_BATCH)
         return provider if anchor else None
+    if item.originalname == "test_host_time_per_training_step":
+        return "training"
     if item.path.stem in ("bench_peaks", "bench_host_time") or item.originalname.startswith("test_inference"):
         return "inference"
     return "training" if item.originalname == "test_training_step" or item.path.stem == "bench_kernel_profile" else \

@@ -6,6 +6,7 @@ import torch
 from bench import results
 from bench.bench_kernel_profile import kernel_times
 from bench.report import (
+    HOST_TIME_GROUP,
     INFERENCE_GROUP,
     PEAK_GROUP,
     TRAINING_GROUP,
@@ -84,6 +85,19 @@ def test_goals_of_a_run_without_peak_memory_or_anchors_are_not_measured():
     checks = {goal: verdict for goal, verdict, _ in goal_checks(rows)}
     assert checks["training step triton float32 >= 2x compile-default float32"] == "NOT MEASURED"
     assert checks["training step triton float32: peak memory <= 0.33x eager's"] == "NOT MEASURED"
+
+
+def test_training_host_time_is_set_against_the_step_of_its_run():
+    host = dict(row(HOST_TIME_GROUP, "lfm", "triton", "float32", 3e-3, size=224,
+                    mode="training step host, launches stubbed"), launches=74)
+    goal = ("training step triton float32 batch 32: host time (launches stubbed out) below the measured step time "
+            "(not host-bound)")
+    checks = {g: (verdict, detail) for g, verdict, detail in goal_checks(ROWS + [host])}
+    assert checks[goal] == ("PASS", "3.00 ms, 74 launches per step against a step of 4.00 ms")
+    checks = {g: verdict for g, verdict, _ in goal_checks([r for r in ROWS if r["group"] != TRAINING_GROUP] + [host])}
+    assert checks[goal] == "NOT MEASURED"
+    slow = dict(host, median_s=5e-3)
+    assert {g: verdict for g, verdict, _ in goal_checks(ROWS + [slow])}[goal] == "FAIL"
 
 
 def test_tables_show_speedup_over_eager_and_the_interquartile_range():

@@ -84,11 +84,13 @@ def test_gpu_run_order(gpu_plan):
         cases = {test for tier, test in gpu_plan if tier == f"compile-{mode}"}
         assert cases == {f"bench/bench_lfm.py::test_inference[compile-{mode}-{d}-256-256]" for d in dtypes} | {
             f"bench/bench_lfm.py::test_inference_cuda_graph[compile-{mode}-{d}]" for d in dtypes if graphed}
-    # The training step: ours and eager, our kernels' profiles (after the rows they are set against), then the
-    # compile-default anchor of the training goal (last: its compilation may not fit the budget).
+    # The training step: its host time (seconds), ours and eager, our kernels' profiles (after the rows they
+    # are set against), then the compile-default anchor of the training goal (last: its compilation may not
+    # fit the budget).
     training = [test for tier, test in gpu_plan if tier == "training"]
+    assert training[:2] == [f"bench/bench_host_time.py::test_host_time_per_training_step[{d}]" for d in dtypes]
     assert {f"bench/bench_lfm.py::test_training_step[{p}-{d}]" for p in ("eager", "triton")
-            for d in dtypes} == set(training[:-6])
+            for d in dtypes} == set(training[2:-6])
     assert training[-6:-2] == [f"bench/bench_kernel_profile.py::test_kernel_profile_{mode}[triton-{d}]"
                                for mode in ("inference", "training") for d in dtypes]
     assert training[-2:] == [f"bench/bench_lfm.py::test_training_step[compile-default-{d}]" for d in dtypes]
