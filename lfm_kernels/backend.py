@@ -114,11 +114,9 @@ def register_autograd(op, launcher, backward, setup_context):
                     dict(forward=staticmethod(forward), backward=staticmethod(differentiate)))
 
     def call(x, *args):
-        if not plain_eager(x):
-            return op(x, *args)
-        if torch.is_grad_enabled() and _any_requires_grad(x, *args):
+        if torch.is_grad_enabled() and _any_requires_grad(x, *args) and plain_eager(x):
             return function.apply(x, *args)
-        return launcher(x, *args)
+        return call_op(op, launcher, x, *args)
 
     return call
 

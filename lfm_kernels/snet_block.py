@@ -58,7 +58,13 @@ from .precision import (
     gemm_dot_args,
     resolve_precision,
 )
-from .snet_block_torch import fast_training, snet_block_inference, snet_block_train, update_running_stats
+from .snet_block_torch import (
+    bessel_correction,
+    fast_training,
+    snet_block_inference,
+    snet_block_train,
+    update_running_stats,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +260,7 @@ def _merge_batch_stats_kernel(part_count_ptr, part_mean_ptr, part_m2_ptr, mean_p
     blocks in order (deterministic): the mean, then M2 = sum of M2 + count * (mean_p - mean)^2. Writes the
     float32 mean and biased variance (M2 / count) of each channel (zeros for an empty batch), and the targets
     of the running statistics' update in their dtype (running_stats_targets): the mean and the variance times
-    unbias = n / (n - 1), so that the update is one launch.
+    unbias (bessel_correction), so that the update is one launch.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     live = c < Cout
@@ -499,9 +505,8 @@ def _launch_normalize(x, w, w_packed, bias, gamma, beta, mean, var, eps, *, pool
 def _batch_stats(x, w_packed, bias, npr, precision, compute_dtype, running_dtype):
     """(mean, biased variance, running_stats_targets in running_dtype, z) of conv(x) + bias per channel, merged
     from per-program (count, mean, M2) with Chan's formula in a fixed order (_merge_batch_stats_kernel). z is
-    the conv (no bias, compute_dtype,
-    (B*(H-1)*(W-1), Cout)) for _launch_normalize; None for the stem, whose conv (K = 12) costs less to compute
-    again than its 64-channel map costs to store and read."""
+    the conv (no bias, compute_dtype, (B*(H-1)*(W-1), Cout)) for _launch_normalize; None for the stem, whose
+    conv (K = 12) costs less to compute again than its 64-channel map costs to store and read."""
     B, Cin, H, W = x.shape
     Cout, Hc, Wc = w_packed.shape[0], H - 1, W - 1
     n_rows = B * Hc * Wc
@@ -518,7 +523,7 @@ def _batch_stats(x, w_packed, bias, npr, precision, compute_dtype, running_dtype
     targets = torch.empty((2, Cout), dtype=running_dtype, device=x.device)
     merge = reduction_tiles("merge_batch_stats", "BLOCK_C", Cout, x.device)
     launch(_merge_batch_stats_kernel, (cdiv(Cout, merge["BLOCK_C"]),), count, mean, m2, mu, var, targets,
-           n_rows / max(n_rows - 1, 1), grid[0], Cout, **merge)
+           bessel_correction(n_rows), grid[0], Cout, **merge)
     return mu, var, targets, z
 
 

@@ -101,10 +101,15 @@ def max_pool_2x2(y, out=None):
     return torch.maximum(top, bottom) if out is None else torch.maximum(top, bottom, out=out)
 
 
+def bessel_correction(n: int) -> float:
+    """n / (n - 1): a biased variance over n values times this is the unbiased one (1 for n <= 1)."""
+    return n / max(n - 1, 1)
+
+
 def running_stats_targets(mean, var, n, dtype):
     """(2, C) in the running statistics' dtype: the batch mean and the unbiased variance over n values, which
     nn.BatchNorm2d moves its running statistics towards."""
-    return torch.stack((mean, var * (n / max(n - 1, 1)))).to(dtype)
+    return torch.stack((mean, var * bessel_correction(n))).to(dtype)
 
 
 def update_running_stats(running_mean, running_var, targets, n, momentum):
